@@ -1,0 +1,282 @@
+"""PEFT LoRA/DoRA adapters on disk: the config, the factor keys, writing and reading.
+
+The format is PEFT's (PEFT_FORMAT.md): ``adapter_config.json`` and one ``adapter_model.safetensors``. Ranks and
+alphas that differ from the config's ``r``/``lora_alpha`` are written as ``^``-anchored full module names in
+``rank_pattern``/``alpha_pattern`` (PEFT takes the first key that matches, so loose keys would be a trap);
+``target_modules`` is an anchored regex that selects exactly the factorized modules.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint, open_checkpoint
+from .errors import AdapterFormatError, CheckpointNotFoundError
+from .layers import (
+    ModuleName,
+    PeftKey,
+    WeightKind,
+    lora_keys,
+    magnitude_key,
+    matches_peft_pattern,
+    module_pattern,
+    modules_regex,
+    parse_peft_key,
+)
+from .writer import SafetensorsWriter, write_json
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    """PEFT's ``LoraLayer.update_layer``: alpha / r, or alpha / √r with rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+@dataclass
+class ModuleFactors:
+    """One module's low-rank update, ΔW = scaling · b @ a in (out, in) orientation, plus DoRA's magnitude."""
+
+    module: ModuleName
+    kind: WeightKind
+    a: torch.Tensor  # (r, in)
+    b: torch.Tensor  # (out, r)
+    alpha: float
+    scaling: float
+    magnitude: torch.Tensor | None = None  # (out,) with DoRA
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+    def delta(self) -> torch.Tensor:
+        """scaling · B @ A in fp32, (out, in)."""
+        return self.scaling * (self.b.float() @ self.a.float())
+
+
+@dataclass
+class CarriedTensor:
+    """A tensor stored exactly in the adapter (a bias of a targeted module, or a ``modules_to_save`` param)."""
+
+    key: PeftKey
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    load: Callable[[], torch.Tensor]  # read lazily at write time: carried embeddings can be large
+
+
+@dataclass
+class AdapterSpec:
+    """Everything ``adapter_config.json`` says, in deltakit's terms."""
+
+    rank: int
+    alpha: float
+    use_rslora: bool = False
+    use_dora: bool = False
+    base_model_name_or_path: str | None = None
+    task_type: str | None = None
+    modules_to_save: list[ModuleName] = field(default_factory=list)
+    has_base_biases: bool = False
+    ensure_weight_tying: bool = False
+
+
+def _default_rank_alpha(factors: list[ModuleFactors], spec: AdapterSpec) -> tuple[dict[str, int], dict[str, float]]:
+    rank_pattern = {module_pattern(f.module): f.rank for f in factors if f.rank != spec.rank}
+    alpha_pattern = {module_pattern(f.module): f.alpha for f in factors if f.alpha != spec.alpha}
+    return rank_pattern, alpha_pattern
+
+
+def peft_config(factors: list[ModuleFactors], spec: AdapterSpec) -> dict:
+    """The ``adapter_config.json`` contents PEFT needs to rebuild exactly these modules."""
+    rank_pattern, alpha_pattern = _default_rank_alpha(factors, spec)
+    modules = [f.module for f in factors]
+    return {
+        "peft_type": "LORA",
+        "task_type": spec.task_type,
+        "base_model_name_or_path": spec.base_model_name_or_path,
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "use_rslora": spec.use_rslora,
+        "use_dora": spec.use_dora,
+        "target_modules": modules_regex(modules) if modules else None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "fan_in_fan_out": any(f.kind is WeightKind.CONV1D for f in factors),
+        "modules_to_save": spec.modules_to_save or None,
+        "bias": "lora_only" if spec.has_base_biases else "none",
+        "lora_bias": False,
+        "lora_dropout": 0.0,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "ensure_weight_tying": spec.ensure_weight_tying,
+    }
+
+
+def factor_tensors(f: ModuleFactors) -> dict[PeftKey, torch.Tensor]:
+    key_a, key_b = lora_keys(f.module, f.kind)
+    tensors = {key_a: f.a.contiguous(), key_b: f.b.contiguous()}
+    if f.magnitude is not None:
+        tensors[magnitude_key(f.module)] = f.magnitude.contiguous()
+    return tensors
+
+
+def write_adapter(
+    out_dir: Path,
+    factors: list[ModuleFactors],
+    carried: Iterable[CarriedTensor],
+    spec: AdapterSpec,
+) -> int:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``out_dir``.
+
+    Factors are held in memory (they are small); carried tensors are read one at a time while writing.
+
+    Returns:
+        The size of the weights file in bytes.
+    """
+    in_memory: dict[PeftKey, torch.Tensor] = {}
+    for f in factors:
+        in_memory.update(factor_tensors(f))
+    carried = list(carried)
+    specs = [(k, t.dtype, tuple(t.shape)) for k, t in in_memory.items()]
+    specs += [(c.key, c.dtype, c.shape) for c in carried]
+    weights_path = out_dir / WEIGHTS_FILE
+    with SafetensorsWriter(weights_path, specs, metadata={"format": "pt"}) as writer:
+        for key, tensor in in_memory.items():
+            writer.write(key, tensor)
+        for c in carried:
+            writer.write(c.key, c.load())
+    write_json(out_dir / CONFIG_FILE, peft_config(factors, spec))
+    return weights_path.stat().st_size
+
+
+# --- reading -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AdapterModule:
+    """What an adapter holds for one module: factor keys, and where the scaling comes from."""
+
+    module: ModuleName
+    key_a: PeftKey | None = None
+    key_b: PeftKey | None = None
+    magnitude_key: PeftKey | None = None
+    base_bias_key: PeftKey | None = None
+    is_embedding: bool = False
+
+
+class Adapter:
+    """A PEFT LoRA/DoRA adapter read lazily from disk (tensors are loaded on request)."""
+
+    def __init__(self, path: Path, config: dict, weights: Checkpoint) -> None:
+        self.path = path
+        self.config = config
+        self.weights = weights
+        self.modules: dict[ModuleName, AdapterModule] = {}
+        self.saved: dict[str, PeftKey] = {}  # tensor name in the base → key, for modules_to_save params
+        for key in weights:
+            module, role = parse_peft_key(key)
+            if role.startswith("saved:"):
+                self.saved[f"{module}.{role[len('saved:'):]}" if module else role[len("saved:"):]] = key
+                continue
+            entry = self.modules.setdefault(module, AdapterModule(module))
+            if role == "lora_A":
+                entry.key_a, entry.is_embedding = key, key.endswith("lora_embedding_A")
+            elif role == "lora_B":
+                entry.key_b = key
+            elif role == "magnitude":
+                entry.magnitude_key = key
+            else:
+                entry.base_bias_key = key
+        for entry in self.modules.values():
+            if (entry.key_a is None) != (entry.key_b is None):
+                raise AdapterFormatError(
+                    f"module {entry.module} has only one of lora_A / lora_B", path=path / WEIGHTS_FILE
+                )
+
+    @property
+    def use_dora(self) -> bool:
+        return bool(self.config.get("use_dora", False))
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return bool(self.config.get("fan_in_fan_out", False))
+
+    def _pattern_value(self, pattern_field: str, module: ModuleName, default: float) -> float:
+        for key, value in (self.config.get(pattern_field) or {}).items():
+            if matches_peft_pattern(key, module):
+                return value
+        return default
+
+    def scaling(self, module: ModuleName) -> float:
+        """The module's scaling, resolved from ``rank_pattern``/``alpha_pattern`` with PEFT's first-match rule."""
+        rank = int(self._pattern_value("rank_pattern", module, self.config["r"]))
+        alpha = float(self._pattern_value("alpha_pattern", module, self.config["lora_alpha"]))
+        return lora_scaling(alpha, rank, bool(self.config.get("use_rslora", False)))
+
+    def factors(self, module: ModuleName, kind: WeightKind) -> ModuleFactors:
+        entry = self.modules[module]
+        if entry.key_a is None or entry.key_b is None:
+            raise AdapterFormatError(f"module {module} has no LoRA factors", path=self.path / WEIGHTS_FILE)
+        a, b = self.weights.get(entry.key_a), self.weights.get(entry.key_b)
+        rank = int(self._pattern_value("rank_pattern", module, self.config["r"]))
+        if a.shape[0] != rank or b.shape[1] != rank:
+            raise AdapterFormatError(
+                f"module {module}: factors have rank {a.shape[0]} but the config gives r={rank}",
+                path=self.path / CONFIG_FILE,
+            )
+        magnitude = self.weights.get(entry.magnitude_key) if entry.magnitude_key else None
+        alpha = float(self._pattern_value("alpha_pattern", module, self.config["lora_alpha"]))
+        return ModuleFactors(module, kind, a, b, alpha, self.scaling(module), magnitude)
+
+
+def read_adapter(path: str | Path) -> Adapter:
+    """Open a PEFT adapter directory.
+
+    Raises:
+        CheckpointNotFoundError: no such directory, or no weights in it.
+        AdapterFormatError: the config is missing, unreadable, or not a LoRA config.
+    """
+    adapter_dir = Path(path)
+    config_path = adapter_dir / CONFIG_FILE
+    if not config_path.is_file():
+        if not adapter_dir.exists():
+            raise CheckpointNotFoundError("no such adapter directory", path=adapter_dir)
+        raise AdapterFormatError(f"no {CONFIG_FILE}; is this a PEFT adapter directory?", path=adapter_dir)
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFormatError(f"not valid JSON ({e})", path=config_path) from e
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise AdapterFormatError("not a LoRA adapter config (peft_type must be LORA)", path=config_path)
+    for required in ("r", "lora_alpha"):
+        if required not in config:
+            raise AdapterFormatError(f"missing {required!r}", path=config_path)
+    weights_path = adapter_dir / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise CheckpointNotFoundError(f"no {WEIGHTS_FILE} in the adapter directory", path=adapter_dir)
+    try:
+        return Adapter(adapter_dir, config, open_checkpoint(weights_path))
+    except ValueError as e:
+        raise AdapterFormatError(str(e), path=weights_path) from e
+
+
+def task_type_for(architectures: list[str] | None) -> str | None:
+    """PEFT's task type from a transformers ``architectures`` entry, so AutoPeftModel* picks the right class."""
+    suffixes = {
+        "ForCausalLM": "CAUSAL_LM",
+        "ForSequenceClassification": "SEQ_CLS",
+        "ForTokenClassification": "TOKEN_CLS",
+        "ForQuestionAnswering": "QUESTION_ANS",
+    }
+    for arch in architectures or []:
+        for suffix, task in suffixes.items():
+            if re.search(suffix + "$", arch):
+                return task
+    return None

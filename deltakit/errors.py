@@ -1,0 +1,102 @@
+"""Every error deltakit raises on purpose.
+
+Each message is one line, ``<file or tensor>: <what is wrong>; <what to do>``, and ``str(error)`` is
+exactly what the CLI prints. Subclasses are split by what the user has to fix; each carries the path
+and/or tensor name it is about, and the exit code the CLI uses.
+
+Exit codes: 1 bad input or data, 2 bad usage or option, 3 environment (device, network, cache).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class DeltakitError(Exception):
+    """Base class: an error meant to be shown to the user as one line."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, path: str | Path | None = None, tensor: str | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.tensor = tensor
+        self.message = message
+        subject = ": ".join(str(s) for s in (path, tensor) if s is not None)
+        super().__init__(f"{subject}: {message}" if subject else message)
+
+
+class CheckpointNotFoundError(DeltakitError, FileNotFoundError):
+    """A named checkpoint or adapter does not exist, or holds no weights."""
+
+
+class CheckpointFormatError(DeltakitError):
+    """A weights file is corrupt or malformed (header, offsets, dtype, truncated data)."""
+
+
+class CheckpointLayoutError(DeltakitError):
+    """The files of a checkpoint disagree (index vs shards, a tensor in two shards)."""
+
+
+class TensorMismatchError(DeltakitError):
+    """Base and fine-tuned (or adapter and base) tensors do not fit together."""
+
+
+class TensorMissingError(TensorMismatchError, KeyError):
+    """A tensor is present on one side and absent on the other, where it is needed."""
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return Exception.__str__(self)
+
+
+class NonFiniteError(DeltakitError):
+    """NaN or Inf in an input tensor or a computed delta."""
+
+
+class NothingToExtractError(DeltakitError):
+    """The fine-tuned checkpoint is identical to its base (for the selected tensors)."""
+
+
+class AdapterFormatError(DeltakitError):
+    """An adapter directory is not a PEFT LoRA adapter deltakit can read."""
+
+
+class ReceiptMissingError(DeltakitError):
+    """A DoRA (or replacing) adapter cannot be unmerged without the receipt that merge writes."""
+
+
+class OutputExistsError(DeltakitError):
+    """The output path exists and --overwrite was not given."""
+
+    exit_code = 2
+
+
+class InvalidOptionError(DeltakitError, ValueError):
+    """An option value is invalid, or options conflict."""
+
+    exit_code = 2
+
+
+class FactorizationError(DeltakitError):
+    """Every SVD route (drivers, fp64) failed for a tensor."""
+
+
+class DeviceUnavailableError(DeltakitError):
+    """The requested compute device is not available."""
+
+    exit_code = 3
+
+
+class HubError(DeltakitError):
+    """A Hub repository, revision or file could not be resolved."""
+
+
+class HubUnavailableError(HubError):
+    """The Hub cannot be reached (offline, or no network) and the cache lacks what is needed."""
+
+    exit_code = 3
+
+
+def shorten(items: list[str], limit: int = 3) -> str:
+    """Join at most ``limit`` items for a one-line message, then say how many more there are."""
+    shown = ", ".join(items[:limit])
+    return f"{shown} ({len(items) - limit} more)" if len(items) > limit else shown

@@ -1,0 +1,321 @@
+"""``extract``: a fully fine-tuned checkpoint and its base → a PEFT LoRA adapter.
+
+Streams one module at a time: read the two weights, form ΔW in fp32 on the math device, truncate it with SVD,
+keep the small factors, drop everything else. Peak memory is a few copies of the largest tensor plus the
+factors, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .adapter import AdapterSpec, CarriedTensor, ModuleFactors, lora_scaling, task_type_for, write_adapter
+from .checkpoint import Checkpoint, open_checkpoint
+from .errors import InvalidOptionError, NonFiniteError, NothingToExtractError
+from .dora import apply_dora, dora_target, fit_magnitude
+from .factorize import SvdMethod, TruncatedSVD, resolve_device, truncated_svd
+from .layers import WeightKind, base_bias_key, out_in_shape, saved_module_key, to_out_in
+from .plan import ModulePlan, plan_extract
+from .ranks import EnergyRank, FixedRank, PatternRanks, RankPolicy
+from .report import ExtractReport, ModuleReport, TensorFate, command_line, model_card
+from .writer import staged_output, write_json
+
+REPORT_FILE = "extract_report.json"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class SvdOptions:
+    method: SvdMethod = "auto"
+    oversample: int | None = None  # None: factorize.py's tuned default
+    niter: int | None = None
+    seed: int = 0
+
+    def run(self, matrix: torch.Tensor, rank: int, device: torch.device) -> TruncatedSVD:
+        extra = {k: v for k, v in (("oversample", self.oversample), ("niter", self.niter)) if v is not None}
+        return truncated_svd(matrix, rank, method=self.method, seed=self.seed, device=device, **extra)
+
+
+def rank_policy(
+    rank: int, energy: float | None, max_rank: int | None, rank_pattern: list[tuple[str, int]] | None
+) -> RankPolicy:
+    """The policy the extract options describe: fixed rank, or an energy target capped at max_rank, with
+    per-module pattern overrides on top."""
+    policy: RankPolicy = FixedRank(rank)
+    if energy is not None:
+        policy = EnergyRank(energy, max_rank if max_rank is not None else 256)
+    elif max_rank is not None:
+        raise InvalidOptionError("--max-rank only applies with --energy")
+    return PatternRanks(tuple(rank_pattern), policy) if rank_pattern else policy
+
+
+def _check_finite(tensor: torch.Tensor, name: str, where: Path) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteError("contains NaN or Inf", path=where, tensor=name)
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a, b) if a.dtype == b.dtype else torch.equal(a.float(), b.float())
+
+
+def _lora_factors(
+    svd: TruncatedSVD, rank: int, alpha: float | None, use_rslora: bool, module: str, kind: WeightKind,
+    dtype: torch.dtype,
+) -> ModuleFactors:
+    """Split the kept singular values evenly between B and A, folding 1/scaling in, so scaling·B@A = ΔW_r."""
+    module_alpha = float(alpha if alpha is not None else rank)
+    scaling = lora_scaling(module_alpha, rank, use_rslora)
+    root = (svd.s[:rank] / scaling).sqrt()
+    b = svd.u[:, :rank] * root  # (out, r)
+    a = root[:, None] * svd.vh[:rank]  # (r, in)
+    return ModuleFactors(module, kind, a.to(dtype), b.to(dtype), module_alpha, scaling)
+
+
+class _Extraction:
+    """The state of one run: inputs, options, and what has been produced so far."""
+
+    def __init__(self, finetuned: Checkpoint, base: Checkpoint, report: ExtractReport, policy: RankPolicy,
+                 svd: SvdOptions, device: torch.device, alpha: float | None, use_rslora: bool,
+                 dtype: torch.dtype | None, carry: bool, dora: bool) -> None:
+        self.finetuned, self.base, self.report = finetuned, base, report
+        self.policy, self.svd, self.device = policy, svd, device
+        self.alpha, self.use_rslora, self.dtype, self.carry, self.dora = alpha, use_rslora, dtype, carry, dora
+        self.factors: list[ModuleFactors] = []
+        self.carried: list[CarriedTensor] = []
+        self.modules_to_save: list[str] = []
+        self.parents: set[str] = set()  # modules that own other modules
+
+    def _load_pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        base_w, ft_w = self.base.get(name), self.finetuned.get(name)
+        _check_finite(base_w, name, self.base.path)
+        _check_finite(ft_w, name, self.finetuned.path)
+        return base_w, ft_w
+
+    def _is_changed(self, name: str) -> bool:
+        return not _equal(*self._load_pair(name))
+
+    def _carry_tensor(self, name: str, key: str, reason: str) -> None:
+        info = self.finetuned.info(name)
+        self.carried.append(CarriedTensor(key, info.dtype, info.shape, lambda n=name: self.finetuned.get(n)))
+        self.report.tensors.append(TensorFate(name, "carried", reason))
+
+    def _factorize(self, plan: ModulePlan, weight: str) -> bool:
+        """Factorize the module's weight; False if it did not change."""
+        started = time.perf_counter()
+        base_w, ft_w = self._load_pair(weight)
+        if _equal(base_w, ft_w):
+            return False
+        base_m = to_out_in(base_w.to(self.device, torch.float32), plan.kind)  # (out, in)
+        ft_m = to_out_in(ft_w.to(self.device, torch.float32), plan.kind)
+        del base_w, ft_w
+        stored_shape = tuple(self.finetuned.info(weight).shape)
+        out_in = out_in_shape(stored_shape, plan.kind)
+        wanted = self.policy.compute_rank(plan.module, out_in)
+        compute_rank = min(wanted, min(out_in))
+        note = f"rank {wanted} > min(out, in) = {min(out_in)}: clamped" if wanted > min(out_in) else None
+        dtype = self.dtype or self.base.info(weight).dtype
+        delta = ft_m - base_m
+        _check_finite(delta, weight, self.finetuned.path)
+        delta_norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+        if self.dora:
+            factors, metrics = self._fit_dora(plan, base_m, ft_m, delta, compute_rank, dtype)
+        else:
+            del base_m, ft_m
+            svd = self.svd.run(delta, compute_rank, self.device)
+            del delta
+            rank = max(1, self.policy.choose(plan.module, svd.s, svd.total_energy))
+            factors = _lora_factors(svd, rank, self.alpha, self.use_rslora, plan.module, plan.kind, dtype)
+            metrics = {"relative_error": svd.relative_error(rank), "energy_retained": svd.energy_retained(rank),
+                       "method": svd.method}
+        self.factors.append(factors)
+        self.report.modules.append(ModuleReport(
+            module=plan.module, kind=plan.kind.value, shape=stored_shape, rank=factors.rank,
+            delta_norm=delta_norm, seconds=time.perf_counter() - started, note=note, **metrics,
+        ))
+        return True
+
+    def _fit_dora(self, plan: ModulePlan, base_m: torch.Tensor, ft_m: torch.Tensor, delta: torch.Tensor,
+                  compute_rank: int, dtype: torch.dtype) -> tuple[ModuleFactors, dict]:
+        """DoRA per DESIGN §5 (see dora.py), with plain LoRA's error at the same rank and at rank + 1 (at least
+        DoRA's parameter count: r(out+in) + out ≤ (r+1)(out+in)) for the report."""
+        svd = self.svd.run(dora_target(base_m, ft_m), compute_rank, self.device)
+        rank = max(1, self.policy.choose(plan.module, svd.s, svd.total_energy))
+        factors = _lora_factors(svd, rank, self.alpha, self.use_rslora, plan.module, plan.kind, dtype)
+        lora_delta = factors.delta().to(self.device)  # from the stored (rounded) factors: what PEFT will see
+        factors.magnitude = fit_magnitude(base_m + lora_delta, ft_m).to(dtype)
+        merged, _ = apply_dora(base_m, lora_delta, factors.magnitude.to(self.device))
+        total = float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
+        error = float(torch.linalg.vector_norm(ft_m - merged, dtype=torch.float64)) ** 2
+        del merged, lora_delta
+        lora = self.svd.run(delta, min(rank + 1, min(delta.shape)), self.device)
+        relative = (error / total) ** 0.5 if total > 0 else 0.0
+        return factors, {
+            "relative_error": relative,
+            "energy_retained": max(0.0, 1.0 - relative**2),
+            "method": svd.method,
+            "lora_relative_error": lora.relative_error(min(rank, len(lora.s))),
+            "lora_relative_error_same_params": lora.relative_error(len(lora.s)),
+        }
+
+    def run_module(self, plan: ModulePlan) -> None:
+        """Decide and do what becomes of one module: factorized, carried whole, partly carried, or dropped."""
+        factorized = False
+        compared = set(plan.new_in_finetuned) | set(plan.resized)
+        if plan.weight is not None and plan.is_selected:
+            factorized = self._factorize(plan, plan.weight)
+            compared.add(plan.weight)
+        changed = [n for n in plan.tensors if n not in compared and self._is_changed(n)]
+        changed += plan.new_in_finetuned + list(plan.resized)
+        if not changed:
+            self.report.unchanged += len(plan.tensors) - (1 if factorized else 0)
+            return
+        self.report.unchanged += len(plan.tensors) - (1 if factorized else 0) - len(changed)
+        if not plan.is_selected:
+            for n in changed:
+                self.report.tensors.append(TensorFate(n, "dropped", "changed, but excluded by --include/--exclude"))
+            return
+        if not self.carry:
+            for n in changed:
+                self.report.tensors.append(TensorFate(n, "dropped", "changed and not factorizable; --no-carry"))
+            return
+        if factorized and changed == [plan.bias]:
+            # PEFT's bias="lora_only" loads a targeted module's bias from `<module>.base_layer.bias`.
+            self._carry_tensor(plan.bias, base_bias_key(plan.module), "bias of a factorized module")
+            return
+        if factorized:
+            # A factorized module with other changed params cannot also be a modules_to_save module.
+            for n in changed:
+                self.report.tensors.append(TensorFate(
+                    n, "dropped", "changed param of a factorized module that PEFT cannot carry"))
+            return
+        if not plan.module or plan.module in self.parents:
+            for n in changed:
+                self.report.tensors.append(TensorFate(n, "dropped", (
+                    "a parameter of a module with submodules; PEFT's modules_to_save would replace the whole subtree"
+                    if plan.module else "a top-level parameter; PEFT's modules_to_save needs a module")))
+            return
+        # modules_to_save replaces the whole module, so every param of it is stored, changed or not.
+        self.modules_to_save.append(plan.module)
+        for n in plan.tensors:
+            reason = "modules_to_save"
+            if n in plan.resized:
+                before, after = plan.resized[n]
+                reason += f"; vocabulary resized {before[0]} → {after[0]}: call resize_token_embeddings({after[0]}) on the base before loading"
+                self.report.notes.append(f"{n}: resized {list(before)} → {list(after)}; resize the base model's "
+                                         "token embeddings before loading this adapter")
+            elif n in plan.new_in_finetuned:
+                reason += "; not in the base"
+            self._carry_tensor(n, saved_module_key(n), reason)
+
+
+def extract(
+    finetuned: str | Path,
+    base: str | Path,
+    out: str | Path,
+    *,
+    rank: int = 16,
+    alpha: float | None = None,
+    use_rslora: bool = False,
+    svd: SvdMethod = "auto",
+    oversample: int | None = None,
+    niter: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    dtype: str | None = None,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    rank_pattern: list[tuple[str, int]] | None = None,
+    energy: float | None = None,
+    max_rank: int | None = None,
+    dora: bool = False,
+    carry: bool = True,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> ExtractReport:
+    """Extract a LoRA adapter ΔW ≈ scaling·B@A from a fine-tuned checkpoint and its base.
+
+    Args:
+        finetuned, base: checkpoint directories or ``.safetensors`` files.
+        out: the adapter directory to create (written to a staging sibling, renamed into place at the end).
+        rank: rank of every module unless ``energy`` or ``rank_pattern`` say otherwise.
+        alpha: ``lora_alpha``; default: each module's rank (scaling 1).
+        use_rslora: scaling = alpha/√r instead of alpha/r.
+        svd: ``exact``, ``randomized`` or ``auto``; ``oversample``/``niter``/``seed`` tune the randomized route.
+        device: ``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:i``: where the SVD runs.
+        dtype: dtype of the stored factors (``float32``, ``float16``, ``bfloat16``); default: the base's.
+        include, exclude: regexes (``re.search``) on module names selecting what goes into the adapter.
+        rank_pattern: (regex, rank) overrides, matched the way PEFT matches ``rank_pattern`` keys.
+        energy: keep the smallest rank holding this fraction of ‖ΔW‖², at most ``max_rank`` (default 256).
+        dora: extract a DoRA adapter (magnitude + low-rank direction, PEFT's ``use_dora``) instead of LoRA.
+        carry: store changed tensors that are not factorized (biases, norms, heads) exactly; False drops them
+            (each is listed in the report either way).
+        overwrite: replace ``out`` if it exists.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        The :class:`ExtractReport`, also written as ``extract_report.json`` next to the adapter.
+
+    Raises:
+        DeltakitError subclasses: missing or corrupt inputs, shape mismatches, non-finite values, nothing changed,
+        existing output, bad options. Nothing is left under ``out`` when any error is raised.
+    """
+    started = time.perf_counter()
+    out_dir = Path(out)
+    if dtype is not None and dtype not in DTYPES:
+        raise InvalidOptionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    policy = rank_policy(rank, energy, max_rank, rank_pattern)
+    math_device = resolve_device(device)
+    ft_ckpt, base_ckpt = open_checkpoint(finetuned), open_checkpoint(base)
+    plan = plan_extract(ft_ckpt, base_ckpt, include=include, exclude=exclude)
+
+    options = {
+        "rank": rank, "alpha": alpha, "use_rslora": use_rslora, "svd": svd, "oversample": oversample,
+        "niter": niter, "seed": seed, "device": str(math_device), "dtype": dtype, "include": include,
+        "exclude": exclude, "rank_pattern": [list(p) for p in rank_pattern or []], "energy": energy,
+        "max_rank": max_rank, "dora": dora, "carry": carry,
+    }
+    report = ExtractReport(str(finetuned), str(base), str(out_dir), options, command=command_line())
+    for name in plan.only_in_base:
+        report.tensors.append(TensorFate(name, "only-in-base", "not in the fine-tuned checkpoint; left as in the base"))
+    run = _Extraction(ft_ckpt, base_ckpt, report, policy, SvdOptions(svd, oversample, niter, seed), math_device,
+                      alpha, use_rslora, DTYPES[dtype] if dtype else None, carry, dora)
+    run.parents = plan.parents
+
+    with staged_output(out_dir, overwrite=overwrite) as staging_dir:
+        total = sum(ft_ckpt.info(n).nbytes for p in plan.modules for n in p.tensors)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="extract", disable=not progress,
+                  dynamic_ncols=True) as bar:
+            for i, module_plan in enumerate(plan.modules):
+                run.run_module(module_plan)
+                bar.update(sum(ft_ckpt.info(n).nbytes for n in module_plan.tensors))
+                bar.set_postfix_str(f"{i + 1}/{len(plan.modules)} modules", refresh=False)
+        if not run.factors and not run.carried:
+            raise NothingToExtractError(
+                "the fine-tuned checkpoint is identical to its base"
+                + (" for the selected modules" if include or exclude else ""),
+                path=ft_ckpt.path,
+            )
+        ranks = Counter(f.rank for f in run.factors)
+        spec_rank = ranks.most_common(1)[0][0] if ranks else rank
+        spec = AdapterSpec(
+            rank=spec_rank,
+            alpha=float(alpha if alpha is not None else spec_rank),
+            use_rslora=use_rslora,
+            use_dora=dora,
+            base_model_name_or_path=str(base),
+            task_type=task_type_for((ft_ckpt.config or {}).get("architectures")),
+            modules_to_save=run.modules_to_save,
+            has_base_biases=any(c.key.endswith(".base_layer.bias") for c in run.carried),
+        )
+        report.adapter_bytes = write_adapter(staging_dir, run.factors, run.carried, spec)
+        report.seconds = time.perf_counter() - started
+        write_json(staging_dir / REPORT_FILE, report.to_json())
+        (staging_dir / "README.md").write_text(model_card(report))
+    return report

@@ -1,0 +1,116 @@
+"""Pair a fine-tuned checkpoint with its base from the headers alone, and decide what each module becomes.
+
+Every input error that the headers can reveal (a shape that differs, a module name that PEFT would confuse)
+is raised here, before the first tensor is read.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .checkpoint import Checkpoint
+from .errors import InvalidOptionError, TensorMismatchError, shorten
+from .layers import ModuleName, TensorName, WeightKind, split_tensor_name, weight_kind
+
+
+@dataclass
+class ModulePlan:
+    """One module of the fine-tuned checkpoint and its tensors, in checkpoint order."""
+
+    module: ModuleName
+    tensors: list[TensorName]
+    weight: TensorName | None = None  # the factorizable 2-D weight, if the module has one
+    kind: WeightKind = WeightKind.OTHER
+    bias: TensorName | None = None
+    is_selected: bool = True  # by --include / --exclude
+    new_in_finetuned: list[TensorName] = field(default_factory=list)
+    resized: dict[TensorName, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+
+
+@dataclass
+class ExtractPlan:
+    modules: list[ModulePlan]
+    only_in_base: list[TensorName]
+    model_type: str | None
+    tie_word_embeddings: bool  # the config ties the output head to the input embedding
+    parents: set[ModuleName]  # modules that own other modules (modules_to_save cannot take them)
+
+
+def _compile(patterns: list[str] | None, option: str) -> list[re.Pattern]:
+    compiled = []
+    for p in patterns or []:
+        try:
+            compiled.append(re.compile(p))
+        except re.error as e:
+            raise InvalidOptionError(f"{option} {p!r} is not a valid regex: {e}") from e
+    return compiled
+
+
+def _is_vocab_resize(name: TensorName, kind: WeightKind, base_shape: tuple, ft_shape: tuple) -> bool:
+    """An embedding or output head whose vocabulary axis grew or shrank: the one shape change a user makes on
+    purpose (``resize_token_embeddings``), carried whole since a low-rank delta cannot express it."""
+    if len(base_shape) != len(ft_shape) or base_shape[1:] != ft_shape[1:]:
+        return False
+    return kind is WeightKind.EMBEDDING or (len(base_shape) >= 1 and "head" in name)
+
+
+def plan_extract(
+    finetuned: Checkpoint,
+    base: Checkpoint,
+    *,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+) -> ExtractPlan:
+    """Group the fine-tune's tensors by module, classify each module and check shapes against the base.
+
+    Raises:
+        TensorMismatchError: a tensor has different shapes in the two checkpoints (other than a vocabulary
+            resize of an embedding or head), naming up to three tensors and both shapes.
+        InvalidOptionError: an --include/--exclude regex does not compile.
+    """
+    includes, excludes = _compile(include, "--include"), _compile(exclude, "--exclude")
+    config = finetuned.config or base.config or {}
+    model_type = config.get("model_type")
+    ft_infos, base_infos = finetuned.tensors, base.tensors
+
+    modules: dict[ModuleName, ModulePlan] = {}
+    mismatches: list[str] = []
+    for name, info in ft_infos.items():
+        module, param = split_tensor_name(name)
+        plan = modules.setdefault(module, ModulePlan(module, []))
+        plan.tensors.append(name)
+        kind = weight_kind(name, info.shape, model_type)
+        base_info = base_infos.get(name)
+        if base_info is None:
+            plan.new_in_finetuned.append(name)
+        elif base_info.shape != info.shape:
+            if _is_vocab_resize(name, kind, base_info.shape, info.shape):
+                plan.resized[name] = (base_info.shape, info.shape)
+            else:
+                mismatches.append(f"{name} base {list(base_info.shape)} vs fine-tuned {list(info.shape)}")
+            continue
+        if kind.is_factorizable and base_info is not None:
+            plan.weight, plan.kind = name, kind
+        elif param == "bias":
+            plan.bias = name
+    if mismatches:
+        raise TensorMismatchError(
+            f"{len(mismatches)} tensor(s) differ in shape: {shorten(mismatches)}; is this the right base model?",
+            path=finetuned.path,
+        )
+    for plan in modules.values():
+        if plan.bias is not None and plan.bias in plan.resized:
+            plan.bias = None
+        is_in = not includes or any(p.search(plan.module) for p in includes)
+        plan.is_selected = is_in and not any(p.search(plan.module) for p in excludes)
+
+    only_in_base = [n for n in base_infos if n not in ft_infos]
+    parents = {m.rsplit(".", i)[0] for m in modules for i in range(1, m.count(".") + 1)}
+    return ExtractPlan(
+        modules=list(modules.values()),
+        only_in_base=only_in_base,
+        model_type=model_type,
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        parents=parents,
+    )

@@ -1,0 +1,181 @@
+"""What an extraction did, module by module: numbers for the JSON report, the printed summary and the model card.
+
+Keeps numbers and names, never tensors.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import asdict, dataclass, field
+
+from .layers import ModuleName, TensorName
+
+
+@dataclass
+class ModuleReport:
+    module: ModuleName
+    kind: str
+    shape: tuple[int, ...]  # as stored in the checkpoint
+    rank: int
+    relative_error: float  # ‖ΔW − ΔW_r‖ / ‖ΔW‖
+    energy_retained: float  # ‖ΔW_r‖² / ‖ΔW‖²
+    delta_norm: float  # ‖ΔW‖
+    seconds: float
+    method: str
+    note: str | None = None  # e.g. a clamped rank
+    # With --dora, relative_error is ‖W_ft − W_dora‖ / ‖ΔW‖; these are plain LoRA's on the same ΔW:
+    lora_relative_error: float | None = None  # at the same rank
+    lora_relative_error_same_params: float | None = None  # at rank + 1, at least DoRA's parameter count
+
+
+@dataclass
+class TensorFate:
+    """A tensor that was not factorized, and why: carried exactly, dropped, or only present on one side."""
+
+    tensor: TensorName
+    fate: str  # "carried", "dropped", "only-in-base"
+    reason: str
+
+
+@dataclass
+class ExtractReport:
+    finetuned: str
+    base: str
+    out: str
+    options: dict
+    modules: list[ModuleReport] = field(default_factory=list)
+    tensors: list[TensorFate] = field(default_factory=list)
+    unchanged: int = 0  # tensors identical in both checkpoints
+    adapter_bytes: int = 0
+    seconds: float = 0.0
+    command: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def fates(self, fate: str) -> list[TensorFate]:
+        return [t for t in self.tensors if t.fate == fate]
+
+    def error_summary(self) -> dict:
+        """Mean and worst relative error, and energy retained over all modules (weighted by ‖ΔW‖²)."""
+        if not self.modules:
+            return {"mean_relative_error": 0.0, "max_relative_error": 0.0, "energy_retained": 1.0}
+        total = sum(m.delta_norm**2 for m in self.modules)
+        kept = sum(m.delta_norm**2 * m.energy_retained for m in self.modules)
+        worst = max(self.modules, key=lambda m: m.relative_error)
+        return {
+            "mean_relative_error": sum(m.relative_error for m in self.modules) / len(self.modules),
+            "max_relative_error": worst.relative_error,
+            "max_relative_error_module": worst.module,
+            "energy_retained": kept / total if total > 0 else 1.0,
+        }
+
+    def to_json(self) -> dict:
+        return {
+            "finetuned": self.finetuned,
+            "base": self.base,
+            "out": self.out,
+            "command": self.command,
+            "options": self.options,
+            "summary": {
+                "modules_factorized": len(self.modules),
+                "ranks": sorted({m.rank for m in self.modules}),
+                "adapter_bytes": self.adapter_bytes,
+                "tensors_unchanged": self.unchanged,
+                "tensors_carried": len(self.fates("carried")),
+                "tensors_dropped": len(self.fates("dropped")),
+                "tensors_only_in_base": len(self.fates("only-in-base")),
+                "seconds": round(self.seconds, 3),
+                **self.error_summary(),
+            },
+            "notes": self.notes,
+            "modules": [asdict(m) for m in self.modules],
+            "tensors": [asdict(t) for t in self.tensors],
+        }
+
+    def summary_lines(self) -> list[str]:
+        """The human summary the CLI prints after a run."""
+        s = self.error_summary()
+        ranks = sorted({m.rank for m in self.modules})
+        rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]} (per module)" if ranks else "–"
+        lines = [
+            f"wrote {self.out}",
+            f"  modules factorized : {len(self.modules)}  rank {rank_text}",
+            f"  adapter size       : {format_bytes(self.adapter_bytes)}",
+            f"  relative error     : mean {s['mean_relative_error']:.4f}, worst {s['max_relative_error']:.4f}"
+            + (f" ({s['max_relative_error_module']})" if self.modules else ""),
+            f"  energy retained    : {s['energy_retained']:.4f}",
+            f"  unchanged tensors  : {self.unchanged}",
+            f"  wall time          : {self.seconds:.1f} s",
+        ]
+        for fate, label in (("carried", "carried exactly"), ("dropped", "DROPPED"), ("only-in-base", "only in base")):
+            items = self.fates(fate)
+            if items:
+                lines.append(f"  {label:<19}: {len(items)}")
+                lines += [f"    {t.tensor}: {t.reason}" for t in items[:10]]
+                if len(items) > 10:
+                    lines.append(f"    ... {len(items) - 10} more in extract_report.json")
+        lines += [f"  note: {n}" for n in self.notes]
+        return lines
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def command_line() -> str:
+    return shlex.join(["deltakit", *sys.argv[1:]]) if sys.argv and "deltakit" in sys.argv[0] else ""
+
+
+def model_card(report: ExtractReport) -> str:
+    """A README.md for the adapter: how it was made and how well it reproduces the fine-tune."""
+    s = report.error_summary()
+    ranks = sorted({m.rank for m in report.modules})
+    dora = report.options.get("dora", False)
+    lines = [
+        "---",
+        "library_name: peft",
+        f"base_model: {report.base}",
+        "tags: [deltakit, lora" + (", dora" if dora else "") + "]",
+        "---",
+        "",
+        f"# {'DoRA' if dora else 'LoRA'} adapter extracted with deltakit",
+        "",
+        f"Extracted from the fully fine-tuned `{report.finetuned}` against its base `{report.base}`: "
+        "ΔW = W_ft − W_base, truncated with SVD.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| modules factorized | {len(report.modules)} |",
+        f"| rank | {', '.join(map(str, ranks)) or '–'} |",
+        f"| adapter size | {format_bytes(report.adapter_bytes)} |",
+        f"| mean relative error of ΔW | {s['mean_relative_error']:.4f} |",
+        f"| worst relative error of ΔW | {s['max_relative_error']:.4f} |",
+        f"| energy of ΔW retained | {s['energy_retained']:.4f} |",
+        f"| tensors carried exactly | {len(report.fates('carried'))} |",
+        f"| tensors dropped | {len(report.fates('dropped'))} |",
+        "",
+    ]
+    if report.command:
+        lines += ["Command:", "", "```", report.command, "```", ""]
+    lines += [
+        "Load it with PEFT:",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM",
+        f"base = AutoModelForCausalLM.from_pretrained({report.base!r})",
+        f"model = PeftModel.from_pretrained(base, {report.out!r})",
+        "```",
+        "",
+    ]
+    if report.fates("dropped"):
+        lines += ["Dropped tensors (not in the adapter):", ""]
+        lines += [f"- `{t.tensor}`: {t.reason}" for t in report.fates("dropped")]
+        lines.append("")
+    lines += [f"Note: {n}" for n in report.notes]
+    lines.append("Per-module ranks and errors are in `extract_report.json`.")
+    return "\n".join(lines) + "\n"
