@@ -27,7 +27,6 @@ from .layers import (
     magnitude_key,
     matches_peft_pattern,
     module_pattern,
-    modules_regex,
     parse_peft_key,
 )
 from .writer import SafetensorsWriter, write_json
@@ -85,6 +84,7 @@ class AdapterSpec:
     modules_to_save: list[ModuleName] = field(default_factory=list)
     has_base_biases: bool = False
     ensure_weight_tying: bool = False
+    target_modules: list[ModuleName] | str | None = None  # default: exactly the factorized modules, as a list
 
 
 def _default_rank_alpha(factors: list[ModuleFactors], spec: AdapterSpec) -> tuple[dict[str, int], dict[str, float]]:
@@ -105,7 +105,7 @@ def peft_config(factors: list[ModuleFactors], spec: AdapterSpec) -> dict:
         "lora_alpha": spec.alpha,
         "use_rslora": spec.use_rslora,
         "use_dora": spec.use_dora,
-        "target_modules": modules_regex(modules) if modules else None,
+        "target_modules": spec.target_modules if spec.target_modules is not None else (modules or None),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "fan_in_fan_out": any(f.kind is WeightKind.CONV1D for f in factors),

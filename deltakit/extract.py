@@ -20,8 +20,18 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .errors import InvalidOptionError, NonFiniteError, NothingToExtractError
 from .dora import apply_dora, dora_target, fit_magnitude
 from .factorize import SvdMethod, TruncatedSVD, resolve_device, truncated_svd
-from .layers import WeightKind, base_bias_key, out_in_shape, saved_module_key, to_out_in
-from .plan import ModulePlan, plan_extract
+from .layers import (
+    TiedHead,
+    WeightKind,
+    base_bias_key,
+    out_in_shape,
+    saved_module_key,
+    split_tensor_name,
+    target_modules,
+    to_out_in,
+    transpose_embedding_factors,
+)
+from .plan import ExtractPlan, ModulePlan, plan_extract
 from .ranks import EnergyRank, FixedRank, PatternRanks, RankPolicy
 from .report import ExtractReport, ModuleReport, TensorFate, command_line, model_card
 from .writer import staged_output, write_json
@@ -78,19 +88,30 @@ def _lora_factors(
     return ModuleFactors(module, kind, a.to(dtype), b.to(dtype), module_alpha, scaling)
 
 
+@dataclass(frozen=True)
+class _Options:
+    policy: RankPolicy
+    svd: SvdOptions
+    device: torch.device
+    alpha: float | None
+    use_rslora: bool
+    dtype: torch.dtype | None  # of the stored factors; None: the base tensor's
+    carry: bool
+    dora: bool
+
+
 class _Extraction:
     """The state of one run: inputs, options, and what has been produced so far."""
 
-    def __init__(self, finetuned: Checkpoint, base: Checkpoint, report: ExtractReport, policy: RankPolicy,
-                 svd: SvdOptions, device: torch.device, alpha: float | None, use_rslora: bool,
-                 dtype: torch.dtype | None, carry: bool, dora: bool) -> None:
-        self.finetuned, self.base, self.report = finetuned, base, report
-        self.policy, self.svd, self.device = policy, svd, device
-        self.alpha, self.use_rslora, self.dtype, self.carry, self.dora = alpha, use_rslora, dtype, carry, dora
+    def __init__(self, finetuned: Checkpoint, base: Checkpoint, plan: ExtractPlan, report: ExtractReport,
+                 options: _Options) -> None:
+        self.finetuned, self.base, self.plan, self.report = finetuned, base, plan, report
+        self.policy, self.svd, self.device = options.policy, options.svd, options.device
+        self.alpha, self.use_rslora, self.dtype = options.alpha, options.use_rslora, options.dtype
+        self.carry, self.dora = options.carry, options.dora
         self.factors: list[ModuleFactors] = []
         self.carried: list[CarriedTensor] = []
         self.modules_to_save: list[str] = []
-        self.parents: set[str] = set()  # modules that own other modules
 
     def _load_pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         base_w, ft_w = self.base.get(name), self.finetuned.get(name)
@@ -164,13 +185,44 @@ class _Extraction:
             "lora_relative_error_same_params": lora.relative_error(len(lora.s)),
         }
 
+    def _tied_head_factors(self, embedding: ModuleFactors, tied: TiedHead) -> None:
+        """The tied head sees the embedding's delta too: store the same factors, transposed, as its Linear LoRA
+        (PEFT's ensure_weight_tying shares them for an ``lm_head``; other heads get their own copy)."""
+        a, b = transpose_embedding_factors(embedding.a, embedding.b)
+        self.factors.append(ModuleFactors(tied.head, WeightKind.LINEAR, a, b, embedding.alpha, embedding.scaling))
+        self.report.notes.append(f"{tied.head} is tied to {tied.embedding}: the embedding's factors are stored "
+                                 f"for it too, transposed")
+
+    def run_tied_bias(self) -> None:
+        """The tied head's bias lives under another module's name (BERT's cls.predictions.bias)."""
+        tied = self.plan.tied
+        if tied is None or tied.bias is None or not self._is_changed(tied.bias):
+            self.report.unchanged += int(tied is not None and tied.bias is not None)
+            return
+        if not self.carry:
+            self.report.tensors.append(TensorFate(tied.bias, "dropped", "changed and not factorizable; --no-carry"))
+        elif any(f.module == tied.head for f in self.factors):
+            self._carry_tensor(tied.bias, base_bias_key(tied.head), f"bias of the tied head {tied.head}")
+        else:
+            self.report.tensors.append(TensorFate(tied.bias, "dropped", (
+                f"the bias of the tied head {tied.head}, which is not factorized; PEFT can only carry it as "
+                "the base_layer bias of a targeted head")))
+
     def run_module(self, plan: ModulePlan) -> None:
         """Decide and do what becomes of one module: factorized, carried whole, partly carried, or dropped."""
         factorized = False
         compared = set(plan.new_in_finetuned) | set(plan.resized)
-        if plan.weight is not None and plan.is_selected:
+        tied = self.plan.tied if self.plan.tied and self.plan.tied.embedding == plan.module else None
+        if tied is not None and self.dora and plan.weight is not None:
+            self.report.tensors.append(TensorFate(plan.weight, "dropped", (
+                f"input embedding tied to {tied.head}: PEFT cannot tie DoRA magnitudes across the two; "
+                "extract without --dora to keep it")))
+            compared.add(plan.weight)
+        elif plan.weight is not None and plan.is_selected:
             factorized = self._factorize(plan, plan.weight)
             compared.add(plan.weight)
+            if factorized and tied is not None:
+                self._tied_head_factors(self.factors[-1], tied)
         changed = [n for n in plan.tensors if n not in compared and self._is_changed(n)]
         changed += plan.new_in_finetuned + list(plan.resized)
         if not changed:
@@ -195,7 +247,7 @@ class _Extraction:
                 self.report.tensors.append(TensorFate(
                     n, "dropped", "changed param of a factorized module that PEFT cannot carry"))
             return
-        if not plan.module or plan.module in self.parents:
+        if not plan.module or plan.module in self.plan.parents:
             for n in changed:
                 self.report.tensors.append(TensorFate(n, "dropped", (
                     "a parameter of a module with submodules; PEFT's modules_to_save would replace the whole subtree"
@@ -284,9 +336,9 @@ def extract(
     report = ExtractReport(str(finetuned), str(base), str(out_dir), options, command=command_line())
     for name in plan.only_in_base:
         report.tensors.append(TensorFate(name, "only-in-base", "not in the fine-tuned checkpoint; left as in the base"))
-    run = _Extraction(ft_ckpt, base_ckpt, report, policy, SvdOptions(svd, oversample, niter, seed), math_device,
-                      alpha, use_rslora, DTYPES[dtype] if dtype else None, carry, dora)
-    run.parents = plan.parents
+    run = _Extraction(ft_ckpt, base_ckpt, plan, report, _Options(
+        policy, SvdOptions(svd, oversample, niter, seed), math_device, alpha, use_rslora,
+        DTYPES[dtype] if dtype else None, carry, dora))
 
     with staged_output(out_dir, overwrite=overwrite) as staging_dir:
         total = sum(ft_ckpt.info(n).nbytes for p in plan.modules for n in p.tensors)
@@ -296,6 +348,7 @@ def extract(
                 run.run_module(module_plan)
                 bar.update(sum(ft_ckpt.info(n).nbytes for n in module_plan.tensors))
                 bar.set_postfix_str(f"{i + 1}/{len(plan.modules)} modules", refresh=False)
+            run.run_tied_bias()
         if not run.factors and not run.carried:
             raise NothingToExtractError(
                 "the fine-tuned checkpoint is identical to its base"
@@ -313,6 +366,10 @@ def extract(
             task_type=task_type_for((ft_ckpt.config or {}).get("architectures")),
             modules_to_save=run.modules_to_save,
             has_base_biases=any(c.key.endswith(".base_layer.bias") for c in run.carried),
+            ensure_weight_tying=plan.tied is not None and plan.tied.head == "lm_head"
+            and any(f.module == "lm_head" for f in run.factors),
+            target_modules=target_modules([f.module for f in run.factors],
+                                          {split_tensor_name(n)[0] for n in base_ckpt.tensors}),
         )
         report.adapter_bytes = write_adapter(staging_dir, run.factors, run.carried, spec)
         report.seconds = time.perf_counter() - started

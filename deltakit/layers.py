@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -70,6 +72,55 @@ def weight_kind(name: TensorName, shape: tuple[int, ...], model_type: str | None
     if _CONV1D_NAME.fullmatch(leaf) and (model_type is None or model_type in _CONV1D_MODEL_TYPES):
         return WeightKind.CONV1D
     return WeightKind.LINEAR
+
+
+# Input embeddings that an output head may be tied to (transformers' get_input_embeddings across the zoo).
+_WORD_EMBEDDING_LEAVES = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in")
+
+
+@dataclass(frozen=True)
+class TiedHead:
+    """An output head whose weight is the input embedding's (``tie_word_embeddings``), absent from the file.
+
+    ``bias`` is a tensor saved under another module's name that is, in the model, the head's own bias
+    (BERT's ``cls.predictions.bias`` is ``cls.predictions.decoder.bias``)."""
+
+    head: ModuleName
+    embedding: ModuleName
+    bias: TensorName | None = None
+
+
+def find_tied_head(names: Iterable[TensorName], config: dict) -> TiedHead | None:
+    """The tied output head of a checkpoint, from its tensor names and config (headers only).
+
+    Checkpoints written by transformers omit a tied head's weight; PEFT must still be told about the head, or an
+    embedding delta reaches the input side only.
+    """
+    if not config.get("tie_word_embeddings", True):  # transformers' default is to tie
+        return None
+    names = list(names)
+    embedding = next((n[: -len(".weight")] for n in names if n.endswith(".weight")
+                      and n[: -len(".weight")].rpartition(".")[2] in _WORD_EMBEDDING_LEAVES), None)
+    if embedding is None:
+        return None
+    heads = (("cls.predictions.decoder", "cls.predictions.bias"), ("lm_head.decoder", "lm_head.bias"), ("lm_head", None))
+    if any(f"{head}.weight" in names for head, _ in heads):
+        return None  # the head is saved: untied, or tied but written twice; either way it is its own tensor
+    for head, bias in heads:
+        if head == "lm_head":
+            has_head = any(re.search(r"(ForCausalLM|LMHeadModel|ForConditionalGeneration)$", a)
+                           for a in config.get("architectures") or [])
+        else:
+            has_head = any(n.startswith(head.partition(".")[0] + ".") for n in names)
+        if has_head:
+            return TiedHead(head, embedding, bias if bias in names else None)
+    return None
+
+
+def transpose_embedding_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An embedding's (A (r, vocab), B (dim, r)) as the tied head's Linear factors (A (r, dim), B (vocab, r)):
+    ΔE = s·(B@A)ᵀ = s·Aᵀ@Bᵀ, so the head (vocab, dim) takes A_head = Bᵀ, B_head = Aᵀ."""
+    return b.T.contiguous(), a.T.contiguous()
 
 
 def to_out_in(weight: torch.Tensor, kind: WeightKind) -> torch.Tensor:
@@ -137,9 +188,18 @@ def module_pattern(module: ModuleName) -> str:
     return "^" + re.escape(module)
 
 
-def modules_regex(modules: list[ModuleName]) -> str:
-    """A ``target_modules`` string (PEFT fullmatches it) that selects exactly these modules."""
-    return "^(" + "|".join(re.escape(m) for m in modules) + ")$"
+def target_modules(modules: list[ModuleName], all_modules: Iterable[ModuleName]) -> list[ModuleName] | str:
+    """A ``target_modules`` value that selects exactly ``modules`` among ``all_modules``.
+
+    A list of full names is preferred: PEFT recognises tied embeddings only in a list. PEFT matches a list entry
+    by equality or by ``name.endswith("." + entry)``, so where some other module's name ends with a target's
+    full name, an anchored regex (which PEFT fullmatches) is used instead.
+    """
+    targets = set(modules)
+    clash = any(m not in targets and any(m.endswith("." + t) for t in targets) for m in all_modules)
+    if clash:
+        return "^(" + "|".join(re.escape(m) for m in modules) + ")$"
+    return list(modules)
 
 
 def matches_peft_pattern(key: str, module: ModuleName) -> bool:

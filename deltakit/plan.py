@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from .checkpoint import Checkpoint
 from .errors import InvalidOptionError, TensorMismatchError, shorten
-from .layers import ModuleName, TensorName, WeightKind, split_tensor_name, weight_kind
+from .layers import ModuleName, TensorName, TiedHead, WeightKind, find_tied_head, split_tensor_name, weight_kind
 
 
 @dataclass
@@ -33,7 +33,7 @@ class ExtractPlan:
     modules: list[ModulePlan]
     only_in_base: list[TensorName]
     model_type: str | None
-    tie_word_embeddings: bool  # the config ties the output head to the input embedding
+    tied: TiedHead | None  # an output head that shares the input embedding's weight
     parents: set[ModuleName]  # modules that own other modules (modules_to_save cannot take them)
 
 
@@ -73,10 +73,13 @@ def plan_extract(
     config = finetuned.config or base.config or {}
     model_type = config.get("model_type")
     ft_infos, base_infos = finetuned.tensors, base.tensors
+    tied = find_tied_head(ft_infos, config)
 
     modules: dict[ModuleName, ModulePlan] = {}
     mismatches: list[str] = []
     for name, info in ft_infos.items():
+        if tied is not None and name == tied.bias:
+            continue  # the tied head's own bias, handled with the head
         module, param = split_tensor_name(name)
         plan = modules.setdefault(module, ModulePlan(module, []))
         plan.tensors.append(name)
@@ -111,6 +114,6 @@ def plan_extract(
         modules=list(modules.values()),
         only_in_base=only_in_base,
         model_type=model_type,
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        tied=tied,
         parents=parents,
     )
