@@ -3,12 +3,22 @@
 Everything here works on (out, in) fp32 matrices (see layers.py for how Linear, Conv1D and embedding weights map
 onto that orientation; PEFT's embedding magnitude is per embedding dimension, which is a row there).
 
-Extraction (DESIGN.md §5): the direction only matters up to a per-row scale, so each fine-tuned row is first
-rescaled by d_i = ⟨w_ft,i, w0,i⟩ / ‖w_ft,i‖² (1 where that is not positive) to bring it as close to the base
-row as its direction allows; the low-rank factors approximate Δ' = diag(d)·W_ft − W0, which is smaller than
-W_ft − W0 wherever the fine-tune mostly rescaled rows. The magnitudes are then the least-squares optimum for
-the truncated direction: m_i = ⟨u_i, w_ft,i⟩ with u_i the unit row of W0 + s·BA. At full rank
-W0 + s·BA = diag(d)·W_ft, so u_i ∥ w_ft,i and m_i·u_i = w_ft,i: the fit is exact.
+Extraction. After the least-squares magnitude m_i = ⟨u_i, w_ft,i⟩ (u_i the unit row of V = W0 + s·BA), a row's
+error is the distance from w_ft,i to the line through v_i, which only depends on v_i's direction. So V only has
+to point the right way, row by row, and may be any positive multiple of W_ft. Two fits are tried per module and
+the better one kept:
+
+- projected: with e_i = ⟨w_ft,i, w0,i⟩ / ‖w0,i‖² (the multiple of the base row closest to the fine-tuned row;
+  1 where that is not positive), factorize M = W_ft − diag(e)·W0 to rank r as L, and set s·BA = diag(1/e)·L.
+  Then V = diag(1/e)·(diag(e)·W0 + L) points along the rows of diag(e)·W0 + L ≈ W_ft, and each row's error is
+  at most ‖(M − L)_i‖. M is the smallest residual a per-row rescaled base leaves, so it is usually far easier
+  to approximate than ΔW = W_ft − W0.
+- plain: s·BA = the rank-r truncation of ΔW, as for LoRA. With the optimal m this is never worse than LoRA at
+  the same rank (the distance to a line is at most the distance to a point on it).
+
+Both are exact at full rank. (DESIGN.md §5 proposed rescaling the fine-tuned rows by ⟨w_ft, w0⟩/‖w_ft‖² and
+factorizing diag(d)·W_ft − W0 unweighted; that weights each row's error by 1/d_i and lost to plain LoRA on
+strongly changed pairs, so it was replaced.)
 """
 
 from __future__ import annotations
@@ -21,17 +31,12 @@ def row_norms(matrix: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(matrix.float(), dim=1)
 
 
-def direction_scales(base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
-    """d_i = ⟨w_ft,i, w0,i⟩ / ‖w_ft,i‖², or 1 where the row is zero or the scale would not be positive."""
+def projection_scales(base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
+    """e_i = ⟨w_ft,i, w0,i⟩ / ‖w0,i‖², or 1 where the base row is zero or the scale would not be positive."""
     dots = (finetuned * base).sum(dim=1)
-    squares = (finetuned * finetuned).sum(dim=1)
+    squares = (base * base).sum(dim=1)
     scales = dots / torch.where(squares > 0, squares, torch.ones_like(squares))
     return torch.where((squares > 0) & (scales > 0), scales, torch.ones_like(scales))
-
-
-def dora_target(base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
-    """Δ' = diag(d)·W_ft − W0, the matrix whose truncated SVD gives DoRA's low-rank factors."""
-    return direction_scales(base, finetuned)[:, None] * finetuned - base
 
 
 def fit_magnitude(direction: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:

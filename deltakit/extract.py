@@ -18,7 +18,7 @@ from tqdm import tqdm
 from .adapter import AdapterSpec, CarriedTensor, ModuleFactors, lora_scaling, task_type_for, write_adapter
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import InvalidOptionError, NonFiniteError, NothingToExtractError
-from .dora import apply_dora, dora_target, fit_magnitude
+from .dora import apply_dora, fit_magnitude, projection_scales
 from .factorize import SvdMethod, TruncatedSVD, resolve_device, truncated_svd
 from .layers import (
     TiedHead,
@@ -77,13 +77,16 @@ def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _lora_factors(
     svd: TruncatedSVD, rank: int, alpha: float | None, use_rslora: bool, module: str, kind: WeightKind,
-    dtype: torch.dtype,
+    dtype: torch.dtype, row_scale: torch.Tensor | None = None,
 ) -> ModuleFactors:
-    """Split the kept singular values evenly between B and A, folding 1/scaling in, so scaling·B@A = ΔW_r."""
+    """Split the kept singular values evenly between B and A, folding 1/scaling in, so scaling·B@A = ΔW_r
+    (times ``row_scale`` per output row, for DoRA's projected fit)."""
     module_alpha = float(alpha if alpha is not None else rank)
     scaling = lora_scaling(module_alpha, rank, use_rslora)
     root = (svd.s[:rank] / scaling).sqrt()
     b = svd.u[:, :rank] * root  # (out, r)
+    if row_scale is not None:
+        b = b * row_scale.to(b.device)[:, None]
     a = root[:, None] * svd.vh[:rank]  # (r, in)
     return ModuleFactors(module, kind, a.to(dtype), b.to(dtype), module_alpha, scaling)
 
@@ -164,25 +167,30 @@ class _Extraction:
 
     def _fit_dora(self, plan: ModulePlan, base_m: torch.Tensor, ft_m: torch.Tensor, delta: torch.Tensor,
                   compute_rank: int, dtype: torch.dtype) -> tuple[ModuleFactors, dict]:
-        """DoRA per DESIGN §5 (see dora.py), with plain LoRA's error at the same rank and at rank + 1 (at least
-        DoRA's parameter count: r(out+in) + out ≤ (r+1)(out+in)) for the report."""
-        svd = self.svd.run(dora_target(base_m, ft_m), compute_rank, self.device)
-        rank = max(1, self.policy.choose(plan.module, svd.s, svd.total_energy))
-        factors = _lora_factors(svd, rank, self.alpha, self.use_rslora, plan.module, plan.kind, dtype)
-        lora_delta = factors.delta().to(self.device)  # from the stored (rounded) factors: what PEFT will see
-        factors.magnitude = fit_magnitude(base_m + lora_delta, ft_m).to(dtype)
-        merged, _ = apply_dora(base_m, lora_delta, factors.magnitude.to(self.device))
+        """DoRA's two fits (dora.py), the better one kept. The plain fit's SVD also gives plain LoRA's error at the
+        same rank and at rank + 1 (at least DoRA's parameter count: r(out+in) + out ≤ (r+1)(out+in))."""
+        scales = projection_scales(base_m, ft_m)
+        projected = self.svd.run(ft_m - scales[:, None] * base_m, compute_rank, self.device)
+        rank = max(1, self.policy.choose(plan.module, projected.s, projected.total_energy))
+        plain = self.svd.run(delta, min(rank + 1, min(delta.shape)), self.device)
         total = float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
-        error = float(torch.linalg.vector_norm(ft_m - merged, dtype=torch.float64)) ** 2
-        del merged, lora_delta
-        lora = self.svd.run(delta, min(rank + 1, min(delta.shape)), self.device)
+        best: tuple[float, ModuleFactors, str] | None = None
+        for svd, row_scale in ((projected, 1.0 / scales), (plain, None)):
+            factors = _lora_factors(svd, rank, self.alpha, self.use_rslora, plan.module, plan.kind, dtype, row_scale)
+            lora_delta = factors.delta().to(self.device)  # from the stored (rounded) factors: what PEFT will see
+            factors.magnitude = fit_magnitude(base_m + lora_delta, ft_m).to(dtype)
+            merged, _ = apply_dora(base_m, lora_delta, factors.magnitude.to(self.device))
+            error = float(torch.linalg.vector_norm(ft_m - merged, dtype=torch.float64)) ** 2
+            if best is None or error < best[0]:
+                best = (error, factors, "projected" if row_scale is not None else "plain")
+        error, factors, fit = best
         relative = (error / total) ** 0.5 if total > 0 else 0.0
         return factors, {
             "relative_error": relative,
             "energy_retained": max(0.0, 1.0 - relative**2),
-            "method": svd.method,
-            "lora_relative_error": lora.relative_error(min(rank, len(lora.s))),
-            "lora_relative_error_same_params": lora.relative_error(len(lora.s)),
+            "method": f"{projected.method}, {fit} fit",
+            "lora_relative_error": plain.relative_error(min(rank, len(plain.s))),
+            "lora_relative_error_same_params": plain.relative_error(len(plain.s)),
         }
 
     def _tied_head_factors(self, embedding: ModuleFactors, tied: TiedHead) -> None:

@@ -62,12 +62,26 @@ class ExtractReport:
         total = sum(m.delta_norm**2 for m in self.modules)
         kept = sum(m.delta_norm**2 * m.energy_retained for m in self.modules)
         worst = max(self.modules, key=lambda m: m.relative_error)
-        return {
+        summary = {
             "mean_relative_error": sum(m.relative_error for m in self.modules) / len(self.modules),
             "max_relative_error": worst.relative_error,
             "max_relative_error_module": worst.module,
             "energy_retained": kept / total if total > 0 else 1.0,
         }
+        compared = [m for m in self.modules if m.lora_relative_error is not None]
+        if compared:
+            # Totals as ‖Σ errors‖ / ‖Σ ΔW‖ over all modules, so large modules weigh in proportion.
+            def total_error(errors: list[float]) -> float:
+                squared = sum((e * m.delta_norm) ** 2 for e, m in zip(errors, compared))
+                return (squared / total) ** 0.5 if total > 0 else 0.0
+
+            summary["total_relative_error"] = total_error([m.relative_error for m in compared])
+            summary["lora_total_relative_error_same_rank"] = total_error([m.lora_relative_error for m in compared])
+            summary["lora_total_relative_error_same_params"] = total_error(
+                [m.lora_relative_error_same_params for m in compared])
+            summary["modules_where_dora_beats_lora_same_rank"] = sum(
+                m.relative_error < m.lora_relative_error for m in compared)
+        return summary
 
     def to_json(self) -> dict:
         return {
@@ -104,6 +118,11 @@ class ExtractReport:
             f"  relative error     : mean {s['mean_relative_error']:.4f}, worst {s['max_relative_error']:.4f}"
             + (f" ({s['max_relative_error_module']})" if self.modules else ""),
             f"  energy retained    : {s['energy_retained']:.4f}",
+            *([f"  DoRA vs LoRA       : total error {s['total_relative_error']:.4f} vs "
+               f"{s['lora_total_relative_error_same_rank']:.4f} (same rank), "
+               f"{s['lora_total_relative_error_same_params']:.4f} (rank + 1, ≥ same parameters); DoRA better on "
+               f"{s['modules_where_dora_beats_lora_same_rank']}/{len(self.modules)} modules"]
+              if "total_relative_error" in s else []),
             f"  unchanged tensors  : {self.unchanged}",
             f"  wall time          : {self.seconds:.1f} s",
         ]

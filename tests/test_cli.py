@@ -1,0 +1,78 @@
+"""The CLI boundary: exit codes, one-line errors on stderr, --debug tracebacks, help that matches the README."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from builders import low_rank_delta, write_safetensors_pair
+
+from deltakit.cli import cli
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+Q = "model.layers.0.self_attn.q_proj.weight"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deltakit", *args], capture_output=True, text=True)
+
+
+@pytest.fixture
+def pair(tmp_path):
+    w0 = torch.randn(32, 24)
+    return write_safetensors_pair(tmp_path, {Q: w0}, {Q: w0 + low_rank_delta(32, 24, 2, seed=1)})
+
+
+def test_extract_succeeds_and_prints_summary(pair, tmp_path):
+    base_dir, ft_dir = pair
+    result = _run("extract", str(ft_dir), str(base_dir), "-r", "2", "-o", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert "modules factorized : 1" in result.stderr
+    assert (tmp_path / "out" / "adapter_config.json").is_file()
+
+
+def test_missing_input_is_one_line_exit_1(tmp_path):
+    result = _run("extract", str(tmp_path / "nope"), str(tmp_path / "nope2"), "-o", str(tmp_path / "out"))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("deltakit: error: ") and "nope" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_exit_2(pair, tmp_path):
+    base_dir, ft_dir = pair
+    (tmp_path / "out").mkdir()
+    result = _run("extract", str(ft_dir), str(base_dir), "-o", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "--overwrite" in result.stderr
+
+
+def test_bad_option_is_usage_error_exit_2(pair):
+    base_dir, ft_dir = pair
+    result = _run("extract", str(ft_dir), str(base_dir), "--svd", "magic")
+    assert result.returncode == 2
+    assert "magic" in result.stderr
+
+
+def test_identical_inputs_exit_1_without_output(tmp_path):
+    w0 = torch.randn(8, 8)
+    base_dir, ft_dir = write_safetensors_pair(tmp_path, {Q: w0}, {Q: w0.clone()})
+    result = _run("extract", str(ft_dir), str(base_dir), "-o", str(tmp_path / "out"))
+    assert result.returncode == 1 and "identical" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_debug_shows_traceback(tmp_path):
+    result = _run("--debug", "extract", str(tmp_path / "nope"), str(tmp_path / "nope2"))
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_every_command_has_help_and_is_in_the_readme():
+    readme = README.read_text()
+    for name, command in cli.commands.items():
+        assert command.help and "Example" in command.help, name
+        assert re.search(rf"deltakit {name}\b", readme), f"`deltakit {name}` is not documented in README.md"
