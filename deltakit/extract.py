@@ -37,6 +37,8 @@ from .report import ExtractReport, ModuleReport, TensorFate, command_line, model
 from .writer import staged_output, write_json
 
 REPORT_FILE = "extract_report.json"
+# DoRA's projected fit is tried where per-row rescaling of the base explains ≥ 10% of ‖ΔW‖² (see _fit_dora).
+_PROJECTED_FIT_GAIN = 0.9
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -167,15 +169,24 @@ class _Extraction:
 
     def _fit_dora(self, plan: ModulePlan, base_m: torch.Tensor, ft_m: torch.Tensor, delta: torch.Tensor,
                   compute_rank: int, dtype: torch.dtype) -> tuple[ModuleFactors, dict]:
-        """DoRA's two fits (dora.py), the better one kept. The plain fit's SVD also gives plain LoRA's error at the
-        same rank and at rank + 1 (at least DoRA's parameter count: r(out+in) + out ≤ (r+1)(out+in))."""
-        scales = projection_scales(base_m, ft_m)
-        projected = self.svd.run(ft_m - scales[:, None] * base_m, compute_rank, self.device)
-        rank = max(1, self.policy.choose(plan.module, projected.s, projected.total_energy))
-        plain = self.svd.run(delta, min(rank + 1, min(delta.shape)), self.device)
+        """DoRA's fits (dora.py), the better one kept. The plain fit's SVD also gives plain LoRA's error at the
+        same rank and at rank + 1 (at least DoRA's parameter count: r(out+in) + out ≤ (r+1)(out+in)).
+
+        The projected fit costs a second SVD, so it is tried only where rescaling base rows explains a real
+        part of ΔW (‖M‖² < 0.9·‖ΔW‖²); elsewhere both fits approximate nearly the same matrix."""
         total = float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
+        scales = projection_scales(base_m, ft_m)
+        residual = ft_m - scales[:, None] * base_m  # M
+        fits: list[tuple[TruncatedSVD, torch.Tensor | None]] = []
+        if float(torch.linalg.vector_norm(residual, dtype=torch.float64)) ** 2 < _PROJECTED_FIT_GAIN * total:
+            fits.append((self.svd.run(residual, compute_rank, self.device), 1.0 / scales))
+        del residual
+        plain = self.svd.run(delta, min(compute_rank + 1, min(delta.shape)), self.device)
+        fits.append((plain, None))
+        rank = max(1, self.policy.choose(plan.module, fits[0][0].s, fits[0][0].total_energy))
+        rank = min(rank, len(plain.s))
         best: tuple[float, ModuleFactors, str] | None = None
-        for svd, row_scale in ((projected, 1.0 / scales), (plain, None)):
+        for svd, row_scale in fits:
             factors = _lora_factors(svd, rank, self.alpha, self.use_rslora, plan.module, plan.kind, dtype, row_scale)
             lora_delta = factors.delta().to(self.device)  # from the stored (rounded) factors: what PEFT will see
             factors.magnitude = fit_magnitude(base_m + lora_delta, ft_m).to(dtype)
@@ -188,9 +199,9 @@ class _Extraction:
         return factors, {
             "relative_error": relative,
             "energy_retained": max(0.0, 1.0 - relative**2),
-            "method": f"{projected.method}, {fit} fit",
-            "lora_relative_error": plain.relative_error(min(rank, len(plain.s))),
-            "lora_relative_error_same_params": plain.relative_error(len(plain.s)),
+            "method": f"{plain.method}, {fit} fit",
+            "lora_relative_error": plain.relative_error(rank),
+            "lora_relative_error_same_params": plain.relative_error(min(rank + 1, len(plain.s))),
         }
 
     def _tied_head_factors(self, embedding: ModuleFactors, tied: TiedHead) -> None:

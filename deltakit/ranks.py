@@ -1,26 +1,37 @@
 """Rank policies: how many singular triplets each module keeps.
 
-A policy answers two questions per module: how many leading triplets to compute (``compute_rank``), and,
-given their singular values and the module's exact total energy ‖ΔW‖², how many to keep (``choose``).
-Each policy has its own name; none changes meaning with the type of its argument.
+A per-module policy answers two questions: how many leading triplets to compute (``compute_rank``), and, given
+their singular values, the module's exact total energy ‖ΔW‖² and its (out, in) shape, how many to keep
+(``choose``). Each policy has its own name; none changes meaning with the type of its argument.
+
+``BudgetRanks`` is the exception: a global budget can only be split once every module's leading singular values
+are known, so it has ``allocate`` (all modules at once) instead of ``choose``.
+
+The parsers of the rank-related command-line values (``--rank auto``, ``--budget``, ``--avg-rank``,
+``--rank-pattern``, ``inspect --ranks``) live here too, so that the library and the CLI read them the same way.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
+import numpy as np
 import torch
 
 from .errors import InvalidOptionError
 from .layers import ModuleName, matches_peft_pattern
 
+Weighting = Literal["absolute", "relative"]
+WEIGHTINGS: tuple[Weighting, ...] = ("absolute", "relative")
+
 
 class RankPolicy(Protocol):
     def compute_rank(self, module: ModuleName, out_in: tuple[int, int]) -> int: ...
 
-    def choose(self, module: ModuleName, s: torch.Tensor, total_energy: float) -> int: ...
+    def choose(self, module: ModuleName, s: torch.Tensor, total_energy: float, out_in: tuple[int, int]) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -36,7 +47,8 @@ class FixedRank:
     def compute_rank(self, module: ModuleName, out_in: tuple[int, int]) -> int:
         return self.rank
 
-    def choose(self, module: ModuleName, s: torch.Tensor, total_energy: float) -> int:
+    def choose(self, module: ModuleName, s: torch.Tensor, total_energy: float,
+               out_in: tuple[int, int] | None = None) -> int:
         return min(self.rank, len(s))
 
 
@@ -56,7 +68,8 @@ class EnergyRank:
     def compute_rank(self, module: ModuleName, out_in: tuple[int, int]) -> int:
         return self.max_rank
 
-    def choose(self, module: ModuleName, s: torch.Tensor, total_energy: float) -> int:
+    def choose(self, module: ModuleName, s: torch.Tensor, total_energy: float,
+               out_in: tuple[int, int] | None = None) -> int:
         return rank_for_energy(s, total_energy, self.fraction)
 
 
@@ -68,6 +81,115 @@ def rank_for_energy(s: torch.Tensor, total_energy: float, fraction: float) -> in
     # A tiny tolerance so that fraction = 1.0 is reachable despite rounding in the cumulative sum.
     reached = torch.nonzero(kept >= fraction * total_energy * (1.0 - 1e-9))
     return int(reached[0]) + 1 if len(reached) else len(s)
+
+
+@dataclass(frozen=True)
+class NoiseFloor:
+    """What :func:`noise_floor` found for one matrix.
+
+    Attributes:
+        rank: how many singular values lie above the threshold (0 when none does).
+        sigma: the estimated standard deviation of the noise entries.
+        threshold: the singular-value threshold τ = λ*(β)·√n·sigma (at least the fp32 rounding floor).
+    """
+
+    rank: int
+    sigma: float
+    threshold: float
+
+
+def optimal_threshold_coefficient(beta: float) -> float:
+    """Gavish & Donoho's λ*(β) for a known noise level: τ = λ*(β)·√n·σ for an m×n matrix, m ≤ n, β = m/n.
+
+    λ*(β) = √(2(β+1) + 8β / (β+1 + √(β²+14β+1))); 4/√3 ≈ 2.309 for a square matrix
+    (Gavish & Donoho 2014, "The optimal hard threshold for singular values is 4/√3", eq. (11)).
+    """
+    return math.sqrt(2 * (beta + 1) + 8 * beta / (beta + 1 + math.sqrt(beta * beta + 14 * beta + 1)))
+
+
+# Singular values below s_1 · max(m, n) · ε are rounding noise of an fp32 SVD (the tolerance numpy's
+# matrix_rank uses), whatever the noise estimate says.
+_FP32_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def noise_floor(s: torch.Tensor, total_energy: float, out_in: tuple[int, int]) -> NoiseFloor:
+    """Count the singular values above the noise floor of an m×n matrix, knowing only the leading ones.
+
+    Model: ΔW = X + σZ with X of low rank r and Z of i.i.d. standard entries. Gavish & Donoho's optimal hard
+    threshold for a known σ is τ = λ*(β)·√n·σ (:func:`optimal_threshold_coefficient`; m ≤ n after a transpose,
+    β = m/n). Their rule for an unknown σ uses the median of *all* singular values, which a truncated SVD does
+    not give. What is known exactly is ‖ΔW‖², so σ is estimated from the energy outside the leading r triplets:
+
+        σ̂²(r) = (‖ΔW‖² − Σ_{i≤r} s_i²) / ((m − r)(n − r)).
+
+    The r leading triplets take up the signal plus the noise lying in the r-dimensional column and row spaces
+    of the signal, r(m + n − r) of the mn noise degrees of freedom, which leaves (m − r)(n − r) in the rest.
+    r is unknown: start from r = 0 (σ̂ then includes the signal, so it is too large and the count too small),
+    recount the values above τ(σ̂(r)), and repeat until the count stops changing. The estimate does not depend
+    on how many triplets were computed, as long as more were computed than are kept.
+
+    Limits:
+        - It assumes white noise (i.i.d. entries of one variance). A fine-tuning delta is not signal plus white
+          noise: its spectrum usually decays with no gap, and the "floor" is then the level below which the
+          spectrum looks like an isotropic random matrix holding the same residual energy.
+        - No method can tell a spike from noise below the BBP limit θ = β^¼·√n·σ; this threshold keeps a signal
+          value θ only when its noisy singular value exceeds τ (for a square matrix θ > √3·√n·σ ≈ 0.87× the
+          noise bulk edge (√m + √n)·σ). Weak spikes near the limit also leak some energy into the residual,
+          so σ̂ errs slightly high there.
+        - The theory is asymptotic (m and n large). A matrix with only a few rows or columns whose singular
+          values are all alike (a 3-position embedding, BERT's 2 token types) looks like pure noise and gets
+          rank 0, though its change may matter; give such modules a rank with --rank-pattern.
+        - If every computed value lies above the threshold, the count is len(s): the true floor may be lower
+          still; compute more triplets to know.
+        - Values below s_1·max(m, n)·ε_fp32 are rounding noise of the fp32 SVD and never count.
+
+    Args:
+        s: leading singular values, descending (any float dtype, CPU or not).
+        total_energy: ‖ΔW‖_F², exactly.
+        out_in: the matrix shape (out, in).
+
+    Returns:
+        The :class:`NoiseFloor`: rank (0 when nothing stands above the noise), σ̂ and τ.
+    """
+    m, n = min(out_in), max(out_in)
+    values = s.detach().double().cpu()
+    if len(values) == 0 or total_energy <= 0.0 or float(values[0]) <= 0.0:
+        return NoiseFloor(0, 0.0, 0.0)
+    coefficient = optimal_threshold_coefficient(m / n)
+    rounding_floor = float(values[0]) * n * _FP32_EPS
+    kept = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(values.square(), dim=0)])  # (k + 1,)
+    rank, sigma, threshold = 0, 0.0, 0.0
+    # Each pass takes the values just counted out of the noise estimate, which lowers σ̂ and may admit more;
+    # a few passes reach the fixed point. The bound only guards against a cycle.
+    for _ in range(len(values) + 1):
+        if rank >= m:
+            break
+        sigma = math.sqrt(max(total_energy - float(kept[rank]), 0.0) / ((m - rank) * (n - rank)))
+        threshold = max(coefficient * math.sqrt(n) * sigma, rounding_floor)
+        count = int((values > threshold).sum())
+        if count == rank:
+            break
+        rank = count
+    return NoiseFloor(rank, sigma, threshold)
+
+
+@dataclass(frozen=True)
+class NoiseFloorRank:
+    """``--rank auto``: per module, the singular values above the estimated noise floor (:func:`noise_floor`),
+    at least 1 and at most ``max_rank``."""
+
+    max_rank: int = 256
+
+    def __post_init__(self) -> None:
+        if self.max_rank < 1:
+            raise InvalidOptionError(f"max rank must be at least 1, got {self.max_rank}")
+
+    def compute_rank(self, module: ModuleName, out_in: tuple[int, int]) -> int:
+        return self.max_rank
+
+    def choose(self, module: ModuleName, s: torch.Tensor, total_energy: float, out_in: tuple[int, int]) -> int:
+        # A module whose whole delta looks like noise still gets rank 1: PEFT has no rank 0.
+        return max(1, min(noise_floor(s, total_energy, out_in).rank, self.max_rank, len(s)))
 
 
 @dataclass(frozen=True)
@@ -97,9 +219,224 @@ class PatternRanks:
         rank = self._override(module)
         return rank if rank is not None else self.default.compute_rank(module, out_in)
 
-    def choose(self, module: ModuleName, s: torch.Tensor, total_energy: float) -> int:
+    def choose(self, module: ModuleName, s: torch.Tensor, total_energy: float,
+               out_in: tuple[int, int] | None = None) -> int:
         rank = self._override(module)
-        return min(rank, len(s)) if rank is not None else self.default.choose(module, s, total_energy)
+        return min(rank, len(s)) if rank is not None else self.default.choose(module, s, total_energy, out_in)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Global budget
+
+
+@dataclass(frozen=True)
+class ModuleSpectrum:
+    """One module's leading singular values, as the budget allocator needs them.
+
+    Attributes:
+        module: the module name.
+        out_in: its (out, in) shape in PEFT's orientation; one rank costs out + in adapter parameters.
+        s: the leading singular values computed, descending; len(s) is the most this module can get.
+        total_energy: ‖ΔW‖_F², exactly (not just the computed part).
+    """
+
+    module: ModuleName
+    out_in: tuple[int, int]
+    s: torch.Tensor
+    total_energy: float
+
+
+# Above this many cells ((budget / gcd of the costs) × candidate triplets) the exact dynamic programme would cost
+# more than the greedy pick is worth; about 0.2 s and 40 MB at the limit.
+_EXACT_MAX_CELLS = 20_000_000
+
+
+@dataclass(frozen=True)
+class BudgetRanks:
+    """Per-module ranks that minimise the total squared reconstruction error under a parameter budget.
+
+    Objective: with r_i triplets kept, module i's squared error is ‖ΔW_i‖² − Σ_{k≤r_i} s_{i,k}² (Eckart–Young),
+    and its factors cost r_i·(out_i + in_i) parameters. ``allocate`` maximises the kept energy
+    Σ_i Σ_{k≤r_i} w_i·s_{i,k}² subject to Σ_i r_i·(out_i + in_i) ≤ params and
+    min(min_rank, cap_i) ≤ r_i ≤ cap_i = min(max_rank, out_i, in_i, len(s_i)), where w_i = 1 (``absolute``:
+    the total squared error) or 1/‖ΔW_i‖² (``relative``: the sum of each module's squared relative error, so a
+    module that changed little counts as much as one that changed a lot).
+
+    Algorithm. Each module's marginal gains w_i·s_{i,k}² do not increase with k (singular values are sorted),
+    so its kept energy G_i(r) is concave in r. For any λ ≥ 0, the r_i maximising G_i(r_i) − λ·c_i·r_i
+    (c_i = out_i + in_i) is "every k with w_i·s_{i,k}²/c_i ≥ λ": a prefix, by concavity. Taking triplets by
+    decreasing w·s²/c, every prefix P of that order (with λ the ratio of its last triplet) is such a maximiser,
+    so no allocation costing at most C(P) keeps more energy: for any r' with C(r') ≤ C(P),
+    G(r') ≤ G(P) − λ·(C(P) − C(r')) ≤ G(P). The greedy pick is thus optimal for the budget it spends. It is *not*
+    always optimal for the budget given: when the next triplet does not fit, the money left may buy a better
+    mix of cheaper ones (a knapsack problem, NP-hard in general). Greedy here then skips what does not fit and
+    goes on with cheaper triplets; its kept energy is within the gain of the first triplet it skipped of the
+    optimum, since the LP relaxation (the prefix plus a fraction of that triplet) bounds the optimum. With
+    equal costs (every module of one shape) it is exact.
+
+    So ``allocate`` solves the problem exactly by dynamic programming over the budget, in units of the gcd of
+    the costs, whenever that table has at most ``_EXACT_MAX_CELLS`` cells (small models, small budgets), and
+    uses the greedy pick otherwise (a real LLM: hundreds of modules, budgets of millions of units), where the
+    gap above is a single triplet out of thousands.
+
+    Attributes:
+        params: total adapter parameters allowed, Σ rank_i·(out_i + in_i).
+        min_rank: every module gets at least this (or its cap, if smaller).
+        max_rank: no module gets more; also how many triplets to compute per module.
+        weighting: ``absolute`` or ``relative`` (see above).
+    """
+
+    params: int
+    min_rank: int = 1
+    max_rank: int = 256
+    weighting: Weighting = "absolute"
+
+    def __post_init__(self) -> None:
+        if self.params < 1:
+            raise InvalidOptionError(f"budget must be at least 1 parameter, got {self.params}")
+        if self.min_rank < 1:
+            raise InvalidOptionError(f"min rank must be at least 1, got {self.min_rank}")
+        if self.max_rank < self.min_rank:
+            raise InvalidOptionError(f"max rank {self.max_rank} is below min rank {self.min_rank}")
+        if self.weighting not in WEIGHTINGS:
+            raise InvalidOptionError(f"unknown budget weighting {self.weighting!r}; use absolute or relative")
+
+    def compute_rank(self, module: ModuleName, out_in: tuple[int, int]) -> int:
+        return self.max_rank
+
+    def allocate(self, spectra: list[ModuleSpectrum]) -> list[int]:
+        """Choose every module's rank at once.
+
+        Args:
+            spectra: one per factorized module, each with its leading singular values (at least ``max_rank``
+                of them, or min(out, in), for the result to be optimal over all ranks up to ``max_rank``).
+
+        Returns:
+            The ranks, in the order of ``spectra``.
+
+        Raises:
+            InvalidOptionError: the budget cannot pay for ``min_rank`` in every module.
+        """
+        caps = [min(self.max_rank, *spectrum.out_in, len(spectrum.s)) for spectrum in spectra]
+        floors = [min(self.min_rank, cap) for cap in caps]
+        costs = [sum(spectrum.out_in) for spectrum in spectra]
+        floor_params = sum(f * c for f, c in zip(floors, costs))
+        if floor_params > self.params:
+            raise InvalidOptionError(
+                f"a budget of {self.params:,} parameters cannot pay for rank {self.min_rank} in each of the "
+                f"{len(spectra)} modules ({floor_params:,} parameters); raise the budget or lower --min-rank")
+        gains = [_weighted_energies(spectrum, self.weighting)[floor:cap]
+                 for spectrum, floor, cap in zip(spectra, floors, caps)]
+        # Past what every remaining triplet costs, more budget changes nothing.
+        budget = min(self.params - floor_params, sum(len(g) * c for g, c in zip(gains, costs)))
+        unit = math.gcd(*[c for g, c in zip(gains, costs) if len(g)]) or 1
+        cells = (budget // unit + 1) * sum(len(g) for g in gains)
+        extra = _allocate_exact(gains, costs, budget, unit) if cells <= _EXACT_MAX_CELLS \
+            else _allocate_greedy(gains, costs, budget)
+        return [f + e for f, e in zip(floors, extra)]
+
+
+def _weighted_energies(spectrum: ModuleSpectrum, weighting: Weighting) -> np.ndarray:
+    """w·s_k² for each computed triplet: what keeping it takes off the objective."""
+    energies = spectrum.s.detach().double().cpu().numpy() ** 2
+    if weighting == "absolute":
+        return energies
+    return energies / spectrum.total_energy if spectrum.total_energy > 0 else np.zeros_like(energies)
+
+
+def _allocate_greedy(gains: list[np.ndarray], costs: list[int], budget: int) -> list[int]:
+    """Triplets by decreasing gain per parameter, skipping those that no longer fit (see BudgetRanks)."""
+    module_of = np.concatenate([np.full(len(g), i) for i, g in enumerate(gains)] or [np.zeros(0, int)])
+    flat = np.concatenate(gains or [np.zeros(0)])
+    ratios = flat / np.asarray(costs, dtype=np.float64)[module_of] if len(flat) else flat
+    # A stable sort keeps each module's triplets in rank order where ratios tie, so every module's picks
+    # stay a prefix of its spectrum.
+    order = np.argsort(-ratios, kind="stable")
+    extra, remaining, cheapest = [0] * len(gains), budget, min(costs, default=0)
+    for index in order:
+        if remaining < cheapest or flat[index] <= 0.0:
+            break  # nothing fits any more, or the rest keeps no energy
+        module = int(module_of[index])
+        if costs[module] <= remaining:
+            extra[module] += 1
+            remaining -= costs[module]
+    return extra
+
+
+def _allocate_exact(gains: list[np.ndarray], costs: list[int], budget: int, unit: int) -> list[int]:
+    """Max Σ_i G_i(t_i) subject to Σ_i t_i·c_i ≤ budget, by dynamic programming over the budget in ``unit``s.
+
+    best[b] is the most energy the modules seen so far keep for at most b units; picks[i][b] is module i's
+    extra rank in that optimum, for the backtrack. Ties keep the smaller rank.
+    """
+    capacity = budget // unit
+    best = np.zeros(capacity + 1)
+    picks = []
+    for module_gains, cost in zip(gains, costs):
+        step = cost // unit
+        prefix = np.concatenate([[0.0], np.cumsum(module_gains)])  # G(t), t = 0..len
+        updated = best.copy()
+        pick = np.zeros(capacity + 1, dtype=np.min_scalar_type(len(module_gains)))
+        for extra in range(1, len(module_gains) + 1):
+            shift = extra * step
+            if shift > capacity:
+                break
+            candidate = best[: capacity + 1 - shift] + prefix[extra]
+            is_better = candidate > updated[shift:]
+            updated[shift:][is_better] = candidate[is_better]
+            pick[shift:][is_better] = extra
+        best = updated
+        picks.append(pick)
+    extra_ranks, remaining = [0] * len(gains), capacity
+    for i in reversed(range(len(gains))):
+        extra_ranks[i] = int(picks[i][remaining])
+        remaining -= extra_ranks[i] * (costs[i] // unit)
+    return extra_ranks
+
+
+def adapter_params(ranks: list[int], out_ins: list[tuple[int, int]]) -> int:
+    """Σ rank_i·(out_i + in_i): the number of factor parameters (A and B) of these ranks."""
+    return sum(rank * (out + inp) for rank, (out, inp) in zip(ranks, out_ins))
+
+
+def predicted_squared_error(spectra: list[ModuleSpectrum], ranks: list[int]) -> float:
+    """Σ_i (‖ΔW_i‖² − Σ_{k≤r_i} s_{i,k}²): the total squared reconstruction error of a truncated SVD at these
+    ranks (Eckart–Young), predicted from the spectra alone."""
+    total = 0.0
+    for spectrum, rank in zip(spectra, ranks):
+        kept = float(spectrum.s[:rank].double().square().sum())
+        total += max(spectrum.total_energy - kept, 0.0)
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command-line values
+
+
+def parse_rank(text: str) -> int | Literal["auto"]:
+    """``--rank``: a positive integer, or ``auto`` (:class:`NoiseFloorRank`).
+
+    Raises:
+        InvalidOptionError: anything else.
+    """
+    value = text.strip().lower()
+    if value == "auto":
+        return "auto"
+    if not value.isdigit() or int(value) < 1:
+        raise InvalidOptionError(f"--rank {text!r}: use a positive integer or 'auto'")
+    return int(value)
+
+
+def parse_ranks(text: str) -> tuple[int, ...]:
+    """``inspect --ranks``: comma-separated positive integers, e.g. ``8,16,32``.
+
+    Raises:
+        InvalidOptionError: an item is not a positive integer.
+    """
+    items = [item.strip() for item in text.split(",")]
+    if not all(item.isdigit() and int(item) >= 1 for item in items):
+        raise InvalidOptionError(f"--ranks {text!r}: use comma-separated positive integers, e.g. 8,16,32")
+    return tuple(int(item) for item in items)
 
 
 def parse_rank_pattern(text: str) -> tuple[str, int]:
@@ -108,3 +445,72 @@ def parse_rank_pattern(text: str) -> tuple[str, int]:
     if not sep or not pattern or not rank.strip().isdigit():
         raise InvalidOptionError(f"rank pattern {text!r} must look like REGEX=RANK, e.g. 'mlp\\..*=32'")
     return pattern, int(rank)
+
+
+_BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_COUNT_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
+_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
+_BYTES = re.compile(rf"{_NUMBER}\s*([kmgt]i?b|b)", re.IGNORECASE)
+_PERCENT = re.compile(rf"{_NUMBER}\s*%")
+_PARAMS = re.compile(rf"{_NUMBER}\s*([kmb]?)\s*params?", re.IGNORECASE)
+_BUDGET_EXAMPLES = "e.g. 50MB, 1.5GiB, 2%, 3Mparams or 1200000 (parameters)"
+
+
+def parse_budget(text: str, *, model_params: int, bytes_per_param: int) -> int:
+    """``--budget``: a size for the adapter's factors, as a number of parameters.
+
+    Accepted forms (one unambiguous spelling each; a unit-less number is always a parameter count):
+
+    - bytes of stored factors: ``50MB``, ``1.5GB``, ``200KiB`` (B, KB, MB, GB, TB are powers of 1000; KiB, MiB,
+      GiB, TiB of 1024; case does not matter), divided by ``bytes_per_param``;
+    - a share of the model: ``2%`` of ``model_params``;
+    - a parameter count: ``1200000``, or with a suffix and the word ``params``: ``3Mparams``, ``500k params``,
+      ``1.5Bparams`` (k = 10³, M = 10⁶, B = 10⁹). A bare ``3M`` is refused: megabytes or millions?
+
+    Only the factors (A and B) count; tensors carried whole (norms, biases, heads) and DoRA magnitudes do not.
+
+    Args:
+        text: the option value.
+        model_params: the model's parameter count, for percentages.
+        bytes_per_param: bytes per stored factor element (2 for float16/bfloat16, 4 for float32).
+
+    Returns:
+        The budget in parameters, rounded down, at least 1.
+
+    Raises:
+        InvalidOptionError: the text matches no form, or gives less than one parameter.
+    """
+    value = text.strip()
+    if match := _BYTES.fullmatch(value):
+        params = float(match[1]) * _BYTE_UNITS[match[2].lower()] / bytes_per_param
+    elif match := _PERCENT.fullmatch(value):
+        share = float(match[1])
+        if not 0.0 < share <= 100.0:
+            raise InvalidOptionError(f"--budget {text!r}: a percentage must be in (0, 100]")
+        params = share / 100.0 * model_params
+    elif match := _PARAMS.fullmatch(value):
+        params = float(match[1]) * _COUNT_UNITS[match[2].lower()]
+    elif value.isdigit():
+        params = int(value)
+    elif re.fullmatch(rf"{_NUMBER}\s*[kmgt]", value, re.IGNORECASE):
+        raise InvalidOptionError(f"--budget {text!r} is ambiguous: write {value}B for bytes or {value}params for "
+                                 "a parameter count")
+    else:
+        raise InvalidOptionError(f"--budget {text!r} is not a size; {_BUDGET_EXAMPLES}")
+    if params < 1:
+        raise InvalidOptionError(f"--budget {text!r} is less than one parameter")
+    return int(params)
+
+
+def budget_for_avg_rank(avg_rank: float, out_ins: list[tuple[int, int]]) -> int:
+    """``--avg-rank R``: the size of a uniform rank-R adapter over these modules, Σ min(R, out, in)·(out + in)
+    (R clamped to each module's min(out, in), as a fixed rank is), so that a budget allocation can be compared
+    with the uniform rank at exactly equal size.
+
+    Raises:
+        InvalidOptionError: R is not positive.
+    """
+    if not avg_rank > 0:
+        raise InvalidOptionError(f"--avg-rank must be positive, got {avg_rank}")
+    return int(sum(min(avg_rank, out, inp) * (out + inp) for out, inp in out_ins))

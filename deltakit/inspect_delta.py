@@ -1,0 +1,357 @@
+"""``inspect``: how a fine-tune changed each module, and which ranks would capture it.
+
+Streams one module at a time like ``extract``: read the two weights, form ΔW in fp32 in PEFT's (out, in)
+orientation, compute its leading singular values, keep only numbers. From the spectra alone (Eckart–Young) it
+predicts what any rank choice would cost and retain, so it answers "which rank?" without writing an adapter:
+energy retained at a ladder of ranks, the rank each policy would pick (an energy target, the noise floor of
+``--rank auto``, the ``--budget`` allocation at the sizes of the uniform ranks), and the size/error frontier of
+uniform ranks against budget allocation.
+
+The module is named ``inspect_delta`` so that it does not shadow the standard library's ``inspect``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import plots
+from .checkpoint import open_checkpoint
+from .errors import InvalidOptionError, NonFiniteError, NothingToExtractError
+from .factorize import SvdMethod, resolve_device, truncated_svd
+from .layers import ModuleName, out_in_shape, to_out_in
+from .plan import plan_extract
+from .ranks import (
+    BudgetRanks,
+    ModuleSpectrum,
+    NoiseFloor,
+    budget_for_avg_rank,
+    noise_floor,
+    predicted_squared_error,
+    rank_for_energy,
+)
+from .report import command_line, format_bytes
+from .writer import staged_output, write_json
+
+REPORT_FILE = "report.json"
+# The energy target of the suggested "energy" rank (extract's --energy).
+SUGGESTED_ENERGY = 0.9
+_LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+@dataclass
+class ModuleInspection:
+    """One factorizable weight that changed: its size of change and its spectrum.
+
+    Attributes:
+        module: the module name.
+        kind: ``linear``, ``conv1d`` or ``embedding``.
+        shape: as stored in the checkpoint.
+        out_in: (out, in) in PEFT's orientation.
+        delta_norm: ‖ΔW‖_F.
+        base_norm: ‖W0‖_F.
+        singular_values: the leading singular values of ΔW, descending (min(max_rank, out, in) of them).
+        energy_retained: rank → Σ_{i≤rank} s_i² / ‖ΔW‖², for each inspected rank; ranks at or above min(out, in)
+            give 1.0.
+        noise: the noise floor of ``--rank auto`` (:func:`deltakit.ranks.noise_floor`).
+        suggested_ranks: policy → rank: ``energy_0.9``, ``noise_floor`` (what ``--rank auto`` keeps, at least 1)
+            and ``budget_r<R>`` (the ``--budget`` allocation at the size of a uniform rank-R adapter, for each
+            rank R of the frontier).
+        method: the SVD route that ran.
+    """
+
+    module: ModuleName
+    kind: str
+    shape: tuple[int, ...]
+    out_in: tuple[int, int]
+    delta_norm: float
+    base_norm: float
+    singular_values: list[float]
+    energy_retained: dict[int, float]
+    noise: NoiseFloor
+    suggested_ranks: dict[str, int] = field(default_factory=dict)
+    method: str = ""
+
+    @property
+    def relative_change(self) -> float:
+        """‖ΔW‖ / ‖W0‖ (inf for a zero base weight)."""
+        return self.delta_norm / self.base_norm if self.base_norm > 0 else math.inf
+
+    @property
+    def module_type(self) -> str:
+        """The last name component (``q_proj``, ``down_proj``, ``embed_tokens``...)."""
+        return self.module.rpartition(".")[2]
+
+    @property
+    def layer(self) -> int | None:
+        """The first integer name component (the block index), None outside the repeated blocks."""
+        match = _LAYER_INDEX.search(self.module)
+        return int(match[1]) if match else None
+
+    def spectrum(self) -> ModuleSpectrum:
+        return ModuleSpectrum(self.module, self.out_in, torch.tensor(self.singular_values, dtype=torch.float64),
+                              self.delta_norm**2)
+
+    def to_json(self) -> dict:
+        return {
+            "module": self.module,
+            "type": self.module_type,
+            "layer": self.layer,
+            "kind": self.kind,
+            "shape": list(self.shape),
+            "out_in": list(self.out_in),
+            "delta_norm": self.delta_norm,
+            "base_norm": self.base_norm,
+            "relative_change": self.relative_change if math.isfinite(self.relative_change) else None,
+            "energy_retained": {str(rank): value for rank, value in self.energy_retained.items()},
+            "suggested_ranks": self.suggested_ranks,
+            "noise_sigma": self.noise.sigma,
+            "noise_threshold": self.noise.threshold,
+            "method": self.method,
+            "singular_values": self.singular_values,
+        }
+
+
+@dataclass(frozen=True)
+class FrontierPoint:
+    """A uniform rank and the budget allocation of the same size, with their predicted errors.
+
+    Attributes:
+        rank: the uniform rank R (clamped to each module's min(out, in)).
+        params: the factor parameters of both, Σ min(R, out, in)·(out + in); the allocation may spend less.
+        uniform_squared_error: Σ ‖ΔW − ΔW_R‖² over all modules.
+        budget_squared_error: the same for the budget allocation (``absolute`` weighting).
+        total_energy: Σ ‖ΔW‖², to turn both into relative errors.
+    """
+
+    rank: int
+    params: int
+    uniform_squared_error: float
+    budget_squared_error: float
+    total_energy: float
+
+    @property
+    def uniform_relative_error(self) -> float:
+        return math.sqrt(self.uniform_squared_error / self.total_energy) if self.total_energy > 0 else 0.0
+
+    @property
+    def budget_relative_error(self) -> float:
+        return math.sqrt(self.budget_squared_error / self.total_energy) if self.total_energy > 0 else 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "rank": self.rank,
+            "params": self.params,
+            "uniform_squared_error": self.uniform_squared_error,
+            "budget_squared_error": self.budget_squared_error,
+            "uniform_relative_error": self.uniform_relative_error,
+            "budget_relative_error": self.budget_relative_error,
+        }
+
+
+@dataclass
+class InspectReport:
+    """What ``inspect`` found: per module numbers, the frontier, and what was written."""
+
+    finetuned: str
+    base: str
+    options: dict
+    modules: list[ModuleInspection] = field(default_factory=list)
+    frontier: list[FrontierPoint] = field(default_factory=list)
+    bytes_per_param: int = 4  # of the base weights inspected (the default factor dtype of extract)
+    unchanged: int = 0  # factorizable weights identical in both checkpoints
+    out: str | None = None
+    plots: list[str] = field(default_factory=list)  # file names under ``out``
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    command: str = ""
+
+    def to_json(self) -> dict:
+        total = sum(m.delta_norm**2 for m in self.modules)
+        return {
+            "finetuned": self.finetuned,
+            "base": self.base,
+            "command": self.command,
+            "options": self.options,
+            "summary": {
+                "modules": len(self.modules),
+                "unchanged_weights": self.unchanged,
+                "total_delta_norm": math.sqrt(total),
+                "bytes_per_param": self.bytes_per_param,
+                "seconds": round(self.seconds, 3),
+            },
+            "frontier": [point.to_json() for point in self.frontier],
+            "plots": self.plots,
+            "notes": self.notes,
+            "modules": [m.to_json() for m in self.modules],
+        }
+
+    def table_lines(self) -> list[str]:
+        """A compact table: one row per module, then the uniform-vs-budget frontier and the notes."""
+        ranks = self.options["ranks"]
+        width = max([len("module"), *(len(m.module) for m in self.modules)])
+        head = (f"{'module':<{width}} {'out×in':>11} {'‖ΔW‖':>9} {'‖ΔW‖/‖W0‖':>10} {'σ1':>9} "
+                + " ".join(f"{'E@' + str(r):>6}" for r in ranks)
+                + f" {'r@E' + str(SUGGESTED_ENERGY):>7} {'r auto':>6}")
+        lines = [head, "-" * len(head)]
+        for m in self.modules:
+            energies = " ".join(f"{m.energy_retained[r]:>6.1%}" if r in m.energy_retained else f"{'–':>6}"
+                                for r in ranks)
+            lines.append(
+                f"{m.module:<{width}} {f'{m.out_in[0]}×{m.out_in[1]}':>11} {m.delta_norm:>9.3g} "
+                f"{m.relative_change:>10.3g} {m.singular_values[0]:>9.3g} {energies} "
+                f"{m.suggested_ranks[f'energy_{SUGGESTED_ENERGY}']:>7} {m.suggested_ranks['noise_floor']:>6}")
+        lines.append(f"E@r: energy of ΔW retained at rank r; r@E{SUGGESTED_ENERGY}: smallest rank keeping "
+                     f"{SUGGESTED_ENERGY:.0%} (at most {self.options['max_rank']}); r auto: above the noise floor "
+                     "(--rank auto)")
+        if self.frontier:
+            lines += ["", "adapter size: uniform rank vs --budget allocation of the same size (relative error of ΔW "
+                      "over all modules; per-module budget ranks in the JSON report)",
+                      f"{'rank':>6} {'params':>12} {'size':>10} {'uniform':>9} {'budget':>9}"]
+            lines += [f"{p.rank:>6} {p.params:>12,} {format_bytes(p.params * self.bytes_per_param):>10} "
+                      f"{p.uniform_relative_error:>9.4f} {p.budget_relative_error:>9.4f}" for p in self.frontier]
+        if self.unchanged:
+            lines.append(f"{self.unchanged} factorizable weight(s) unchanged, not listed")
+        lines += self.notes
+        return lines
+
+
+def inspect(
+    finetuned: str | Path,
+    base: str | Path,
+    out: str | Path | None = None,
+    *,
+    ranks: tuple[int, ...] = (8, 16, 32, 64, 128, 256),
+    max_rank: int = 256,
+    svd: SvdMethod = "auto",
+    device: str = "auto",
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> InspectReport:
+    """Measure how each factorizable weight changed and what each rank choice would keep.
+
+    Args:
+        finetuned, base: checkpoint directories or ``.safetensors`` files.
+        out: a directory for ``report.json`` and, with matplotlib installed (the ``plot`` extra), PNG plots:
+            energy retained against rank per module type, a layer × module-type heatmap of ‖ΔW‖/‖W0‖, and the
+            size/error frontier of uniform rank against budget allocation. Written to a staging sibling and
+            renamed into place when complete. None: nothing is written.
+        ranks: the ranks at which energy retained is reported and the frontier is drawn (those ≤ ``max_rank``,
+            up to the first at which every module is at full rank).
+        max_rank: how many leading singular values to compute per module; the cap of the suggested ranks.
+        svd: ``exact``, ``randomized`` or ``auto``, as for extract.
+        device: ``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:i``.
+        include, exclude: regexes (``re.search``) on module names, as for extract.
+        overwrite: replace ``out`` if it exists.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        The :class:`InspectReport` (``table_lines()`` for a printed table, ``to_json()`` for the report file).
+
+    Raises:
+        DeltakitError subclasses: missing or corrupt inputs, shape mismatches, non-finite values, bad options,
+        an existing ``out`` without ``overwrite``; NothingToExtractError when no selected weight changed.
+    """
+    started = time.perf_counter()
+    if max_rank < 1:
+        raise InvalidOptionError(f"--max-rank must be at least 1, got {max_rank}")
+    if not ranks or any(r < 1 for r in ranks):
+        raise InvalidOptionError(f"--ranks must be positive integers, got {list(ranks)}")
+    ranks = tuple(sorted(set(ranks)))
+    math_device = resolve_device(device)
+    ft_ckpt, base_ckpt = open_checkpoint(finetuned), open_checkpoint(base)
+    plan = plan_extract(ft_ckpt, base_ckpt, include=include, exclude=exclude)
+    options = {"ranks": list(ranks), "max_rank": max_rank, "svd": svd, "device": str(math_device),
+               "include": include, "exclude": exclude}
+    report = InspectReport(str(finetuned), str(base), options, out=str(out) if out is not None else None,
+                           command=command_line())
+
+    jobs = [p for p in plan.modules if p.weight is not None and p.is_selected]
+    base_dtypes: Counter[torch.dtype] = Counter()
+    for module_plan in tqdm(jobs, desc="inspect", unit="module", disable=not progress, dynamic_ncols=True):
+        weight = module_plan.weight
+        base_w, ft_w = base_ckpt.get(weight), ft_ckpt.get(weight)
+        for tensor, ckpt in ((base_w, base_ckpt), (ft_w, ft_ckpt)):
+            if not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteError("contains NaN or Inf", path=ckpt.path, tensor=weight)
+        if torch.equal(base_w, ft_w) if base_w.dtype == ft_w.dtype else torch.equal(base_w.float(), ft_w.float()):
+            report.unchanged += 1
+            continue
+        base_dtypes[base_w.dtype] += 1
+        base_m = to_out_in(base_w.to(math_device, torch.float32), module_plan.kind)  # (out, in)
+        delta = to_out_in(ft_w.to(math_device, torch.float32), module_plan.kind) - base_m
+        del base_w, ft_w
+        base_norm = float(torch.linalg.vector_norm(base_m, dtype=torch.float64))
+        del base_m
+        out_in = out_in_shape(tuple(ft_ckpt.info(weight).shape), module_plan.kind)
+        result = truncated_svd(delta, min(max_rank, min(out_in)), method=svd, device=math_device)
+        del delta
+        report.modules.append(_inspection(module_plan.module, module_plan.kind.value,
+                                          tuple(ft_ckpt.info(weight).shape), out_in, base_norm, result.s,
+                                          result.total_energy, result.method, ranks, max_rank))
+    if not report.modules:
+        raise NothingToExtractError(
+            "no factorizable weight differs from the base" + (" among the selected modules" if include or exclude
+                                                              else ""), path=ft_ckpt.path)
+    report.bytes_per_param = base_dtypes.most_common(1)[0][0].itemsize
+    report.frontier = _frontier_and_budget_ranks(report.modules, [r for r in ranks if r <= max_rank], max_rank)
+
+    report.seconds = time.perf_counter() - started  # the measurement, not the writing
+    if out is not None:
+        with staged_output(Path(out), overwrite=overwrite) as staging_dir:
+            if plots.is_available():
+                report.plots = [p.name for p in plots.write_plots(report, staging_dir)]
+            else:
+                report.notes.append(plots.SKIPPED_NOTE)
+            write_json(staging_dir / REPORT_FILE, report.to_json())
+    return report
+
+
+def _inspection(module: ModuleName, kind: str, shape: tuple[int, ...], out_in: tuple[int, int], base_norm: float,
+                s: torch.Tensor, total_energy: float, method: str, ranks: tuple[int, ...],
+                max_rank: int) -> ModuleInspection:
+    energies = torch.cumsum(s.double().square(), dim=0)
+    retained = {}
+    for rank in ranks:
+        if rank >= min(out_in):
+            retained[rank] = 1.0
+        elif rank <= len(s):
+            retained[rank] = min(float(energies[rank - 1]) / total_energy, 1.0) if total_energy > 0 else 1.0
+    noise = noise_floor(s, total_energy, out_in)
+    inspection = ModuleInspection(module, kind, shape, out_in, math.sqrt(total_energy), base_norm,
+                                  [float(v) for v in s], retained, noise, method=method)
+    inspection.suggested_ranks = {
+        f"energy_{SUGGESTED_ENERGY}": rank_for_energy(s, total_energy, SUGGESTED_ENERGY),
+        "noise_floor": max(1, min(noise.rank, max_rank)),
+    }
+    return inspection
+
+
+def _frontier_and_budget_ranks(modules: list[ModuleInspection], ranks: list[int],
+                               max_rank: int) -> list[FrontierPoint]:
+    """For each uniform rank R: the budget allocation of the same size (recorded per module as ``budget_r<R>``)
+    and both predicted errors; up to the first R at which every module is at full rank."""
+    spectra = [m.spectrum() for m in modules]
+    out_ins = [m.out_in for m in modules]
+    total = sum(s.total_energy for s in spectra)
+    points: list[FrontierPoint] = []
+    for rank in ranks:
+        uniform = [min(rank, *out_in) for out_in in out_ins]
+        params = budget_for_avg_rank(rank, out_ins)
+        if points and params == points[-1].params:
+            break  # every module is at full rank already: larger ranks repeat this point
+        allocated = BudgetRanks(params, max_rank=max_rank).allocate(spectra)
+        for module, chosen in zip(modules, allocated):
+            module.suggested_ranks[f"budget_r{rank}"] = chosen
+        points.append(FrontierPoint(rank, params, predicted_squared_error(spectra, uniform),
+                                    predicted_squared_error(spectra, allocated), total))
+    return points

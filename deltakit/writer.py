@@ -1,0 +1,320 @@
+"""Write outputs without ever holding a whole shard, and without a half-written file under its final name.
+
+:class:`SafetensorsWriter` writes a ``.safetensors`` file header-first: the names, dtypes and shapes are known
+before any data, so tensors can be appended one at a time (``safetensors.save_file`` needs the whole dict in
+memory). :func:`staged_output` builds an output directory beside its final place and renames it in only when
+complete.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import secrets
+import shutil
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from .checkpoint import DTYPE_NAMES, TensorName
+from .errors import InvalidOptionError, OutputExistsError, TensorMismatchError, TensorMissingError, shorten
+
+TensorSpec = tuple[TensorName, torch.dtype, tuple[int, ...]]
+
+
+class SafetensorsWriter:
+    """Stream tensors into one ``.safetensors`` file, in the order given up front.
+
+    The bytes are those ``safetensors.torch.save_file`` writes for the same tensors in the same order: an 8-byte
+    little-endian header length, compact JSON (``__metadata__`` first) padded with spaces to a multiple of 8,
+    then each tensor's raw little-endian bytes with no gaps. (``save_file`` itself orders tensors by its dtype
+    enum, descending, which is roughly largest itemsize first, then by name; pass specs in that order to get
+    identical files.)
+
+    The data goes to a hidden temporary sibling that replaces ``path`` only when :meth:`close` has verified that
+    every tensor was written, so ``path`` never holds a partial file. As a context manager, a normal exit closes
+    (and verifies); an exception discards the temporary file instead.
+
+    Example:
+        >>> with SafetensorsWriter(path, [("w", torch.float16, (2, 3))]) as writer:
+        ...     writer.write("w", torch.zeros(2, 3, dtype=torch.float16))
+    """
+
+    def __init__(
+        self, path: Path, specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None
+    ) -> None:
+        """Check the specs and write the header.
+
+        Args:
+            path: the file to create (replaced if it exists).
+            specs: (name, dtype, shape) of every tensor, in the order they will be written and laid out.
+            metadata: the ``__metadata__`` string map, if any.
+
+        Raises:
+            InvalidOptionError: a name repeats or is ``__metadata__``, a dtype has no safetensors name, a shape
+                is not non-negative integers, or metadata is not string -> string.
+        """
+        self.path = Path(path)
+        self._specs = [(name, dtype, tuple(shape)) for name, dtype, shape in specs]
+        self._next = 0
+        header = _encode_header(self.path, self._specs, metadata)
+        self._temp_path, self._file = _create_sibling(self.path, "deltakit-tmp")
+        try:
+            _write_all(self._file, struct.pack("<Q", len(header)) + header)
+        except BaseException:
+            self._discard()
+            raise
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._discard()
+
+    def write(self, name: TensorName, tensor: torch.Tensor) -> None:
+        """Append the next tensor's bytes.
+
+        Args:
+            name: must be the next name in spec order.
+            tensor: its dtype and shape must match the spec; it may live on any device and need not be
+                contiguous (a contiguous CPU copy is made only if it is not one already).
+
+        Raises:
+            TensorMissingError: ``name`` is not in the specs, or every tensor was already written.
+            TensorMismatchError: ``name`` is out of order, or its dtype or shape differs from the spec.
+        """
+        if self._file is None:
+            raise TensorMismatchError("writer is already closed", path=self.path, tensor=name)
+        if self._next == len(self._specs):
+            raise TensorMissingError("every tensor in the header was already written", path=self.path, tensor=name)
+        expected_name, dtype, shape = self._specs[self._next]
+        if name != expected_name:
+            if not any(spec[0] == name for spec in self._specs):
+                raise TensorMissingError("not in this file's header", path=self.path, tensor=name)
+            raise TensorMismatchError(f"written out of order; {expected_name} comes next", path=self.path, tensor=name)
+        if tensor.dtype != dtype:
+            raise TensorMismatchError(f"dtype is {tensor.dtype}, the header says {dtype}", path=self.path, tensor=name)
+        if tuple(tensor.shape) != shape:
+            raise TensorMismatchError(
+                f"shape is {tuple(tensor.shape)}, the header says {shape}", path=self.path, tensor=name
+            )
+        if tensor.numel():
+            data = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
+            _write_all(self._file, memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+        self._next += 1
+
+    def close(self) -> None:
+        """Verify every tensor was written, flush to disk and move the file to ``path``.
+
+        Raises:
+            TensorMissingError: some tensors were never written (the partial file is discarded).
+        """
+        if self._file is None:
+            return
+        if self._next < len(self._specs):
+            missing = [spec[0] for spec in self._specs[self._next :]]
+            self._discard()
+            raise TensorMissingError(
+                f"closed with {len(missing)} tensor(s) never written: {shorten(missing)}",
+                path=self.path,
+                tensor=missing[0],
+            )
+        try:
+            os.fsync(self._file.fileno())
+        finally:
+            self._file.close()
+            self._file = None
+        os.replace(self._temp_path, self.path)
+
+    def _discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._temp_path.unlink(missing_ok=True)
+
+
+def save_tensors(
+    path: Path, tensors: Mapping[TensorName, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Write tensors to one ``.safetensors`` file, laid out in the mapping's order.
+
+    Args:
+        path: the file to create (replaced if it exists, atomically).
+        tensors: name -> tensor.
+        metadata: the ``__metadata__`` string map, if any.
+
+    Raises:
+        InvalidOptionError: a name is ``__metadata__``, a dtype has no safetensors name, or metadata is not
+            string -> string.
+    """
+    specs = [(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors.items()]
+    with SafetensorsWriter(path, specs, metadata) as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+
+
+def write_json(path: Path, obj: object) -> None:
+    """Write ``obj`` as indented JSON (keys in insertion order, trailing newline), replacing ``path`` atomically.
+
+    Args:
+        path: the file to create or replace.
+        obj: anything ``json.dumps`` accepts.
+    """
+    path = Path(path)
+    data = (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    temp_path, file = _create_sibling(path, "deltakit-tmp")
+    try:
+        with file:
+            _write_all(file, data)
+            os.fsync(file.fileno())
+        os.replace(temp_path, path)
+    except BaseException:
+        temp_path.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def staged_output(final_path: Path, *, overwrite: bool) -> Iterator[Path]:
+    """Build an output directory in a hidden sibling and move it to ``final_path`` only when the block completes.
+
+    The staging directory is named ``.{name}.deltakit-tmp-<random>`` beside ``final_path`` (same filesystem, so
+    the final move is a rename). On success, an existing ``final_path`` (with ``overwrite``) is renamed aside,
+    the new directory renamed in, then the old one deleted: ``final_path`` always holds either the old output
+    or the complete new one. On any exception, KeyboardInterrupt and SystemExit included, the staging
+    directory is removed and the exception re-raised. Parent directories are created as needed. A process
+    killed outright (SIGKILL, power loss) can leave a staging directory behind, never a partial ``final_path``.
+
+    Args:
+        final_path: where the output directory should end up.
+        overwrite: replace an existing ``final_path``.
+
+    Yields:
+        The empty staging directory to write into.
+
+    Raises:
+        OutputExistsError: ``final_path`` exists and ``overwrite`` is false (checked before yielding, and again
+            before the final rename).
+    """
+    # abspath, not resolve: a symlink at final_path is replaced, not followed.
+    final_path = Path(os.path.abspath(final_path))
+    _refuse_existing(final_path, overwrite)
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    staging_dir = _make_sibling_dir(final_path, "deltakit-tmp")
+    try:
+        yield staging_dir
+        _refuse_existing(final_path, overwrite)
+        _fsync_dir(staging_dir)
+        _replace_dir(staging_dir, final_path)
+    except BaseException:
+        shutil.rmtree(staging_dir, ignore_errors=True)
+        raise
+
+
+def _refuse_existing(final_path: Path, overwrite: bool) -> None:
+    if not overwrite and os.path.lexists(final_path):
+        raise OutputExistsError("already exists; pass --overwrite to replace it", path=final_path)
+
+
+def _replace_dir(staging_dir: Path, final_path: Path) -> None:
+    old_path = None
+    if os.path.lexists(final_path):
+        old_path = _free_sibling_name(final_path, "deltakit-old")
+        os.rename(final_path, old_path)
+    try:
+        os.rename(staging_dir, final_path)
+    except BaseException:
+        if old_path is not None:
+            os.rename(old_path, final_path)
+        raise
+    _fsync_dir(final_path.parent)
+    if old_path is not None:
+        if old_path.is_dir() and not old_path.is_symlink():
+            shutil.rmtree(old_path)
+        else:
+            old_path.unlink()
+
+
+def _free_sibling_name(path: Path, tag: str) -> Path:
+    while True:
+        candidate = path.with_name(f".{path.name}.{tag}-{secrets.token_hex(4)}")
+        if not os.path.lexists(candidate):
+            return candidate
+
+
+def _make_sibling_dir(path: Path, tag: str) -> Path:
+    # Not tempfile.mkdtemp: its 0700 mode would end up on the final output directory.
+    while True:
+        candidate = _free_sibling_name(path, tag)
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+
+
+def _create_sibling(path: Path, tag: str) -> tuple[Path, io.FileIO]:
+    """Create a fresh hidden file beside ``path``, opened unbuffered (normal permissions, unlike mkstemp's 0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        candidate = _free_sibling_name(path, tag)
+        try:
+            return candidate, open(candidate, "xb", buffering=0)
+        except FileExistsError:
+            continue
+
+
+def _write_all(file: io.FileIO, data: bytes | memoryview) -> None:
+    # Unbuffered writes may be partial (Linux moves at most ~2 GiB per call).
+    view = memoryview(data)
+    while view:
+        written = file.write(view)
+        view = view[written:]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _encode_header(path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None) -> bytes:
+    entries: dict[str, object] = {}
+    if metadata is not None:
+        is_strings = all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+        if not is_strings:
+            raise InvalidOptionError("__metadata__ must map strings to strings", path=path)
+        entries["__metadata__"] = metadata
+    offset = 0
+    for name, dtype, shape in specs:
+        if name == "__metadata__" or name in entries:
+            raise InvalidOptionError("tensor name is reserved or repeated", path=path, tensor=name)
+        if dtype not in DTYPE_NAMES:
+            raise InvalidOptionError(f"dtype {dtype} has no safetensors name", path=path, tensor=name)
+        if not all(isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape):
+            raise InvalidOptionError(f"shape {shape} is not a tuple of non-negative integers", path=path, tensor=name)
+        nbytes = dtype.itemsize
+        for dim in shape:
+            nbytes *= dim
+        # Key order dtype, shape, data_offsets, as safetensors (serde) writes them.
+        entries[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    try:
+        header = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidOptionError(
+            f"a tensor name or metadata string is not valid Unicode ({e.reason})", path=path
+        ) from e
+    # safetensors pads the header with spaces so the data section starts 8-byte aligned.
+    return header + b" " * (-len(header) % 8)
