@@ -19,6 +19,7 @@ import torch
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import AdapterFormatError, CheckpointNotFoundError
+from .hub import ResolvedRepo, is_hub_id, resolve
 from .layers import (
     ModuleName,
     PeftKey,
@@ -80,6 +81,7 @@ class AdapterSpec:
     use_rslora: bool = False
     use_dora: bool = False
     base_model_name_or_path: str | None = None
+    revision: str | None = None  # the base's Hub commit, which PEFT's AutoPeftModel loads the base at
     task_type: str | None = None
     modules_to_save: list[ModuleName] = field(default_factory=list)
     has_base_biases: bool = False
@@ -101,6 +103,7 @@ def peft_config(factors: list[ModuleFactors], spec: AdapterSpec) -> dict:
         "peft_type": "LORA",
         "task_type": spec.task_type,
         "base_model_name_or_path": spec.base_model_name_or_path,
+        "revision": spec.revision,
         "r": spec.rank,
         "lora_alpha": spec.alpha,
         "use_rslora": spec.use_rslora,
@@ -174,8 +177,9 @@ class AdapterModule:
 class Adapter:
     """A PEFT LoRA/DoRA adapter read lazily from disk (tensors are loaded on request)."""
 
-    def __init__(self, path: Path, config: dict, weights: Checkpoint) -> None:
+    def __init__(self, path: Path, config: dict, weights: Checkpoint, source: ResolvedRepo | None = None) -> None:
         self.path = path
+        self.source = source  # the Hub repository and commit it was fetched from; None for a local directory
         self.config = config
         self.weights = weights
         self.modules: dict[ModuleName, AdapterModule] = {}
@@ -237,13 +241,17 @@ class Adapter:
 
 
 def read_adapter(path: str | Path) -> Adapter:
-    """Open a PEFT adapter directory.
+    """Open a PEFT adapter directory, or (when no such path exists) a Hub id ``org/name[@revision]``.
 
     Raises:
+        HubError, HubUnavailableError: a Hub id that cannot be resolved.
         CheckpointNotFoundError: no such directory, or no weights in it.
         AdapterFormatError: the config is missing, unreadable, or not a LoRA config.
     """
-    adapter_dir = Path(path)
+    adapter_dir, source = Path(path), None
+    if not adapter_dir.exists() and is_hub_id(path):
+        source = resolve(str(path), kind="adapter")
+        adapter_dir = source.local_dir
     config_path = adapter_dir / CONFIG_FILE
     if not config_path.is_file():
         if not adapter_dir.exists():
@@ -262,7 +270,7 @@ def read_adapter(path: str | Path) -> Adapter:
     if not weights_path.is_file():
         raise CheckpointNotFoundError(f"no {WEIGHTS_FILE} in the adapter directory", path=adapter_dir)
     try:
-        return Adapter(adapter_dir, config, open_checkpoint(weights_path))
+        return Adapter(adapter_dir, config, open_checkpoint(weights_path), source)
     except ValueError as e:
         raise AdapterFormatError(str(e), path=weights_path) from e
 

@@ -37,6 +37,7 @@ from .errors import (
     TensorMissingError,
     shorten,
 )
+from .hub import ResolvedRepo, is_hub_id, resolve
 
 TensorName = str
 
@@ -175,12 +176,15 @@ class Checkpoint:
         path: what was opened (a directory or a file).
         files: the weight files, in shard order.
         index_path: the ``*.index.json`` of a sharded checkpoint, else None.
+        source: the Hub repository and commit ``path`` was fetched from, or None for a local path.
     """
 
     def __init__(
-        self, path: Path, files: tuple[Path, ...], index_path: Path | None, headers: dict[Path, SafetensorsHeader]
+        self, path: Path, files: tuple[Path, ...], index_path: Path | None, headers: dict[Path, SafetensorsHeader],
+        source: ResolvedRepo | None = None,
     ) -> None:
         self.path = path
+        self.source = source
         self.files = files
         self.index_path = index_path
         self._headers = headers
@@ -283,7 +287,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     """Open a checkpoint directory or weights file, reading only headers.
 
     Args:
-        path: a checkpoint directory, a ``.safetensors`` file or a legacy ``.bin`` file.
+        path: a checkpoint directory, a ``.safetensors`` file, a legacy ``.bin`` file, or (when no such path
+            exists) a Hub id ``org/name[@revision]``, fetched into the huggingface_hub cache.
 
     Returns:
         The opened checkpoint; no tensor data has been read.
@@ -293,8 +298,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         CheckpointLayoutError: the files disagree (index vs shards, a tensor in two shards, several weight
             files and no index, a shard missing).
         CheckpointFormatError: a header, index or pickle is malformed or unsafe.
+        HubError, HubUnavailableError: a Hub id that cannot be resolved (see :func:`deltakit.hub.resolve`).
     """
-    ckpt_path = _resolve_local(path)
+    ckpt_path, source = _resolve_local(path)
     index_path = None
     if ckpt_path.is_dir():
         index_path, files = _find_weight_files(ckpt_path)
@@ -303,7 +309,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     else:
         raise CheckpointFormatError("not a .safetensors or .bin weights file", path=ckpt_path)
     if index_path is None:
-        return Checkpoint(ckpt_path, files, None, {file: _read_listing(file) for file in files})
+        return Checkpoint(ckpt_path, files, None, {file: _read_listing(file) for file in files}, source)
     weight_map = _read_index(index_path)
     shards = tuple(index_path.parent / name for name in sorted(set(weight_map.values())))
     for shard_path in shards:
@@ -311,15 +317,18 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             raise CheckpointLayoutError(f"listed in {index_path.name} but missing", path=shard_path)
     headers = {shard_path: _read_listing(shard_path) for shard_path in shards}
     _check_index_matches_shards(index_path, weight_map, headers)
-    return Checkpoint(ckpt_path, shards, index_path, headers)
+    return Checkpoint(ckpt_path, shards, index_path, headers, source)
 
 
-def _resolve_local(path_or_id: str | Path) -> Path:
-    """Turn what the user named into a local path (the seam where Hub ids will be resolved)."""
+def _resolve_local(path_or_id: str | Path) -> tuple[Path, ResolvedRepo | None]:
+    """What the user named as a local path: itself if it exists, else a Hub id's cached snapshot."""
     local = Path(path_or_id)
-    if not local.exists():
-        raise CheckpointNotFoundError("no such file or directory", path=local)
-    return local
+    if local.exists():
+        return local, None
+    if is_hub_id(path_or_id):
+        resolved = resolve(str(path_or_id), kind="checkpoint")
+        return resolved.local_dir, resolved
+    raise CheckpointNotFoundError("no such file or directory", path=local)
 
 
 def _find_weight_files(ckpt_dir: Path) -> tuple[Path | None, tuple[Path, ...]]:

@@ -6,14 +6,20 @@ anything else is a bug and keeps its traceback. ``--debug`` (or ``DELTAKIT_DEBUG
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
 import click
 
+from .batch import run_batch
 from .errors import DeltakitError
 from .extract import DTYPES, extract
-from .ranks import parse_rank_pattern
+from .hub import is_hub_id
+from .inspect_delta import inspect
+from .merge import merge, unmerge
+from .ranks import parse_rank, parse_rank_pattern, parse_ranks
+from .stack import stack
 
 
 def _echo_lines(lines: list[str]) -> None:
@@ -30,20 +36,45 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
+class _RankType(click.ParamType):
+    """``-r``: a positive integer or ``auto``."""
+
+    name = "INTEGER|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_rank(str(value))
+        except DeltakitError as e:
+            self.fail(str(e), param, ctx)
+
+
+def _default_out(finetuned: str, suffix: str) -> str:
+    """FINETUNED's name plus a suffix: beside a local input, in the working directory for a Hub id."""
+    if is_hub_id(finetuned):
+        return f"{finetuned.partition('@')[0].rsplit('/', 1)[-1]}{suffix}"
+    return f"{finetuned.rstrip('/')}{suffix}"
+
+
+_SVD_CHOICE = click.Choice(["auto", "exact", "randomized"])
+_DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N."
+
+
 @cli.command("extract")
 @click.argument("finetuned")
 @click.argument("base")
-@click.option("-r", "--rank", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Rank of every module (unless --energy or --rank-pattern).")
+@click.option("-r", "--rank", type=_RankType(), default=16, show_default=True,
+              help="Rank of every module, or 'auto': per module, the singular values above the noise floor.")
 @click.option("-o", "--out", help="Adapter directory to write. [default: FINETUNED name + -lora-r<rank>]")
 @click.option("--alpha", type=float, help="lora_alpha. [default: each module's rank, i.e. scaling 1]")
 @click.option("--rslora", "use_rslora", is_flag=True, help="rsLoRA scaling alpha/sqrt(r).")
-@click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True,
+@click.option("--svd", type=_SVD_CHOICE, default="auto", show_default=True,
               help="Truncated SVD route; auto picks exact for small matrices, randomized for large ones.")
 @click.option("--oversample", type=click.IntRange(min=0), help="Randomized SVD oversampling.")
 @click.option("--niter", type=click.IntRange(min=0), help="Randomized SVD power iterations.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), help="Dtype of the stored factors. [default: the base's]")
 @click.option("--include", multiple=True, help="Regex on module names to include (repeatable).")
 @click.option("--exclude", multiple=True, help="Regex on module names to exclude (repeatable).")
@@ -51,7 +82,16 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="Rank for modules matching REGEX, PEFT's rank_pattern rule; first match wins (repeatable).")
 @click.option("--energy", type=click.FloatRange(min=0, max=1, min_open=True),
               help="Per module, the smallest rank keeping this fraction of ||ΔW||².")
-@click.option("--max-rank", type=click.IntRange(min=1), help="Cap for --energy. [default: 256]")
+@click.option("--budget", help="Total size of the factors, spent where it lowers the error most: bytes (50MB, "
+              "1.5GiB), a share of the model (2%), or parameters (3Mparams, 1200000).")
+@click.option("--avg-rank", type=click.FloatRange(min=0, min_open=True),
+              help="A budget equal to a uniform adapter of this rank, allocated per module.")
+@click.option("--min-rank", type=click.IntRange(min=1), help="Floor of every module's rank under a budget. [default: 1]")
+@click.option("--max-rank", type=click.IntRange(min=1),
+              help="Cap of every module's rank with --energy, --budget, --avg-rank or --rank auto. [default: 256]")
+@click.option("--budget-weighting", type=click.Choice(["absolute", "relative"]), default="absolute",
+              show_default=True, help="Minimise the total squared error of ΔW (absolute) or the sum of each "
+              "module's squared relative error (relative).")
 @click.option("--dora", is_flag=True, help="Extract a DoRA adapter (per-row magnitude + low-rank direction).")
 @click.option("--carry/--no-carry", default=True, show_default=True,
               help="Store changed biases, norms and heads exactly in the adapter, or drop them (reported).")
@@ -61,14 +101,24 @@ def extract_command(finetuned: str, base: str, out: str | None, rank_patterns: t
                     include: tuple[str, ...], exclude: tuple[str, ...], quiet: bool, **options) -> None:
     """Extract a LoRA adapter from FINETUNED (a fully fine-tuned checkpoint) and its BASE.
 
+    Either may be a local directory, a .safetensors file, or a Hub id org/name[@revision].
+
     \b
     Example:
       deltakit extract ./llama-ft ./llama-base -r 16 -o ./llama-ft-lora-r16
       deltakit extract ft/ base/ --energy 0.9 --max-rank 128
+      deltakit extract ft/ base/ --budget 50MB
     """
+    ctx = click.get_current_context()
+    allocated = [name for name in ("energy", "budget", "avg_rank") if options[name] is not None]
+    if allocated and ctx.get_parameter_source("rank") is not click.core.ParameterSource.DEFAULT:
+        raise click.UsageError(f"--rank and --{allocated[0].replace('_', '-')} each choose the ranks; give only one")
+    if allocated:
+        options["rank"] = 16  # unused: the ranks come from the energy target or the budget
+    ranks = "budget" if options["budget"] or options["avg_rank"] else "energy" if options["energy"] else options["rank"]
     report = extract(
         finetuned, base,
-        out or f"{finetuned.rstrip('/')}-lora-r{options['rank']}",
+        out or _default_out(finetuned, f"-{'dora' if options['dora'] else 'lora'}-r{ranks}"),
         rank_pattern=[parse_rank_pattern(p) for p in rank_patterns],
         include=list(include) or None, exclude=list(exclude) or None,
         progress=not quiet,
@@ -76,6 +126,148 @@ def extract_command(finetuned: str, base: str, out: str | None, rank_patterns: t
     )
     if not quiet:
         _echo_lines(report.summary_lines())
+
+
+def _merge_options(command):
+    """The options merge and unmerge share."""
+    for decorator in reversed([
+        click.option("-o", "--out", required=True, help="Checkpoint directory to write."),
+        click.option("-w", "--weight", "weights", type=float, multiple=True,
+                     help="Weight of each adapter, in order (repeat once per adapter). [default: 1.0 each]"),
+        click.option("--dtype", type=click.Choice(sorted(DTYPES)),
+                     help="Dtype of the changed tensors. [default: each base tensor's]"),
+        click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP),
+        click.option("--dry-run", is_flag=True, help="Check everything and print which tensors change; write nothing."),
+        click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary."),
+    ]):
+        command = decorator(command)
+    return command
+
+
+@cli.command("merge")
+@click.argument("base")
+@click.argument("adapters", nargs=-1, required=True)
+@_merge_options
+def merge_command(base: str, adapters: tuple[str, ...], weights: tuple[float, ...], quiet: bool, **options) -> None:
+    """Merge one or more PEFT LoRA/DoRA ADAPTERS into BASE, streamed shard by shard.
+
+    LoRA adapters add up (order-free); DoRA adapters apply in the order given, as PEFT's merge_and_unload does.
+    The output mirrors BASE's shards, index and metadata, and keeps a receipt that lets unmerge restore BASE.
+
+    \b
+    Example:
+      deltakit merge ./llama-base ./ft-lora-r16 -o ./llama-merged
+      deltakit merge ./llama-base ./a ./b -w 1.0 -w 0.5 -o ./llama-ab
+    """
+    report = merge(base, list(adapters), weights=list(weights) or None, progress=not quiet, **options)
+    if not quiet or options["dry_run"]:
+        _echo_lines(report.summary_lines())
+
+
+@cli.command("unmerge")
+@click.argument("merged")
+@click.argument("adapters", nargs=-1, required=True)
+@_merge_options
+def unmerge_command(merged: str, adapters: tuple[str, ...], weights: tuple[float, ...], quiet: bool,
+                    **options) -> None:
+    """Take ADAPTERS back out of MERGED, a checkpoint that `deltakit merge` wrote.
+
+    With merge's receipt, DoRA and replaced tensors are restored exactly; without it, only LoRA adapters that
+    replace no tensor can be taken out.
+
+    \b
+    Example:
+      deltakit unmerge ./llama-merged ./ft-lora-r16 -o ./llama-base-again
+    """
+    report = unmerge(merged, list(adapters), weights=list(weights) or None, progress=not quiet, **options)
+    if not quiet or options["dry_run"]:
+        _echo_lines(report.summary_lines())
+
+
+@cli.command("stack")
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("-o", "--out", required=True, help="Adapter directory to write.")
+@click.option("-w", "--weight", "weights", type=float, multiple=True,
+              help="Weight of each adapter, in order (repeat once per adapter). [default: 1.0 each]")
+@click.option("--exact", is_flag=True, help="Concatenate the factors: ranks add, nothing is lost.")
+@click.option("-r", "--rank", type=click.IntRange(min=1), help="Re-truncate every module to this rank (optimal).")
+@click.option("--energy", type=click.FloatRange(min=0, max=1, min_open=True),
+              help="Re-truncate each module to the smallest rank keeping this fraction of its ||ΔW||².")
+@click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No summary.")
+def stack_command(adapters: tuple[str, ...], weights: tuple[float, ...], quiet: bool, **options) -> None:
+    """Combine LoRA ADAPTERS into one PEFT adapter whose ΔW is the weighted sum of theirs.
+
+    One of --exact, --rank or --energy. Truncation works from the factors alone, never forming a dense ΔW.
+
+    \b
+    Example:
+      deltakit stack ./math-lora ./code-lora --exact -o ./math-code
+      deltakit stack ./a ./b -w 1.0 -w 0.5 --rank 32 -o ./ab-r32
+    """
+    report = stack(list(adapters), weights=list(weights) or None, **options)
+    if not quiet:
+        _echo_lines(report.summary_lines())
+
+
+@cli.command("inspect")
+@click.argument("finetuned")
+@click.argument("base")
+@click.option("-o", "--out", help="Directory for report.json and PNG plots (plots need the 'plot' extra).")
+@click.option("--ranks", default="8,16,32,64,128,256", show_default=True,
+              help="Ranks at which energy retained is reported, comma-separated.")
+@click.option("--max-rank", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Leading singular values computed per module.")
+@click.option("--svd", type=_SVD_CHOICE, default="auto", show_default=True, help="Truncated SVD route.")
+@click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
+@click.option("--include", multiple=True, help="Regex on module names to include (repeatable).")
+@click.option("--exclude", multiple=True, help="Regex on module names to exclude (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout instead of the table.")
+@click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def inspect_command(finetuned: str, base: str, ranks: str, include: tuple[str, ...], exclude: tuple[str, ...],
+                    as_json: bool, quiet: bool, **options) -> None:
+    """Show how each weight of FINETUNED changed from BASE and which rank would keep how much.
+
+    Per module: ||ΔW||, ||ΔW||/||W0||, leading singular values, energy retained at each rank, suggested ranks
+    (energy 90%, noise floor), and the size/error frontier of uniform rank against budget allocation.
+
+    \b
+    Example:
+      deltakit inspect ./llama-ft ./llama-base -o ./llama-ft-inspect
+      deltakit inspect ft/ base/ --ranks 4,16,64 --json > report.json
+    """
+    report = inspect(finetuned, base, ranks=parse_ranks(ranks), include=list(include) or None,
+                     exclude=list(exclude) or None, progress=not quiet, **options)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        _echo_lines(report.table_lines())
+
+
+@cli.command("batch")
+@click.argument("manifest")
+@click.option("--continue-on-error", is_flag=True, help="After a job fails, run the jobs that do not depend on it.")
+@click.option("--dry-run", is_flag=True, help="Validate every job (paths, Hub ids, options); run nothing.")
+@click.option("--push", is_flag=True, help="Upload every job's output to its push_repo on the Hub.")
+@click.option("--summary", help="JSON summary file. [default: <manifest stem>.summary.json beside the manifest]")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary table.")
+def batch_command(manifest: str, quiet: bool, **options) -> None:
+    """Run the extract/merge/unmerge jobs a MANIFEST (.toml or .json) lists, skipping those already done.
+
+    A rerun after an interruption redoes only unfinished jobs; the exit code is non-zero if any job failed.
+
+    \b
+    Example:
+      deltakit batch jobs.toml
+      deltakit batch jobs.toml --continue-on-error --push
+    """
+    report = run_batch(manifest, progress=not quiet, **options)
+    if not quiet or report.error is not None:
+        _echo_lines(report.summary_lines())
+    if report.error is not None:
+        raise report.error
 
 
 def main(argv: list[str] | None = None) -> None:

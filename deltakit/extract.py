@@ -7,12 +7,16 @@ factors, whatever the model size.
 
 from __future__ import annotations
 
+import math
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from .adapter import AdapterSpec, CarriedTensor, ModuleFactors, lora_scaling, task_type_for, write_adapter
@@ -32,11 +36,25 @@ from .layers import (
     transpose_embedding_factors,
 )
 from .plan import ExtractPlan, ModulePlan, plan_extract
-from .ranks import EnergyRank, FixedRank, PatternRanks, RankPolicy
+from .ranks import (
+    BudgetRanks,
+    EnergyRank,
+    FixedRank,
+    ModuleSpectrum,
+    NoiseFloorRank,
+    PatternRanks,
+    RankPolicy,
+    Weighting,
+    adapter_params,
+    budget_for_avg_rank,
+    parse_budget,
+    predicted_squared_error,
+)
 from .report import ExtractReport, ModuleReport, TensorFate, command_line, model_card
-from .writer import staged_output, write_json
+from .writer import save_tensors, staged_output, write_json
 
 REPORT_FILE = "extract_report.json"
+_SPILL_DIR = ".svd-spill"  # inside the staging directory, removed before it is renamed into place
 # DoRA's projected fit is tried where per-row rescaling of the base explains ≥ 10% of ‖ΔW‖² (see _fit_dora).
 _PROJECTED_FIT_GAIN = 0.9
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -55,16 +73,59 @@ class SvdOptions:
         return truncated_svd(matrix, rank, method=self.method, seed=self.seed, device=device, **extra)
 
 
+@dataclass(frozen=True)
+class BudgetRequest:
+    """A budget as asked for (``--budget`` text or ``--avg-rank``); its size in parameters is known only once
+    the changed modules are (a percentage needs the model size, an average rank the modules' shapes)."""
+
+    budget: str | None
+    avg_rank: float | None
+    min_rank: int
+    max_rank: int
+    weighting: Weighting
+
+    def compute_rank(self, module: str, out_in: tuple[int, int]) -> int:
+        return self.max_rank  # phase 1 computes this many triplets; the allocation picks from them
+
+    def params(self, model_params: int, bytes_per_param: int, out_ins: list[tuple[int, int]]) -> int:
+        if self.avg_rank is not None:
+            return budget_for_avg_rank(self.avg_rank, out_ins)
+        return parse_budget(self.budget, model_params=model_params, bytes_per_param=bytes_per_param)
+
+    def describe(self) -> str:
+        return f"--avg-rank {self.avg_rank:g}" if self.avg_rank is not None else f"--budget {self.budget}"
+
+
 def rank_policy(
-    rank: int, energy: float | None, max_rank: int | None, rank_pattern: list[tuple[str, int]] | None
-) -> RankPolicy:
-    """The policy the extract options describe: fixed rank, or an energy target capped at max_rank, with
-    per-module pattern overrides on top."""
-    policy: RankPolicy = FixedRank(rank)
+    rank: int | Literal["auto"], energy: float | None, max_rank: int | None,
+    rank_pattern: list[tuple[str, int]] | None, *, budget: str | None = None, avg_rank: float | None = None,
+    min_rank: int | None = None, budget_weighting: Weighting = "absolute",
+) -> RankPolicy | BudgetRequest:
+    """The policy the extract options describe: a fixed rank, ``auto`` (noise floor), an energy target, or a
+    global budget; the last three capped at ``max_rank``. Pattern overrides apply on top of all but a budget."""
+    given = [name for name, present in (("--energy", energy is not None), ("--budget", budget is not None),
+                                        ("--avg-rank", avg_rank is not None), ("--rank auto", rank == "auto"))
+             if present]
+    if len(given) > 1:
+        raise InvalidOptionError(f"{' and '.join(given)} each choose the ranks; give only one")
+    cap = max_rank if max_rank is not None else 256
+    if budget is not None or avg_rank is not None:
+        if rank_pattern:
+            raise InvalidOptionError(f"{given[0]} allocates every module's rank; it cannot be combined with "
+                                     "--rank-pattern (use --include/--exclude, --min-rank, --max-rank)")
+        request = BudgetRequest(budget, avg_rank, min_rank or 1, cap, budget_weighting)
+        BudgetRanks(1, request.min_rank, request.max_rank, request.weighting)  # checks the bounds now
+        return request
+    if min_rank is not None:
+        raise InvalidOptionError("--min-rank only applies with --budget or --avg-rank")
     if energy is not None:
-        policy = EnergyRank(energy, max_rank if max_rank is not None else 256)
+        policy: RankPolicy = EnergyRank(energy, cap)
+    elif rank == "auto":
+        policy = NoiseFloorRank(cap)
     elif max_rank is not None:
-        raise InvalidOptionError("--max-rank only applies with --energy")
+        raise InvalidOptionError("--max-rank only applies with --energy, --budget, --avg-rank or --rank auto")
+    else:
+        policy = FixedRank(rank)
     return PatternRanks(tuple(rank_pattern), policy) if rank_pattern else policy
 
 
@@ -93,9 +154,36 @@ def _lora_factors(
     return ModuleFactors(module, kind, a.to(dtype), b.to(dtype), module_alpha, scaling)
 
 
+@dataclass
+class _Deferred:
+    """A module factorized before its rank is known (under a budget): its SVD spilled to disk, its singular
+    values kept for the allocation, its report row to be completed. ``tied_to`` marks a tied head, whose
+    factors will be its embedding's, transposed."""
+
+    module: str
+    kind: WeightKind
+    dtype: torch.dtype
+    report: ModuleReport | None
+    spill: Path | None = None
+    spectrum: ModuleSpectrum | None = None
+    method: str = ""
+    residual_energy: float | None = None
+    tied_to: _Deferred | None = None
+
+    def load(self) -> TruncatedSVD:
+        tensors = load_file(self.spill)
+        return TruncatedSVD(tensors["u"], tensors["s"], tensors["vh"], self.spectrum.total_energy, self.method,
+                            self.residual_energy)
+
+
+def _transposed_for_head(embedding: ModuleFactors, head: str) -> ModuleFactors:
+    a, b = transpose_embedding_factors(embedding.a, embedding.b)
+    return ModuleFactors(head, WeightKind.LINEAR, a, b, embedding.alpha, embedding.scaling)
+
+
 @dataclass(frozen=True)
 class _Options:
-    policy: RankPolicy
+    policy: RankPolicy | BudgetRequest
     svd: SvdOptions
     device: torch.device
     alpha: float | None
@@ -114,7 +202,8 @@ class _Extraction:
         self.policy, self.svd, self.device = options.policy, options.svd, options.device
         self.alpha, self.use_rslora, self.dtype = options.alpha, options.use_rslora, options.dtype
         self.carry, self.dora = options.carry, options.dora
-        self.factors: list[ModuleFactors] = []
+        self.factors: list[ModuleFactors | _Deferred] = []
+        self.spill_dir: Path | None = None  # under a budget: where phase 1 keeps each module's SVD
         self.carried: list[CarriedTensor] = []
         self.modules_to_save: list[str] = []
 
@@ -145,7 +234,10 @@ class _Extraction:
         out_in = out_in_shape(stored_shape, plan.kind)
         wanted = self.policy.compute_rank(plan.module, out_in)
         compute_rank = min(wanted, min(out_in))
-        note = f"rank {wanted} > min(out, in) = {min(out_in)}: clamped" if wanted > min(out_in) else None
+        # Only a rank the user asked for is worth a note; energy, auto and budget treat theirs as a cap.
+        asked = isinstance(self.policy, FixedRank) or isinstance(self.policy, PatternRanks) and (
+            self.policy.override(plan.module) is not None or isinstance(self.policy.default, FixedRank))
+        note = f"rank {wanted} > min(out, in) = {min(out_in)}: clamped" if asked and wanted > min(out_in) else None
         dtype = self.dtype or self.base.info(weight).dtype
         delta = ft_m - base_m
         _check_finite(delta, weight, self.finetuned.path)
@@ -156,7 +248,14 @@ class _Extraction:
             del base_m, ft_m
             svd = self.svd.run(delta, compute_rank, self.device)
             del delta
-            rank = max(1, self.policy.choose(plan.module, svd.s, svd.total_energy))
+            if isinstance(self.policy, BudgetRequest):
+                row = ModuleReport(module=plan.module, kind=plan.kind.value, shape=stored_shape, rank=0,
+                                   relative_error=1.0, energy_retained=0.0, delta_norm=delta_norm,
+                                   seconds=time.perf_counter() - started, method=svd.method, note=note)
+                self.factors.append(self._spill(plan, svd, out_in, dtype, row))
+                self.report.modules.append(row)
+                return True
+            rank = max(1, self.policy.choose(plan.module, svd.s, svd.total_energy, out_in))
             factors = _lora_factors(svd, rank, self.alpha, self.use_rslora, plan.module, plan.kind, dtype)
             metrics = {"relative_error": svd.relative_error(rank), "energy_retained": svd.energy_retained(rank),
                        "method": svd.method}
@@ -166,6 +265,52 @@ class _Extraction:
             delta_norm=delta_norm, seconds=time.perf_counter() - started, note=note, **metrics,
         ))
         return True
+
+    def _spill(self, plan: ModulePlan, svd: TruncatedSVD, out_in: tuple[int, int], dtype: torch.dtype,
+               row: ModuleReport) -> _Deferred:
+        """Phase 1 of a budget: keep the singular values in memory and the vectors on disk, so memory stays
+        bounded by one module however many modules there are."""
+        path = self.spill_dir / f"{sum(isinstance(f, _Deferred) for f in self.factors):06d}.safetensors"
+        save_tensors(path, {"u": svd.u.cpu().contiguous(), "s": svd.s.cpu(), "vh": svd.vh.cpu().contiguous()})
+        spectrum = ModuleSpectrum(plan.module, out_in, svd.s.cpu(), svd.total_energy)
+        return _Deferred(plan.module, plan.kind, dtype, row, path, spectrum, svd.method, svd.residual_energy)
+
+    def allocate_budget(self, model_params: int, bytes_per_param: int) -> dict:
+        """Phase 2 of a budget: choose every module's rank from the spilled spectra at once, then cut each
+        module's factors from its stored SVD (no second SVD). Returns the budget's part of the report."""
+        request: BudgetRequest = self.policy
+        pending = [f for f in self.factors if isinstance(f, _Deferred) and f.tied_to is None]
+        spectra = [d.spectrum for d in pending]
+        params = request.params(model_params, bytes_per_param, [s.out_in for s in spectra])
+        allocator = BudgetRanks(params, request.min_rank, request.max_rank, request.weighting)
+        ranks = allocator.allocate(spectra) if spectra else []
+        built: dict[int, ModuleFactors] = {}
+        for deferred, rank in zip(pending, ranks):
+            started = time.perf_counter()
+            svd = deferred.load()
+            built[id(deferred)] = _lora_factors(svd, rank, self.alpha, self.use_rslora, deferred.module,
+                                                deferred.kind, deferred.dtype)
+            row = deferred.report
+            row.rank, row.relative_error, row.energy_retained = rank, svd.relative_error(rank), svd.energy_retained(rank)
+            row.seconds += time.perf_counter() - started
+        for i, entry in enumerate(self.factors):
+            if isinstance(entry, _Deferred):
+                if entry.tied_to is None:
+                    self.factors[i] = built[id(entry)]
+                else:
+                    self.factors[i] = _transposed_for_head(built[id(entry.tied_to)], entry.module)
+        total = sum(s.total_energy for s in spectra)
+        predicted = predicted_squared_error(spectra, ranks)
+        return {
+            "requested": request.describe(),
+            "params": params,
+            "params_used": adapter_params(ranks, [s.out_in for s in spectra]),
+            "bytes_per_param": bytes_per_param,
+            "weighting": request.weighting,
+            "min_rank": request.min_rank,
+            "max_rank": request.max_rank,
+            "predicted_relative_error": (predicted / total) ** 0.5 if total > 0 else 0.0,
+        }
 
     def _fit_dora(self, plan: ModulePlan, base_m: torch.Tensor, ft_m: torch.Tensor, delta: torch.Tensor,
                   compute_rank: int, dtype: torch.dtype) -> tuple[ModuleFactors, dict]:
@@ -183,7 +328,7 @@ class _Extraction:
         del residual
         plain = self.svd.run(delta, min(compute_rank + 1, min(delta.shape)), self.device)
         fits.append((plain, None))
-        rank = max(1, self.policy.choose(plan.module, fits[0][0].s, fits[0][0].total_energy))
+        rank = max(1, self.policy.choose(plan.module, fits[0][0].s, fits[0][0].total_energy, delta.shape))
         rank = min(rank, len(plain.s))
         best: tuple[float, ModuleFactors, str] | None = None
         for svd, row_scale in fits:
@@ -204,11 +349,13 @@ class _Extraction:
             "lora_relative_error_same_params": plain.relative_error(min(rank + 1, len(plain.s))),
         }
 
-    def _tied_head_factors(self, embedding: ModuleFactors, tied: TiedHead) -> None:
+    def _tied_head_factors(self, embedding: ModuleFactors | _Deferred, tied: TiedHead) -> None:
         """The tied head sees the embedding's delta too: store the same factors, transposed, as its Linear LoRA
         (PEFT's ensure_weight_tying shares them for an ``lm_head``; other heads get their own copy)."""
-        a, b = transpose_embedding_factors(embedding.a, embedding.b)
-        self.factors.append(ModuleFactors(tied.head, WeightKind.LINEAR, a, b, embedding.alpha, embedding.scaling))
+        if isinstance(embedding, _Deferred):
+            self.factors.append(_Deferred(tied.head, WeightKind.LINEAR, embedding.dtype, None, tied_to=embedding))
+        else:
+            self.factors.append(_transposed_for_head(embedding, tied.head))
         self.report.notes.append(f"{tied.head} is tied to {tied.embedding}: the embedding's factors are stored "
                                  f"for it too, transposed")
 
@@ -286,12 +433,25 @@ class _Extraction:
             self._carry_tensor(n, saved_module_key(n), reason)
 
 
+def _factor_bytes_per_param(dtype: str | None, plan: ExtractPlan, base: Checkpoint) -> int:
+    """Bytes per stored factor element: the --dtype asked for, else the commonest dtype of the weights."""
+    if dtype is not None:
+        return DTYPES[dtype].itemsize
+    dtypes = Counter(base.info(p.weight).dtype for p in plan.modules if p.weight is not None and p.weight in base)
+    return dtypes.most_common(1)[0][0].itemsize if dtypes else 4
+
+
+def _input_name(given: str | Path, ckpt: Checkpoint) -> str:
+    """How the report and the adapter config name an input: the path as given, or the bare Hub repo id."""
+    return ckpt.source.repo_id if ckpt.source else str(given)
+
+
 def extract(
     finetuned: str | Path,
     base: str | Path,
     out: str | Path,
     *,
-    rank: int = 16,
+    rank: int | Literal["auto"] = 16,
     alpha: float | None = None,
     use_rslora: bool = False,
     svd: SvdMethod = "auto",
@@ -304,7 +464,11 @@ def extract(
     exclude: list[str] | None = None,
     rank_pattern: list[tuple[str, int]] | None = None,
     energy: float | None = None,
+    budget: str | None = None,
+    avg_rank: float | None = None,
+    min_rank: int | None = None,
     max_rank: int | None = None,
+    budget_weighting: Weighting = "absolute",
     dora: bool = False,
     carry: bool = True,
     overwrite: bool = False,
@@ -313,9 +477,10 @@ def extract(
     """Extract a LoRA adapter ΔW ≈ scaling·B@A from a fine-tuned checkpoint and its base.
 
     Args:
-        finetuned, base: checkpoint directories or ``.safetensors`` files.
+        finetuned, base: checkpoint directories, ``.safetensors`` files, or Hub ids ``org/name[@revision]``.
         out: the adapter directory to create (written to a staging sibling, renamed into place at the end).
-        rank: rank of every module unless ``energy`` or ``rank_pattern`` say otherwise.
+        rank: rank of every module unless ``energy``, a budget or ``rank_pattern`` say otherwise; ``"auto"``:
+            per module, the singular values above the estimated noise floor (:func:`deltakit.ranks.noise_floor`).
         alpha: ``lora_alpha``; default: each module's rank (scaling 1).
         use_rslora: scaling = alpha/√r instead of alpha/r.
         svd: ``exact``, ``randomized`` or ``auto``; ``oversample``/``niter``/``seed`` tune the randomized route.
@@ -324,6 +489,15 @@ def extract(
         include, exclude: regexes (``re.search``) on module names selecting what goes into the adapter.
         rank_pattern: (regex, rank) overrides, matched the way PEFT matches ``rank_pattern`` keys.
         energy: keep the smallest rank holding this fraction of ‖ΔW‖², at most ``max_rank`` (default 256).
+        budget: the total size of the factors (``50MB``, ``2%`` of the model, ``3Mparams``; see
+            :func:`deltakit.ranks.parse_budget`), allocated across modules to minimise the total squared error
+            (:class:`deltakit.ranks.BudgetRanks`). Each module's SVD is computed once, at ``max_rank``, spilled
+            to disk, and cut to its allocated rank afterwards.
+        avg_rank: a budget equal to the size of a uniform adapter of this rank over the changed modules.
+        min_rank, max_rank: bounds of every module's rank under a budget; ``max_rank`` also caps ``energy`` and
+            ``rank="auto"``.
+        budget_weighting: ``absolute`` (total squared error of ΔW) or ``relative`` (sum of each module's squared
+            relative error).
         dora: extract a DoRA adapter (magnitude + low-rank direction, PEFT's ``use_dora``) instead of LoRA.
         carry: store changed tensors that are not factorized (biases, norms, heads) exactly; False drops them
             (each is listed in the report either way).
@@ -341,25 +515,41 @@ def extract(
     out_dir = Path(out)
     if dtype is not None and dtype not in DTYPES:
         raise InvalidOptionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    policy = rank_policy(rank, energy, max_rank, rank_pattern)
+    policy = rank_policy(rank, energy, max_rank, rank_pattern, budget=budget, avg_rank=avg_rank,
+                         min_rank=min_rank, budget_weighting=budget_weighting)
+    if dora and isinstance(policy, BudgetRequest):
+        raise InvalidOptionError("--budget/--avg-rank with --dora is not supported: DoRA's fit changes the spectrum "
+                                 "the allocation needs; use --rank, --energy or --rank auto with --dora")
     math_device = resolve_device(device)
     ft_ckpt, base_ckpt = open_checkpoint(finetuned), open_checkpoint(base)
     plan = plan_extract(ft_ckpt, base_ckpt, include=include, exclude=exclude)
+    model_params = sum(math.prod(info.shape) for info in base_ckpt.tensors.values())
+    bytes_per_param = _factor_bytes_per_param(dtype, plan, base_ckpt)
+    if isinstance(policy, BudgetRequest) and policy.budget is not None:
+        parse_budget(policy.budget, model_params=model_params, bytes_per_param=bytes_per_param)  # fail before work
 
     options = {
         "rank": rank, "alpha": alpha, "use_rslora": use_rslora, "svd": svd, "oversample": oversample,
         "niter": niter, "seed": seed, "device": str(math_device), "dtype": dtype, "include": include,
         "exclude": exclude, "rank_pattern": [list(p) for p in rank_pattern or []], "energy": energy,
-        "max_rank": max_rank, "dora": dora, "carry": carry,
+        "budget": budget, "avg_rank": avg_rank, "min_rank": min_rank, "max_rank": max_rank,
+        "budget_weighting": budget_weighting if isinstance(policy, BudgetRequest) else None, "dora": dora,
+        "carry": carry,
     }
-    report = ExtractReport(str(finetuned), str(base), str(out_dir), options, command=command_line())
+    report = ExtractReport(
+        _input_name(finetuned, ft_ckpt), _input_name(base, base_ckpt), str(out_dir), options, command=command_line(),
+        finetuned_revision=ft_ckpt.source.commit_hash if ft_ckpt.source else None,
+        base_revision=base_ckpt.source.commit_hash if base_ckpt.source else None)
     for name in plan.only_in_base:
         report.tensors.append(TensorFate(name, "only-in-base", "not in the fine-tuned checkpoint; left as in the base"))
     run = _Extraction(ft_ckpt, base_ckpt, plan, report, _Options(
         policy, SvdOptions(svd, oversample, niter, seed), math_device, alpha, use_rslora,
         DTYPES[dtype] if dtype else None, carry, dora))
 
-    with staged_output(out_dir, overwrite=overwrite) as staging_dir:
+    with staged_output(out_dir, overwrite=overwrite, inputs=[ft_ckpt.path, base_ckpt.path]) as staging_dir:
+        if isinstance(policy, BudgetRequest):
+            run.spill_dir = staging_dir / _SPILL_DIR
+            run.spill_dir.mkdir()
         total = sum(ft_ckpt.info(n).nbytes for p in plan.modules for n in p.tensors)
         with tqdm(total=total, unit="B", unit_scale=True, desc="extract", disable=not progress,
                   dynamic_ncols=True) as bar:
@@ -368,6 +558,9 @@ def extract(
                 bar.update(sum(ft_ckpt.info(n).nbytes for n in module_plan.tensors))
                 bar.set_postfix_str(f"{i + 1}/{len(plan.modules)} modules", refresh=False)
             run.run_tied_bias()
+        if isinstance(policy, BudgetRequest):
+            report.budget = run.allocate_budget(model_params, bytes_per_param)
+            shutil.rmtree(run.spill_dir)
         if not run.factors and not run.carried:
             raise NothingToExtractError(
                 "the fine-tuned checkpoint is identical to its base"
@@ -375,13 +568,14 @@ def extract(
                 path=ft_ckpt.path,
             )
         ranks = Counter(f.rank for f in run.factors)
-        spec_rank = ranks.most_common(1)[0][0] if ranks else rank
+        spec_rank = ranks.most_common(1)[0][0] if ranks else rank if isinstance(rank, int) else 1
         spec = AdapterSpec(
             rank=spec_rank,
             alpha=float(alpha if alpha is not None else spec_rank),
             use_rslora=use_rslora,
             use_dora=dora,
-            base_model_name_or_path=str(base),
+            base_model_name_or_path=report.base,
+            revision=report.base_revision,
             task_type=task_type_for((ft_ckpt.config or {}).get("architectures")),
             modules_to_save=run.modules_to_save,
             has_base_biases=any(c.key.endswith(".base_layer.bias") for c in run.carried),

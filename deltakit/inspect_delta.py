@@ -307,7 +307,7 @@ def inspect(
 
     report.seconds = time.perf_counter() - started  # the measurement, not the writing
     if out is not None:
-        with staged_output(Path(out), overwrite=overwrite) as staging_dir:
+        with staged_output(Path(out), overwrite=overwrite, inputs=[ft_ckpt.path, base_ckpt.path]) as staging_dir:
             if plots.is_available():
                 report.plots = [p.name for p in plots.write_plots(report, staging_dir)]
             else:

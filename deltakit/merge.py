@@ -743,7 +743,7 @@ def merge(
         return report
 
     hashes = [adapter_hash(a) for a in opened]
-    with staged_output(out_dir, overwrite=overwrite) as staging_dir:
+    with staged_output(out_dir, overwrite=overwrite, inputs=[ckpt.path, *(a.path for a in opened)]) as staging_dir:
         receipt_dir = staging_dir / RECEIPT_DIR
         receipt_dir.mkdir()
         specs = _receipt_specs(ckpt, jobs)
@@ -863,7 +863,7 @@ def unmerge(
         _copy_other_files(ckpt, None, out_dtype, report)
         return report
 
-    with staged_output(out_dir, overwrite=overwrite) as staging_dir:
+    with staged_output(out_dir, overwrite=overwrite, inputs=[ckpt.path, *(a.path for a in ordered)]) as staging_dir:
         _run(ckpt, jobs, staging_dir, weights=weights, dtype=out_dtype, device=math_device, adapters=ordered,
              report=report, receipt_writer=None, receipt=receipt, progress=progress)
         _write_index(ckpt, staging_dir, out_dtype)

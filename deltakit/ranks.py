@@ -209,19 +209,19 @@ class PatternRanks:
             if rank < 1:
                 raise InvalidOptionError(f"rank pattern {pattern!r}: rank must be at least 1, got {rank}")
 
-    def _override(self, module: ModuleName) -> int | None:
+    def override(self, module: ModuleName) -> int | None:
         for pattern, rank in self.patterns:
             if matches_peft_pattern(pattern, module):
                 return rank
         return None
 
     def compute_rank(self, module: ModuleName, out_in: tuple[int, int]) -> int:
-        rank = self._override(module)
+        rank = self.override(module)
         return rank if rank is not None else self.default.compute_rank(module, out_in)
 
     def choose(self, module: ModuleName, s: torch.Tensor, total_energy: float,
                out_in: tuple[int, int] | None = None) -> int:
-        rank = self._override(module)
+        rank = self.override(module)
         return min(rank, len(s)) if rank is not None else self.default.choose(module, s, total_energy, out_in)
 
 

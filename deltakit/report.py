@@ -41,9 +41,11 @@ class TensorFate:
 @dataclass
 class ExtractReport:
     finetuned: str
-    base: str
+    base: str  # a local path, or a bare Hub repo id (what PEFT's base_model_name_or_path wants)
     out: str
     options: dict
+    finetuned_revision: str | None = None  # the Hub commit an input was fetched at; None for a local path
+    base_revision: str | None = None
     modules: list[ModuleReport] = field(default_factory=list)
     tensors: list[TensorFate] = field(default_factory=list)
     unchanged: int = 0  # tensors identical in both checkpoints
@@ -51,6 +53,7 @@ class ExtractReport:
     seconds: float = 0.0
     command: str = ""
     notes: list[str] = field(default_factory=list)
+    budget: dict | None = None  # under --budget/--avg-rank: asked, allowed, used, predicted error
 
     def fates(self, fate: str) -> list[TensorFate]:
         return [t for t in self.tensors if t.fate == fate]
@@ -86,7 +89,9 @@ class ExtractReport:
     def to_json(self) -> dict:
         return {
             "finetuned": self.finetuned,
+            "finetuned_revision": self.finetuned_revision,
             "base": self.base,
+            "base_revision": self.base_revision,
             "out": self.out,
             "command": self.command,
             "options": self.options,
@@ -101,6 +106,7 @@ class ExtractReport:
                 "seconds": round(self.seconds, 3),
                 **self.error_summary(),
             },
+            "budget": self.budget,
             "notes": self.notes,
             "modules": [asdict(m) for m in self.modules],
             "tensors": [asdict(t) for t in self.tensors],
@@ -115,6 +121,7 @@ class ExtractReport:
             f"wrote {self.out}",
             f"  modules factorized : {len(self.modules)}  rank {rank_text}",
             f"  adapter size       : {format_bytes(self.adapter_bytes)}",
+            *([f"  budget             : {budget_text(self.budget)}"] if self.budget else []),
             f"  relative error     : mean {s['mean_relative_error']:.4f}, worst {s['max_relative_error']:.4f}"
             + (f" ({s['max_relative_error_module']})" if self.modules else ""),
             f"  energy retained    : {s['energy_retained']:.4f}",
@@ -137,6 +144,13 @@ class ExtractReport:
         return lines
 
 
+def budget_text(budget: dict) -> str:
+    """One line: what was asked, what it allows, what was used, and the error the allocation predicts."""
+    return (f"{budget['requested']} = {budget['params']:,} factor parameters, {budget['params_used']:,} used "
+            f"({budget['weighting']} error, ranks {budget['min_rank']}–{budget['max_rank']}); predicted total "
+            f"relative error {budget['predicted_relative_error']:.4f}")
+
+
 def format_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -147,6 +161,10 @@ def format_bytes(n: float) -> str:
 
 def command_line() -> str:
     return shlex.join(["deltakit", *sys.argv[1:]]) if sys.argv and "deltakit" in sys.argv[0] else ""
+
+
+def _at(revision: str | None) -> str:
+    return f" (Hub commit `{revision}`)" if revision else ""
 
 
 def model_card(report: ExtractReport) -> str:
@@ -163,14 +181,15 @@ def model_card(report: ExtractReport) -> str:
         "",
         f"# {'DoRA' if dora else 'LoRA'} adapter extracted with deltakit",
         "",
-        f"Extracted from the fully fine-tuned `{report.finetuned}` against its base `{report.base}`: "
-        "ΔW = W_ft − W_base, truncated with SVD.",
+        f"Extracted from the fully fine-tuned `{report.finetuned}`{_at(report.finetuned_revision)} against its base "
+        f"`{report.base}`{_at(report.base_revision)}: ΔW = W_ft − W_base, truncated with SVD.",
         "",
         "| | |",
         "|---|---|",
         f"| modules factorized | {len(report.modules)} |",
         f"| rank | {', '.join(map(str, ranks)) or '–'} |",
         f"| adapter size | {format_bytes(report.adapter_bytes)} |",
+        *([f"| budget | {budget_text(report.budget)} |"] if report.budget else []),
         f"| mean relative error of ΔW | {s['mean_relative_error']:.4f} |",
         f"| worst relative error of ΔW | {s['max_relative_error']:.4f} |",
         f"| energy of ΔW retained | {s['energy_retained']:.4f} |",
@@ -186,7 +205,8 @@ def model_card(report: ExtractReport) -> str:
         "```python",
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM",
-        f"base = AutoModelForCausalLM.from_pretrained({report.base!r})",
+        f"base = AutoModelForCausalLM.from_pretrained({report.base!r}"
+        + (f", revision={report.base_revision!r})" if report.base_revision else ")"),
         f"model = PeftModel.from_pretrained(base, {report.out!r})",
         "```",
         "",

@@ -275,7 +275,7 @@ def stack(
         has_base_biases=any(c.key.endswith(".base_layer.bias") for c in carried),
         ensure_weight_tying=any(a.config.get("ensure_weight_tying", False) for a in opened),
     )
-    with staged_output(Path(out), overwrite=overwrite) as staging_dir:
+    with staged_output(Path(out), overwrite=overwrite, inputs=[a.path for a in opened]) as staging_dir:
         report.adapter_bytes = write_adapter(staging_dir, stacked, carried, spec)
         report.seconds = time.perf_counter() - started
         write_json(staging_dir / REPORT_FILE, report.to_json())

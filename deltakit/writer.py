@@ -184,7 +184,7 @@ def write_json(path: Path, obj: object) -> None:
 
 
 @contextmanager
-def staged_output(final_path: Path, *, overwrite: bool) -> Iterator[Path]:
+def staged_output(final_path: Path, *, overwrite: bool, inputs: Sequence[Path] = ()) -> Iterator[Path]:
     """Build an output directory in a hidden sibling and move it to ``final_path`` only when the block completes.
 
     The staging directory is named ``.{name}.deltakit-tmp-<random>`` beside ``final_path`` (same filesystem, so
@@ -197,6 +197,8 @@ def staged_output(final_path: Path, *, overwrite: bool) -> Iterator[Path]:
     Args:
         final_path: where the output directory should end up.
         overwrite: replace an existing ``final_path``.
+        inputs: the files or directories the output is made from; ``final_path`` may not be one of them, lie
+            inside one, or contain one (replacing it would delete an input).
 
     Yields:
         The empty staging directory to write into.
@@ -204,9 +206,11 @@ def staged_output(final_path: Path, *, overwrite: bool) -> Iterator[Path]:
     Raises:
         OutputExistsError: ``final_path`` exists and ``overwrite`` is false (checked before yielding, and again
             before the final rename).
+        InvalidOptionError: ``final_path`` overlaps an input.
     """
     # abspath, not resolve: a symlink at final_path is replaced, not followed.
     final_path = Path(os.path.abspath(final_path))
+    refuse_overlap(final_path, inputs)
     _refuse_existing(final_path, overwrite)
     final_path.parent.mkdir(parents=True, exist_ok=True)
     staging_dir = _make_sibling_dir(final_path, "deltakit-tmp")
@@ -218,6 +222,18 @@ def staged_output(final_path: Path, *, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging_dir, ignore_errors=True)
         raise
+
+
+def refuse_overlap(final_path: Path, inputs: Sequence[Path]) -> None:
+    """Raise InvalidOptionError if ``final_path`` is an input, lies inside one, or contains one."""
+    # resolve() on both sides: a symlinked output or input must not hide that they are the same place.
+    out = final_path.resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if out == source or source in out.parents:
+            raise InvalidOptionError(f"the output is, or is inside, the input {given}; choose another --out", path=final_path)
+        if out in source.parents:
+            raise InvalidOptionError(f"the output contains the input {given}; choose another --out", path=final_path)
 
 
 def _refuse_existing(final_path: Path, overwrite: bool) -> None:

@@ -24,6 +24,7 @@ from deltakit.checkpoint import (
     read_safetensors_header,
 )
 from deltakit.errors import (
+    HubUnavailableError,
     CheckpointFormatError,
     CheckpointLayoutError,
     CheckpointNotFoundError,
@@ -315,7 +316,8 @@ def test_nonexistent_path(tmp_path):
     with pytest.raises(CheckpointNotFoundError) as caught:
         open_checkpoint(tmp_path / "nope")
     assert caught.value.path == tmp_path / "nope"
-    with pytest.raises(CheckpointNotFoundError):
+    # A name of the form org/name that is not a local path is a Hub id; offline and uncached, it says both.
+    with pytest.raises(HubUnavailableError, match="not a local path"):
         open_checkpoint("org/not-a-local-path")
 
 

@@ -212,7 +212,9 @@ def test_peak_memory_is_bounded_by_tensor_size_not_model_size(tmp_path):
         ft[f"model.layers.{i}.mlp.up_proj.weight"] = w0 + 0.01 * torch.randn(1024, 1024, generator=gen)
     base_dir, ft_dir = write_safetensors_pair(tmp_path, base, ft, shards=4)
     del base, ft
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    # glibc raises its mmap threshold (up to 32 MB) after big frees, so 4 MB buffers would come from a
+    # fragmenting heap; a fixed threshold gives them the mmap treatment that real LLM tensors (> 32 MB) get.
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
     result = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(ft_dir), str(base_dir), str(tmp_path / "a")],
                             capture_output=True, text=True, check=True, env=env)
     peak = int(result.stdout.strip().splitlines()[-1])

@@ -143,3 +143,17 @@ def test_bf16_sharded_checkpoint_extracts_and_loads(llama_pair_bf16_sharded, tmp
     got = logits(_peft_model(pair, tmp_path / "a"), INPUT_IDS)
     # bf16 factors of a full-rank delta: the rounding of B and A is what remains.
     assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+@pytest.mark.parametrize("pair_name", ["llama_pair", "llama_tied_pair", "gpt2_pair"])
+def test_budget_adapter_loads_in_peft_with_its_per_module_ranks(pair_name, request, tmp_path):
+    """A budget gives every module its own rank; rank_pattern must carry each one to PEFT, tied heads included."""
+    pair = request.getfixturevalue(pair_name)
+    report = deltakit.extract(pair.ft_dir, pair.base_dir, tmp_path / "a", avg_rank=3, alpha=4.0)
+    assert len({m.rank for m in report.modules}) > 1  # the allocation is not uniform on a real fine-tune
+    model = _peft_model(pair, tmp_path / "a")
+    for m in report.modules:
+        assert model.get_submodule(f"base_model.model.{m.module}").r["default"] == m.rank, m.module
+    got = logits(model, INPUT_IDS)
+    expected = logits(_apply_directly(pair, tmp_path / "a"), INPUT_IDS)
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)

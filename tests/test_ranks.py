@@ -417,7 +417,6 @@ def test_avg_rank_budget_is_the_uniform_rank_size():
 # ------------------------------------------------------------------------------------------------ end to end
 
 
-@pytest.mark.xfail(reason="extract integration pending", strict=False)
 def test_extract_with_a_budget_beats_uniform_rank_at_equal_size(tmp_path):
     """extract(budget=...) spends at most the budget and reproduces ΔW better than a uniform rank of that size."""
     import deltakit
