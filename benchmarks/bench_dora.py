@@ -26,12 +26,7 @@ import deltakit  # noqa: E402
 
 def _pair(workdir: Path) -> tuple[Path, Path]:
     torch.manual_seed(0)
-    model = quickstart.ToyLlama(dim=256, layers=2, heads=4, hidden=512)
-    quickstart.train(model, quickstart.PLUS, steps=300, lr=3e-3, seed=0)
-    quickstart.save(model, workdir / "base")
-    quickstart.train(model, quickstart.TIMES, steps=400, lr=2e-3, seed=1)
-    quickstart.save(model, workdir / "finetuned")
-    return workdir / "finetuned", workdir / "base"
+    return quickstart.train_pair(quickstart.ToyLlama(dim=256, layers=2, heads=4, hidden=512), workdir)
 
 
 def _timed_extract(ft: Path, base: Path, out: Path, repeat: int, **options) -> tuple[float, deltakit.ExtractReport]:

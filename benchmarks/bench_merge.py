@@ -1,11 +1,13 @@
 """Wall time and peak memory of ``deltakit merge`` vs a plain ``cp -r`` of the base vs PEFT's merge path.
 
 Builds (unless given) a sharded llama-shaped bf16 checkpoint of about ``--size-gb`` GB (hidden 2048, intermediate
-5632, vocabulary 32000, as many layers as fit) and a rank-16 LoRA adapter on every linear module, then runs, each
-in its own process, one after the other on a warm page cache:
+5632, vocabulary 32000, as many layers as fit) and a rank-16 LoRA adapter on every linear module (or on
+``--targets``), then runs, each in its own process, one after the other on a warm page cache:
 
     cp -r       ``cp -r BASE OUT``
     deltakit    ``deltakit.merge.merge(BASE, [ADAPTER], OUT)`` (streams tensor by tensor, fsyncs every shard)
+    baseline    the same with the ``deltakit`` package of another checkout (``--baseline``), e.g. a
+                ``git worktree`` of the commit before a change: before and after, timed in the same run
     peft        ``AutoModelForCausalLM.from_pretrained(BASE, dtype=bf16)`` → ``PeftModel.from_pretrained`` →
                 ``merge_and_unload()`` → ``save_pretrained(OUT, max_shard_size=...)``
 
@@ -18,6 +20,7 @@ deltakit ≤ 2 × the copy's time, and ≤ 1/4 of PEFT's peak RSS.
 
 Example:
     python benchmarks/bench_merge.py --size-gb 2 --work /tmp/bench-merge
+    python benchmarks/bench_merge.py --work /tmp/bench-merge --targets q_proj,v_proj --baseline /tmp/old-checkout
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def build_base(base_dir: Path, size_gb: float, shard_gb: float) -> dict:
+def build_base(base_dir: Path, size_gb: float, shard_gb: float) -> None:
     """Write a llama-shaped bf16 checkpoint of about ``size_gb`` GB in shards of about ``shard_gb`` GB."""
     per_layer = sum(_numel(s) for s in _layer_shapes(0).values()) * 2
     layers = max(1, round((size_gb * 1e9 - 2 * VOCAB * HIDDEN * 2) / per_layer))
@@ -109,17 +112,16 @@ def build_base(base_dir: Path, size_gb: float, shard_gb: float) -> dict:
         "tie_word_embeddings": False, "dtype": "bfloat16",
     }
     (base_dir / "config.json").write_text(json.dumps(config, indent=2))
-    return config
 
 
-def build_adapter(adapter_dir: Path, config: dict, rank: int) -> None:
-    """A PEFT LoRA adapter (r=rank, alpha=2r) on every linear module of the base, fp32 factors, ‖ΔW‖ small."""
+def build_adapter(adapter_dir: Path, config: dict, rank: int, targets: list[str]) -> None:
+    """A PEFT LoRA adapter (r=rank, alpha=2r) on the ``targets`` modules of every layer, fp32 factors, ‖ΔW‖ small."""
     generator = torch.Generator().manual_seed(1)
     tensors = {}
     for i in range(config["num_hidden_layers"]):
         for name, shape in _layer_shapes(i).items():
             module = name.removesuffix(".weight")
-            if module.rsplit(".", 1)[1] not in TARGETS:
+            if module.rsplit(".", 1)[1] not in targets:
                 continue
             out, inp = shape
             tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, inp, generator=generator) / inp**0.5
@@ -127,7 +129,7 @@ def build_adapter(adapter_dir: Path, config: dict, rank: int) -> None:
     adapter_dir.mkdir(parents=True)
     save_file(tensors, adapter_dir / "adapter_model.safetensors")
     (adapter_dir / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "target_modules": TARGETS,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "target_modules": targets,
         "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
     }, indent=2))
 
@@ -161,12 +163,12 @@ def _sample_anon(pid: int, peak: list[int], done: threading.Event) -> None:
         time.sleep(0.005)
 
 
-def measure(name: str, command: list[str], work: Path) -> Run:
+def measure(name: str, command: list[str], work: Path, cwd: Path) -> Run:
     """Run ``command`` under GNU time (so ru_maxrss is the command's own, not inherited from this big process)."""
     subprocess.run(["sync"], check=True)  # no dirty pages from earlier runs left to throttle this one
     stats = work / "time.txt"
     started = time.perf_counter()
-    child = subprocess.Popen(["/usr/bin/time", "-f", "%e %U %S %M", "-o", str(stats), *command], cwd=REPO)
+    child = subprocess.Popen(["/usr/bin/time", "-f", "%e %U %S %M", "-o", str(stats), *command], cwd=cwd)
     peak, done = [0], threading.Event()
     sampler = threading.Thread(target=_sample_anon, args=(child.pid, peak, done), daemon=True)
     sampler.start()
@@ -216,9 +218,12 @@ def main() -> None:
     parser.add_argument("--size-gb", type=float, default=2.0, help="size of the synthetic base (default 2)")
     parser.add_argument("--shard-gb", type=float, default=1.0, help="shard size of the synthetic base (default 1)")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--targets", default=",".join(TARGETS),
+                        help="comma-separated modules the synthetic adapter targets (default: every linear one)")
     parser.add_argument("--work", type=Path, help="working directory (default: a temporary one, deleted after)")
     parser.add_argument("--base", type=Path, help="use this checkpoint instead of building one (needs --adapter)")
     parser.add_argument("--adapter", type=Path, help="the adapter to merge into --base")
+    parser.add_argument("--baseline", type=Path, help="also time the deltakit package of this checkout")
     parser.add_argument("--skip-peft", action="store_true", help="do not run PEFT's path")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each command; the median is shown")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for deltakit and PEFT (default: torch's)")
@@ -231,52 +236,65 @@ def main() -> None:
     try:
         base, adapter = args.base, args.adapter
         if base is None:
-            base, adapter = work / "base", work / "adapter"
+            targets = args.targets.split(",")
+            base, adapter = work / "base", work / f"adapter-r{args.rank}-{'-'.join(targets)}"
             if not base.exists():
                 print(f"building a ~{args.size_gb:g} GB base in {base} ...", file=sys.stderr)
-                config = build_base(base, args.size_gb, args.shard_gb)
-                build_adapter(adapter, config, args.rank)
+                build_base(base, args.size_gb, args.shard_gb)
+            if not adapter.exists():
+                build_adapter(adapter, json.loads((base / "config.json").read_text()), args.rank, targets)
         base_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
         _read_all(base)
 
         copy_dir = work / "copy"
+        # (name, command, working directory: the checkout whose deltakit is imported)
         commands = [
-            ("cp -r", ["cp", "-r", str(base), str(copy_dir)]),
-            ("cp -r + sync (durable, like deltakit)", ["sh", "-c", f'cp -r "{base}" "{copy_dir}" && sync']),
-            ("deltakit merge", [sys.executable, "-c", _DELTAKIT, str(base), str(adapter), str(work / "merged"),
-                                str(work / "merge-seconds.txt")]),
+            ("cp -r", ["cp", "-r", str(base), str(copy_dir)], REPO),
+            ("cp -r + sync (durable, like deltakit)", ["sh", "-c", f'cp -r "{base}" "{copy_dir}" && sync'], REPO),
         ]
+        checkouts = [("deltakit merge", REPO)]
+        if args.baseline is not None:
+            checkouts.append((f"deltakit merge ({args.baseline.name})", args.baseline.resolve()))
+        for name, checkout in checkouts:
+            seconds_path = work / f"merge-seconds-{len(commands)}.txt"
+            seconds_path.unlink(missing_ok=True)
+            commands.append((name, [sys.executable, "-c", _DELTAKIT, str(base), str(adapter), str(work / "merged"),
+                                    str(seconds_path)], checkout))
         if not args.skip_peft:
             commands.append(("peft merge_and_unload + save_pretrained",
                              [sys.executable, "-c", _PEFT, str(base), str(adapter), str(work / "peft"),
-                              f"{int(args.shard_gb * 1000)}MB"]))
-        (work / "merge-seconds.txt").unlink(missing_ok=True)
+                              f"{int(args.shard_gb * 1000)}MB"], REPO))
         rounds: list[list[Run]] = []
         for _ in range(args.repeat):  # interleaved, so that a busy moment does not hit one command only
             rounds.append([])
-            for name, command in commands:
-                rounds[-1].append(measure(name, command, work))
+            for name, command, cwd in commands:
+                rounds[-1].append(measure(name, command, work, cwd))
                 for out in (copy_dir, work / "merged", work / "peft"):
                     shutil.rmtree(out, ignore_errors=True)
         runs = [_median(list(same)) for same in zip(*rounds)]
 
-        copy, ours = runs[0], runs[2]
-        print(f"\nbase: {base_bytes / 1e9:.2f} GB in {len(list(base.glob('*.safetensors')))} shards; "
-              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
+        copy = runs[0]
+        print(f"\nbase: {base_bytes / 1e9:.2f} GB in {len(list(base.glob('*.safetensors')))} shards; adapter "
+              f"{adapter.name}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
               f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; torch {torch.__version__}; "
               f"warm page cache, sync before each run; median of {args.repeat} runs\n")
-        print(f"| {'run':<40} | {'wall s':>7} | {'× cp':>6} | {'CPU s':>6} | {'peak RSS MB':>11} | "
-              f"{'peak RssAnon MB':>15} |")
-        print(f"|{'-' * 42}|{'-' * 9}|{'-' * 8}|{'-' * 8}|{'-' * 13}|{'-' * 17}|")
-        for run in runs:
-            print(f"| {run.name:<40} | {run.seconds:7.2f} | {run.seconds / copy.seconds:6.2f} | "
+        print(f"| {'run':<40} | {'wall s':>7} | {'× cp':>6} | {'merge() s':>9} | {'× cp':>6} | {'CPU s':>6} | "
+              f"{'peak RSS MB':>11} | {'peak RssAnon MB':>15} |")
+        print(f"|{'-' * 42}|{'-' * 9}|{'-' * 8}|{'-' * 11}|{'-' * 8}|{'-' * 8}|{'-' * 13}|{'-' * 17}|")
+        for k, run in enumerate(runs):
+            seconds_path = work / f"merge-seconds-{k}.txt"
+            if seconds_path.exists():  # merge()'s own time, without starting Python and importing torch
+                in_process = sorted(float(x) for x in seconds_path.read_text().split())[args.repeat // 2]
+                merge_columns = f"{in_process:9.2f} | {in_process / copy.seconds:6.2f}"
+            else:
+                merge_columns = f"{'':9} | {'':6}"
+            print(f"| {run.name:<40} | {run.seconds:7.2f} | {run.seconds / copy.seconds:6.2f} | {merge_columns} | "
                   f"{run.cpu_seconds:6.2f} | {run.peak_rss / 1e6:11.0f} | {run.peak_anon / 1e6:15.0f} |")
-        in_process = sorted(float(x) for x in (work / "merge-seconds.txt").read_text().split())[args.repeat // 2]
+        ours = runs[2]
         print(f"\ndeltakit / cp -r time: {ours.seconds / copy.seconds:.2f} (target <= 2); "
-              f"deltakit / (cp -r + sync) time: {ours.seconds / runs[1].seconds:.2f}; merge() itself took "
-              f"{in_process:.2f} s ({in_process / copy.seconds:.2f} × cp -r), the rest is starting Python and torch")
-        if len(runs) == 4:
-            peft = runs[3]
+              f"deltakit / (cp -r + sync) time: {ours.seconds / runs[1].seconds:.2f}")
+        if not args.skip_peft:
+            peft = runs[-1]
             print(f"deltakit / peft peak RSS: {ours.peak_rss / peft.peak_rss:.3f} (target <= 0.25); "
                   f"deltakit / peft time: {ours.seconds / peft.seconds:.2f}")
     finally:

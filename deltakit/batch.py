@@ -654,5 +654,7 @@ def _takes_list(hint: Any) -> bool:
 def _type_name(hint: Any) -> str:
     if typing.get_origin(hint) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint) if h is not type(None))
     text = str(hint) if not isinstance(hint, type) else hint.__name__
     return text.replace("typing.", "").replace("pathlib.", "")

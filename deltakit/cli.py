@@ -135,7 +135,7 @@ def _merge_options(command):
         click.option("-w", "--weight", "weights", type=float, multiple=True,
                      help="Weight of each adapter, in order (repeat once per adapter). [default: 1.0 each]"),
         click.option("--dtype", type=click.Choice(sorted(DTYPES)),
-                     help="Dtype of the changed tensors. [default: each base tensor's]"),
+                     help="Dtype of every floating-point tensor written. [default: each base tensor's]"),
         click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP),
         click.option("--dry-run", is_flag=True, help="Check everything and print which tensors change; write nothing."),
         click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists."),
@@ -276,9 +276,10 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args or os.environ.get("DELTAKIT_DEBUG") == "1"
     try:
         cli.main(args=args, prog_name="deltakit", standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:
         click.echo("Aborted!", err=True)
-        sys.exit(1)
+        # click turns Ctrl-C into Abort; the shell's convention for SIGINT is 128 + 2.
+        sys.exit(130 if isinstance(e.__context__, KeyboardInterrupt) else 1)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

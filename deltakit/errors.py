@@ -76,6 +76,14 @@ class InvalidOptionError(DeltakitError, ValueError):
     exit_code = 2
 
 
+class OutputWriteError(DeltakitError, OSError):
+    """The output could not be written: the disk is full, a quota or the file-size limit was hit.
+
+    Example: ``out/model-00002-of-00003.safetensors: cannot write: no space left on device; free some space
+    or choose another --out``. The partial output is removed; earlier output under the final name is kept.
+    """
+
+
 class FactorizationError(DeltakitError):
     """Every SVD route (drivers, fp64) failed for a tensor."""
 

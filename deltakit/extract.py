@@ -51,7 +51,7 @@ from .ranks import (
     predicted_squared_error,
 )
 from .report import ExtractReport, ModuleReport, TensorFate, command_line, model_card
-from .writer import save_tensors, staged_output, write_json
+from .writer import save_tensors, staged_output, write_json, write_text
 
 REPORT_FILE = "extract_report.json"
 _SPILL_DIR = ".svd-spill"  # inside the staging directory, removed before it is renamed into place
@@ -129,8 +129,17 @@ def rank_policy(
     return PatternRanks(tuple(rank_pattern), policy) if rank_pattern else policy
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """In blocks of rows: isfinite on a whole tensor would allocate a mask as large as the tensor."""
+    if not tensor.is_floating_point():
+        return True
+    rows = tensor.reshape(-1, tensor.shape[-1]) if tensor.dim() > 1 else tensor.reshape(1, -1)
+    step = max(1, (1 << 20) // max(1, rows.shape[1]))
+    return all(bool(torch.isfinite(block).all()) for block in rows.split(step))
+
+
 def _check_finite(tensor: torch.Tensor, name: str, where: Path) -> None:
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if not _all_finite(tensor):
         raise NonFiniteError("contains NaN or Inf", path=where, tensor=name)
 
 
@@ -224,12 +233,19 @@ class _Extraction:
     def _factorize(self, plan: ModulePlan, weight: str) -> bool:
         """Factorize the module's weight; False if it did not change."""
         started = time.perf_counter()
-        base_w, ft_w = self._load_pair(weight)
-        if _equal(base_w, ft_w):
+        base_w, ft_w = self.base.get(weight), self.finetuned.get(weight)
+        if _equal(base_w, ft_w) and _all_finite(base_w):
             return False
+        # Memory: the stored pair, then base and ΔW in fp32 (and ft for DoRA), never more.
         base_m = to_out_in(base_w.to(self.device, torch.float32), plan.kind)  # (out, in)
-        ft_m = to_out_in(ft_w.to(self.device, torch.float32), plan.kind)
-        del base_w, ft_w
+        del base_w
+        delta = to_out_in(ft_w.to(self.device, torch.float32), plan.kind)
+        del ft_w
+        ft_m = delta.clone() if self.dora else None
+        delta.sub_(base_m)
+        if not _all_finite(delta):
+            self._load_pair(weight)  # names the input holding the NaN/Inf
+            raise NonFiniteError("ΔW overflows float32", path=self.finetuned.path, tensor=weight)
         stored_shape = tuple(self.finetuned.info(weight).shape)
         out_in = out_in_shape(stored_shape, plan.kind)
         wanted = self.policy.compute_rank(plan.module, out_in)
@@ -239,15 +255,14 @@ class _Extraction:
             self.policy.override(plan.module) is not None or isinstance(self.policy.default, FixedRank))
         note = f"rank {wanted} > min(out, in) = {min(out_in)}: clamped" if asked and wanted > min(out_in) else None
         dtype = self.dtype or self.base.info(weight).dtype
-        delta = ft_m - base_m
-        _check_finite(delta, weight, self.finetuned.path)
-        delta_norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
         if self.dora:
+            delta_norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
             factors, metrics = self._fit_dora(plan, base_m, ft_m, delta, compute_rank, dtype)
         else:
-            del base_m, ft_m
+            del base_m
             svd = self.svd.run(delta, compute_rank, self.device)
             del delta
+            delta_norm = math.sqrt(svd.total_energy)
             if isinstance(self.policy, BudgetRequest):
                 row = ModuleReport(module=plan.module, kind=plan.kind.value, shape=stored_shape, rank=0,
                                    relative_error=1.0, energy_retained=0.0, delta_norm=delta_norm,
@@ -587,5 +602,5 @@ def extract(
         report.adapter_bytes = write_adapter(staging_dir, run.factors, run.carried, spec)
         report.seconds = time.perf_counter() - started
         write_json(staging_dir / REPORT_FILE, report.to_json())
-        (staging_dir / "README.md").write_text(model_card(report))
+        write_text(staging_dir / "README.md", model_card(report))
     return report

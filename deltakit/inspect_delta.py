@@ -13,6 +13,7 @@ The module is named ``inspect_delta`` so that it does not shadow the standard li
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from collections import Counter
@@ -38,7 +39,7 @@ from .ranks import (
     rank_for_energy,
 )
 from .report import command_line, format_bytes
-from .writer import staged_output, write_json
+from .writer import refuse_overlap, staged_output, write_json
 
 REPORT_FILE = "report.json"
 # The energy target of the suggested "energy" rank (extract's --energy).
@@ -269,6 +270,8 @@ def inspect(
     ranks = tuple(sorted(set(ranks)))
     math_device = resolve_device(device)
     ft_ckpt, base_ckpt = open_checkpoint(finetuned), open_checkpoint(base)
+    if out is not None:  # before the measurement, not after it
+        refuse_overlap(Path(os.path.abspath(out)), [ft_ckpt.path, base_ckpt.path])
     plan = plan_extract(ft_ckpt, base_ckpt, include=include, exclude=exclude)
     options = {"ranks": list(ranks), "max_rank": max_rank, "svd": svd, "device": str(math_device),
                "include": include, "exclude": exclude}

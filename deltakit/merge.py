@@ -1,13 +1,15 @@
 """``merge`` and ``unmerge``: fold PEFT LoRA/DoRA adapters into a base checkpoint, and take them out again.
 
 Streaming (DESIGN.md §6). The output mirrors the base: the same shard file names, index, tensor order, dtypes and
-``__metadata__``; every other top-level file (config, tokenizer, generation config, ...) is copied. Each shard is
-written header first by :class:`~deltakit.writer.SafetensorsWriter`, one tensor at a time; every tensor is read
-as raw bytes into one of two reused buffers, and one no adapter touches is written back as those bytes (no
-decode, no cast) on a background thread while the next is read. A changed tensor is processed in blocks of rows
-of its (out, in) matrix: every operation here (LoRA's ΔW, DoRA's per-row norm and rescaling) is row-local, so the
+``__metadata__``; every other top-level file (config, tokenizer, generation config, ...) is copied. Without a
+``dtype`` override each output shard has the base shard's header bytes and layout, so what no adapter touches
+(the header, unchanged tensors) is copied file to file by the kernel (``copy_file_range``) and never enters this
+process. A changed tensor is read as raw bytes into one of two reused buffers and processed in blocks of rows of
+its (out, in) matrix: every operation here (LoRA's ΔW, DoRA's per-row norm and rescaling) is row-local, so the
 fp32 working set is one block, and the result is written over the tensor's own bytes when the dtype stays the
-same. Peak memory is the two buffers (twice the largest tensor), a block, and the adapters (held whole; they are
+same, then written out on a background thread while the next is read (each shard's closing fsync too). With a
+``dtype`` override every tensor goes that way (cast) into a header-first :class:`~deltakit.writer.SafetensorsWriter`.
+Peak memory is the two buffers (twice the largest tensor read), a block, and the adapters (held whole; they are
 small), whatever the shard or model size. The output is built in a staging sibling and renamed into place only
 when complete.
 
@@ -25,6 +27,11 @@ scaling for that module) in PEFT's (out, in) orientation:
   also be changed by another adapter (the result would depend on the order): that is refused.
 - A targeted layer's own weight saved in the adapter (``M.base_layer.weight``, PEFT's ``save_embedding_layers``)
   is a copy of the base layer: checked equal to the base, then ignored (refused if it differs).
+- An output head tied to the input embedding (``tie_word_embeddings``; the base stores only the embedding) IS
+  the embedding: its factors, which extract stores as the embedding's transposed, are checked to be exactly
+  that and skipped, so ΔE is applied once (PEFT 0.21's ``merge_and_unload`` applies it twice, once through each
+  LoRA, into the shared tensor). Other factors for such a head are refused. A base that stores both tensors
+  gets each its own factors.
 
 Receipt. ``merge`` writes ``deltakit_merge_receipt/`` into its output: each adapter's content hash and merge
 weight, each DoRA step's row norms n_k (fp32), and the base value of every replaced tensor. ``unmerge`` with
@@ -35,13 +42,15 @@ replace nothing can be unmerged (DoRA's norms are one unknown per row; replaced 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,7 +58,7 @@ import torch
 from tqdm import tqdm
 
 from .adapter import WEIGHTS_FILE, Adapter, ModuleFactors, read_adapter
-from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from .checkpoint import Checkpoint, SafetensorsHeader, TensorInfo, open_checkpoint
 from .dora import row_norms, unapply_dora
 from .errors import (
     AdapterFormatError,
@@ -63,9 +72,18 @@ from .errors import (
 )
 from .extract import DTYPES
 from .factorize import resolve_device
-from .layers import TensorName, WeightKind, out_in_shape, to_out_in, weight_kind
+from .layers import (
+    TensorName,
+    TiedHead,
+    WeightKind,
+    find_tied_head,
+    out_in_shape,
+    to_out_in,
+    transpose_embedding_factors,
+    weight_kind,
+)
 from .report import command_line, format_bytes
-from .writer import SafetensorsWriter, staged_output, write_json
+from .writer import SafetensorsWriter, refuse_overlap, staged_output, write_json
 
 RECEIPT_DIR = "deltakit_merge_receipt"
 RECEIPT_JSON = "receipt.json"
@@ -205,15 +223,17 @@ def check_supported(adapter: Adapter) -> None:
             raise AdapterFormatError(f"uses {what}, which deltakit cannot merge", path=config_path)
 
 
-def _name_map(adapter: Adapter, ckpt: Checkpoint):
+def _name_map(adapter: Adapter, ckpt: Checkpoint, tied: TiedHead | None):
     """How the adapter's module names map onto the checkpoint's tensor names.
 
     PEFT names modules as in the transformers model class (``transformer.h.0.attn.c_attn``), while some
     checkpoints on the Hub store the inner model without its prefix (``h.0.attn.c_attn.weight``, the original
-    GPT-2): when nothing resolves as is but everything does without the first component, that is used.
+    GPT-2): when nothing resolves as is but everything does without the first component, that is used. A tied
+    head (``tied``) has no tensors of its own to resolve.
     """
-    wanted = [f"{m}.weight" for m, e in adapter.modules.items() if e.key_a is not None]
-    wanted += [f"{m}.bias" for m, e in adapter.modules.items() if e.base_bias_key is not None]
+    modules = [(m, e) for m, e in adapter.modules.items() if tied is None or m != tied.head]
+    wanted = [f"{m}.weight" for m, e in modules if e.key_a is not None]
+    wanted += [f"{m}.bias" for m, e in modules if e.base_bias_key is not None]
     wanted += [_unwrapped(name) for name in adapter.saved]
 
     def identity(name: str) -> str:
@@ -277,13 +297,13 @@ def _factor_kind(adapter: Adapter, module: str, tensor: TensorName, stored: tupl
 
 
 def _require(ckpt: Checkpoint, adapter: Adapter, tensor: TensorName, what: str,
-             shape: tuple[int, ...] | None) -> TensorInfo:
+             shape: tuple[int, ...] | None, tied: TiedHead | None) -> TensorInfo:
     if tensor not in ckpt:
-        if (ckpt.config or {}).get("tie_word_embeddings") and tensor.endswith("lm_head.weight"):
-            # The tensor is the input embedding's; merging into it would change the embedding as well.
-            raise TensorMissingError(f"adapter {adapter.path} has {what}, but the base ties the output head to the "
-                                     "input embeddings and stores no head of its own; deltakit cannot merge a tied "
-                                     "head's update", path=ckpt.path, tensor=tensor)
+        if tied is not None and tensor == f"{tied.head}.weight":
+            # The tensor is the input embedding's; replacing it would change the embedding as well.
+            raise TensorMissingError(f"adapter {adapter.path} has {what}, but the base ties {tied.head} to "
+                                     f"{tied.embedding} and stores no weight of its own; deltakit cannot merge a "
+                                     "tied head's own update", path=ckpt.path, tensor=tensor)
         raise TensorMissingError(f"adapter {adapter.path} has {what}, but the base has no such tensor; is this "
                                  "adapter for this base model?", path=ckpt.path, tensor=tensor)
     info = ckpt.info(tensor)
@@ -305,31 +325,78 @@ def _check_layer_copy(ckpt: Checkpoint, adapter: Adapter, tensor: TensorName, ke
                                  "(merge that base layer first)", path=adapter.path / WEIGHTS_FILE)
 
 
-def _plan(ckpt: Checkpoint, adapters: list[Adapter], *, is_base: bool) -> dict[TensorName, _Job]:
+def _check_tied_head(adapter: Adapter, module: str, tied: TiedHead, to_base: Callable[[str], str]) -> None:
+    """A tied head's factors must be the embedding's, transposed (what extract stores, and what PEFT's
+    ``ensure_weight_tying`` shares), with the same scaling: then the embedding's update, merged once into the one
+    tensor the base stores, is the head's update too.
+
+    Raises:
+        TensorMissingError: anything else, which would need a head weight of its own.
+    """
+    entries = adapter.modules
+    embedding = next((m for m, e in entries.items()
+                      if e.key_a is not None and to_base(f"{m}.weight") == f"{tied.embedding}.weight"), None)
+    if embedding is None:
+        problem = f"the adapter has no factors for {tied.embedding} to share with it"
+    elif adapter.use_dora:
+        problem = "a DoRA magnitude cannot be shared between the two"
+    else:
+        head_a, head_b = (adapter.weights.get(entries[module].key_a), adapter.weights.get(entries[module].key_b))
+        embedding_a, embedding_b = (adapter.weights.get(entries[embedding].key_a),
+                                    adapter.weights.get(entries[embedding].key_b))
+        expected_a, expected_b = transpose_embedding_factors(embedding_a, embedding_b)
+        if not (entries[embedding].is_embedding and torch.equal(head_a, expected_a)
+                and torch.equal(head_b, expected_b)):
+            problem = f"its factors are not {embedding}'s transposed"
+        elif adapter.scaling(module) != adapter.scaling(embedding):
+            problem = f"its scaling {adapter.scaling(module):g} differs from {embedding}'s"
+        else:
+            return
+    raise TensorMissingError(f"module {module}: the base ties this head to {tied.embedding} and stores no weight "
+                             f"of its own, and {problem}; merging it would change the input embedding as well",
+                             path=adapter.path / WEIGHTS_FILE, tensor=f"{module}.weight")
+
+
+def _plan(ckpt: Checkpoint, adapters: list[Adapter], *,
+          is_base: bool) -> tuple[dict[TensorName, _Job], list[str]]:
     """Every step of every adapter, by base tensor, in adapter order; all input errors raised here.
 
     ``is_base``: ``ckpt`` is the base (merge), so the layer copies an adapter carries can be checked against it.
+    An output head tied to the input embedding (stored once, under the embedding's name) gets no step of its
+    own: its factors are checked to be the embedding's, whose step then covers it; its bias, where saved under
+    another module's name (BERT's ``cls.predictions.bias``), is that tensor.
+
+    Returns:
+        The jobs by tensor name, and notes for the report.
 
     Raises:
         AdapterFormatError, TensorMissingError, TensorMismatchError, InvalidOptionError.
     """
     model_type = (ckpt.config or {}).get("model_type")
+    tied = find_tied_head(ckpt, ckpt.config or {})
     jobs: dict[TensorName, _Job] = {}
+    notes: list[str] = []
 
     def add(tensor: TensorName, kind: WeightKind, step: _Step) -> None:
         jobs.setdefault(tensor, _Job(tensor, kind, [])).steps.append(step)
 
     for k, adapter in enumerate(adapters):
         check_supported(adapter)
-        to_base = _name_map(adapter, ckpt)
+        to_base = _name_map(adapter, ckpt, tied)
         where = adapter.path / WEIGHTS_FILE
         for module, entry in adapter.modules.items():
+            is_tied_head = tied is not None and module == tied.head
             if entry.key_a is None:
                 if entry.magnitude_key is not None:
                     raise AdapterFormatError(f"module {module} has a DoRA magnitude but no LoRA factors", path=where)
+            elif is_tied_head:
+                _check_tied_head(adapter, module, tied, to_base)
+                notes.append(f"adapter #{k + 1}: {module} is tied to {tied.embedding} (the base stores no "
+                             f"{module}.weight) and its factors are the embedding's, transposed: the embedding's "
+                             "update, merged once, is the head's")
             else:
                 tensor = to_base(f"{module}.weight")
-                info = _require(ckpt, adapter, tensor, f"LoRA factors for module {module}", None)
+                info = _require(ckpt, adapter, tensor, f"LoRA factors for module {module}", None, tied)
                 a_shape = adapter.weights.info(entry.key_a).shape
                 b_shape = adapter.weights.info(entry.key_b).shape
                 kind = _factor_kind(adapter, module, tensor, info.shape, a_shape, b_shape, entry.is_embedding,
@@ -346,13 +413,13 @@ def _plan(ckpt: Checkpoint, adapters: list[Adapter], *, is_base: bool) -> dict[T
                 factors = adapter.factors(module, kind)
                 add(tensor, kind, _Step(k, "dora" if adapter.use_dora else "lora", factors))
             if entry.base_bias_key is not None:
-                tensor = to_base(f"{module}.bias")
+                tensor = tied.bias if is_tied_head and tied.bias is not None else to_base(f"{module}.bias")
                 shape = adapter.weights.info(entry.base_bias_key).shape
-                _require(ckpt, adapter, tensor, f"a base_layer.bias for module {module}", shape)
+                _require(ckpt, adapter, tensor, f"a base_layer.bias for module {module}", shape, tied)
                 add(tensor, WeightKind.OTHER, _Step(k, "replace", key=entry.base_bias_key))
         for name, key in adapter.saved.items():
             tensor = to_base(_unwrapped(name))
-            _require(ckpt, adapter, tensor, f"modules_to_save param {name}", adapter.weights.info(key).shape)
+            _require(ckpt, adapter, tensor, f"modules_to_save param {name}", adapter.weights.info(key).shape, tied)
             if name != _unwrapped(name):
                 if is_base:
                     _check_layer_copy(ckpt, adapter, tensor, key)
@@ -367,7 +434,7 @@ def _plan(ckpt: Checkpoint, adapters: list[Adapter], *, is_base: bool) -> dict[T
                 f"adapter #{replacing[0].adapter + 1} replaces this tensor and adapter(s) #"
                 f"{', #'.join(map(str, others))} also change it; the result would depend on the order: merge them "
                 "in separate runs", path=ckpt.path, tensor=job.tensor)
-    return jobs
+    return jobs, notes
 
 
 def _changes(jobs: dict[TensorName, _Job], ckpt: Checkpoint, reverse: bool) -> list[TensorChange]:
@@ -439,8 +506,9 @@ def _transform_factorized(job: _Job, stored: torch.Tensor, out_dtype: torch.dtyp
                 norms[i][r0:r1] = block_norms.cpu()
                 work.add_(delta).mul_(_dora_factor(block_norms, f.magnitude[r0:r1])[:, None])
                 del delta
-        # aminmax propagates NaN and shows ±Inf without the full-size temporaries torch.isfinite makes.
-        if not all(bool(torch.isfinite(x)) for x in torch.aminmax(work)):
+        # A NaN or ±Inf anywhere makes the sum non-finite: one pass, a third of aminmax's time. Only then look
+        # closer, as finite values can sum to ±Inf; aminmax shows NaN and ±Inf without full-size temporaries.
+        if not torch.isfinite(work.sum()) and not all(bool(torch.isfinite(x)) for x in torch.aminmax(work)):
             raise NonFiniteError(f"the {'unmerged' if inverse else 'merged'} weight has NaN or Inf in rows "
                                  f"{r0}–{r1 - 1}", tensor=job.tensor)
         result_oi[r0:r1].copy_(work)
@@ -585,50 +653,147 @@ class _WriteBehind:
             pending.result()
 
 
+class _MirroredShard:
+    """An output shard laid out exactly as its base shard (the same header bytes, tensor offsets and size), for
+    a run that changes no dtype. Written front to back: what stays as it is (the header, unchanged tensors) is
+    copied file to file by the kernel, never through this process's memory; a changed tensor's bytes are written
+    at its own offset. Writeback to disk starts as data arrives, so that closing does not wait for all of it.
+    As a context manager, an exception closes without syncing (the staging directory is removed anyway)."""
+
+    def __init__(self, base_path: Path, out_path: Path, header: SafetensorsHeader) -> None:
+        self._header = header
+        self._end = max((info.end for info in header.tensors.values()), default=header.data_start)
+        self._base = open(base_path, "rb", buffering=0)
+        try:
+            self._out = open(out_path, "xb", buffering=0)
+        except BaseException:
+            self._base.close()
+            raise
+        self._written = 0  # the output holds the base's layout up to here
+
+    def __enter__(self) -> _MirroredShard:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._base.close()
+            self._out.close()
+
+    def write(self, name: TensorName, tensor: torch.Tensor) -> None:
+        """Copy the base up to this tensor, then write its new bytes (same dtype and shape)."""
+        info = self._header.tensors[name]
+        self._copy_until(info.start)
+        view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        while view:  # unbuffered writes may be partial
+            view = view[self._out.write(view):]
+        self._start_writeback(info.start, info.nbytes)
+        self._written = info.end
+
+    def close(self) -> None:
+        """Copy the rest of the base, sync to disk and close (once)."""
+        if self._out.closed:
+            return
+        self._copy_until(self._end)
+        os.fsync(self._out.fileno())
+        self._out.close()
+        self._base.close()
+
+    def _copy_until(self, end: int) -> None:
+        start = self._written
+        while self._written < end:
+            copied = _copy_range(self._base.fileno(), self._out.fileno(), self._written, end - self._written)
+            if not copied:
+                raise CheckpointFormatError(f"file ends at byte {self._written}, before {self._end}; it changed "
+                                            "since it was opened", path=self._base.name)
+            self._written += copied
+        self._start_writeback(start, end - start)
+
+    def _start_writeback(self, offset: int, count: int) -> None:
+        if count and hasattr(os, "sync_file_range"):  # Linux: start writeback now, don't wait for it
+            os.sync_file_range(self._out.fileno(), offset, count, os.SYNC_FILE_RANGE_WRITE)
+
+
+# copy_file_range may be refused between filesystems (older kernels), by a filesystem without support, or by a
+# seccomp filter (EPERM: container runtimes that predate the syscall).
+_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM}
+
+
+def _copy_range(source: int, target: int, offset: int, count: int) -> int:
+    """Copy up to ``count`` bytes of ``source`` from ``offset`` to ``target`` at its position; return how many
+    (0: end of file). In the kernel where it can (a reflink on filesystems that share extents), else through a
+    64 MiB buffer."""
+    if hasattr(os, "copy_file_range"):
+        try:
+            return os.copy_file_range(source, target, count, offset)
+        except OSError as e:
+            if e.errno not in _NO_KERNEL_COPY:
+                raise
+    data = os.pread(source, min(count, 1 << 26), offset)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(target, view):]
+    return len(data)
+
+
 def _run(ckpt: Checkpoint, jobs: dict[TensorName, _Job], staging_dir: Path, *, weights: list[float],
          dtype: torch.dtype | None, device: torch.device, adapters: list[Adapter], report: MergeReport,
          receipt_writer: SafetensorsWriter | None, receipt: _Receipt | None, progress: bool) -> None:
     """Write every shard of ``ckpt`` into ``staging_dir``, transforming the tensors that have jobs.
 
-    Tensors are read into two reused buffers the size of the largest, alternately: one is being written out while
-    the next tensor is read and computed in the other. Fresh memory for each tensor would instead cost a page
-    fault and the kernel's zero-fill per page, about a third of the read time.
+    Without ``dtype`` each shard is a :class:`_MirroredShard`: unchanged tensors never enter this process. With
+    ``dtype`` every tensor is read, cast and written by a :class:`SafetensorsWriter`. Tensors are read into two
+    reused buffers the size of the largest one read, alternately: one is being written out on a background
+    thread (as is each shard's closing sync) while the next tensor is read and computed in the other. Fresh
+    memory for each tensor would instead cost a page fault and the kernel's zero-fill per page, about a third of
+    the read time.
     """
     inverse = report.operation == "unmerge"
     total = sum(info.nbytes for info in ckpt.tensors.values())
-    largest = max((info.nbytes for info in ckpt.tensors.values()), default=0)
+    largest = max((info.nbytes for name, info in ckpt.tensors.items() if dtype is not None or name in jobs),
+                  default=0)
     buffers = [torch.empty(largest, dtype=torch.uint8) for _ in range(2)]
-    with _one_cpu_thread(device), ThreadPoolExecutor(max_workers=1) as pool, \
+    with _one_cpu_thread(device), ThreadPoolExecutor(max_workers=1) as pool, ExitStack() as sinks, \
             tqdm(total=total, unit="B", unit_scale=True, desc=report.operation, disable=not progress,
                  dynamic_ncols=True) as bar:
         writes = _WriteBehind(pool)
-        done = 0
-        for shard_path in ckpt.files:
-            header = ckpt.header(shard_path)
-            specs = [(name, _out_dtype(info, dtype), tuple(info.shape)) for name, info in header.tensors.items()]
-            out_path = staging_dir / shard_path.name
-            with open(shard_path, "rb", buffering=0) as shard, \
-                    SafetensorsWriter(out_path, specs, header.metadata) as writer:
-                try:
+        reads = done = 0
+        try:
+            for shard_path in ckpt.files:
+                header = ckpt.header(shard_path)
+                out_path = staging_dir / shard_path.name
+                if dtype is None:
+                    sink = sinks.enter_context(_MirroredShard(shard_path, out_path, header))
+                else:
+                    specs = [(name, _out_dtype(info, dtype), tuple(info.shape))
+                             for name, info in header.tensors.items()]
+                    sink = sinks.enter_context(SafetensorsWriter(out_path, specs, header.metadata))
+                with open(shard_path, "rb", buffering=0) as shard:
                     for name, info in header.tensors.items():
-                        # The write in flight uses the other buffer (or a tensor of its own).
-                        stored = _read_raw(shard, info, buffers[done % 2])
-                        out_dtype = _out_dtype(info, dtype)
-                        job = jobs.get(name)
-                        if job is None:
-                            report.unchanged += 1
-                            result = stored if stored.dtype == out_dtype else stored.to(out_dtype)
-                        else:
-                            result = _transform(job, stored, out_dtype, weights, device, adapters, receipt_writer,
-                                                receipt, inverse)
-                        writes.submit(writer.write, name, result)
                         done += 1
                         bar.update(info.nbytes)
                         bar.set_postfix_str(f"{done}/{len(ckpt)} tensors", refresh=False)
-                finally:
-                    writes.wait()  # the writer closes (or discards its file) only when nothing is in flight
-            report.weight_files.append(shard_path.name)
-            report.bytes_written += out_path.stat().st_size
+                        job = jobs.get(name)
+                        if job is None and dtype is None:
+                            report.unchanged += 1  # the sink copies it
+                            continue
+                        # The write in flight uses the other buffer (or a tensor of its own).
+                        stored = _read_raw(shard, info, buffers[reads % 2])
+                        reads += 1
+                        out_dtype = _out_dtype(info, dtype)
+                        if job is None:
+                            report.unchanged += 1
+                            result = stored.to(out_dtype)
+                        else:
+                            result = _transform(job, stored, out_dtype, weights, device, adapters, receipt_writer,
+                                                receipt, inverse)
+                        writes.submit(sink.write, name, result)
+                writes.submit(sink.close)  # syncs while the next shard is read and computed
+                report.weight_files.append(shard_path.name)
+        finally:
+            writes.wait()  # a sink is discarded (on error) only when nothing is in flight
+    report.bytes_written += sum((staging_dir / name).stat().st_size for name in report.weight_files)
 
 
 def _read_raw(shard, info: TensorInfo, buffer: torch.Tensor) -> torch.Tensor:
@@ -695,9 +860,11 @@ def merge(
     unmerged base plus this adapter, n_k = ‖W0 + ΔW_k‖ per row, then W ← (m_k / n_k) ⊙ (W + ΔW_k), which also
     rescales whatever was merged before it. LoRA adapters commute with each other. Math is fp32 on ``device``;
     each result is cast back to its base tensor's dtype (or ``dtype``). ``modules_to_save`` params and
-    ``base_layer.bias`` replace the base tensors (weight w ≠ 1: W0 + w · (saved − W0)). The output mirrors the
-    base's shards, index, tensor order, dtypes and metadata, copies its other top-level files, and holds a
-    ``deltakit_merge_receipt/`` that lets :func:`unmerge` restore the base exactly.
+    ``base_layer.bias`` replace the base tensors (weight w ≠ 1: W0 + w · (saved − W0)). An output head tied to
+    the input embedding and absent from the base takes no update of its own: its factors must be the
+    embedding's, transposed (as extract stores them), and the embedding's update, applied once, is the head's.
+    The output mirrors the base's shards, index, tensor order, dtypes and metadata, copies its other top-level
+    files, and holds a ``deltakit_merge_receipt/`` that lets :func:`unmerge` restore the base exactly.
 
     Args:
         base: the base checkpoint (a directory, or one ``.safetensors`` file).
@@ -715,10 +882,12 @@ def merge(
         The :class:`MergeReport`.
 
     Raises:
-        TensorMissingError, TensorMismatchError: an adapter module is not in the base, or its shapes do not fit
-            (raised before anything is written, naming the module and tensor).
+        TensorMissingError, TensorMismatchError: an adapter module is not in the base, its shapes do not fit,
+            or it is a tied head whose factors are not its embedding's (raised before anything is written,
+            naming the module and tensor).
         AdapterFormatError: an adapter is malformed or uses a PEFT feature deltakit cannot merge.
-        InvalidOptionError: bad weights or dtype, or adapters that conflict over a replaced tensor.
+        InvalidOptionError: bad weights or dtype, adapters that conflict over a replaced tensor, or an ``out``
+            that is, lies inside or contains an input (refused by a dry run too).
         NonFiniteError: a merged tensor holds NaN or Inf.
         OutputExistsError: ``out`` exists and ``overwrite`` is false.
     """
@@ -727,14 +896,16 @@ def merge(
     out_dtype, math_device = _parse_dtype(dtype), resolve_device(device)
     weights = parse_weights(weights, len(adapters))
     ckpt, opened = _open_inputs(base, adapters)
-    jobs = _plan(ckpt, opened, is_base=True)
+    inputs = [ckpt.path, *(a.path for a in opened)]
+    jobs, notes = _plan(ckpt, opened, is_base=True)
     report = MergeReport("merge", str(base), [str(a) for a in adapters], weights, str(out_dir), dry_run=dry_run,
-                         command=command_line())
+                         command=command_line(), notes=notes)
     report.changed = _changes(jobs, ckpt, reverse=False)
     if (ckpt.files[0].parent / RECEIPT_DIR).is_dir():
         report.notes.append(f"the base holds the {RECEIPT_DIR}/ of an earlier merge; it is not carried over, so "
                             "that merge can be undone only from the base as it is now")
     if dry_run:
+        refuse_overlap(out_dir, inputs)
         report.unchanged = len(ckpt) - len(report.changed)
         report.weight_files = [f.name for f in ckpt.files]
         _copy_other_files(ckpt, None, out_dtype, report)
@@ -743,7 +914,7 @@ def merge(
         return report
 
     hashes = [adapter_hash(a) for a in opened]
-    with staged_output(out_dir, overwrite=overwrite, inputs=[ckpt.path, *(a.path for a in opened)]) as staging_dir:
+    with staged_output(out_dir, overwrite=overwrite, inputs=inputs) as staging_dir:
         receipt_dir = staging_dir / RECEIPT_DIR
         receipt_dir.mkdir()
         specs = _receipt_specs(ckpt, jobs)
@@ -844,7 +1015,8 @@ def unmerge(
     else:
         weights = parse_weights(weights, len(adapters))
         ordered, adapter_names = opened, [str(a) for a in adapters]
-    jobs = _plan(ckpt, ordered, is_base=False)
+    inputs = [ckpt.path, *(a.path for a in ordered)]
+    jobs, notes = _plan(ckpt, ordered, is_base=False)
     if receipt is None:
         for job in jobs.values():
             needy = [s for s in job.steps if s.op != "lora"]
@@ -854,16 +1026,17 @@ def unmerge(
                     f"adapter {adapter_names[needy[0].adapter]} {what}, and {receipt_state} matches these adapters; "
                     "only the receipt that merge writes can undo that", path=ckpt.path, tensor=job.tensor)
     report = MergeReport("unmerge", str(merged), adapter_names, weights, str(out_dir), dry_run=dry_run,
-                         command=command_line())
+                         command=command_line(), notes=notes)
     report.changed = _changes(jobs, ckpt, reverse=True)
     report.receipt = "used" if receipt is not None else f"none used ({receipt_state}); LoRA subtracted"
     if dry_run:
+        refuse_overlap(out_dir, inputs)
         report.unchanged = len(ckpt) - len(report.changed)
         report.weight_files = [f.name for f in ckpt.files]
         _copy_other_files(ckpt, None, out_dtype, report)
         return report
 
-    with staged_output(out_dir, overwrite=overwrite, inputs=[ckpt.path, *(a.path for a in ordered)]) as staging_dir:
+    with staged_output(out_dir, overwrite=overwrite, inputs=inputs) as staging_dir:
         _run(ckpt, jobs, staging_dir, weights=weights, dtype=out_dtype, device=math_device, adapters=ordered,
              report=report, receipt_writer=None, receipt=receipt, progress=progress)
         _write_index(ckpt, staging_dir, out_dtype)

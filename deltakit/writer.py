@@ -4,10 +4,14 @@
 before any data, so tensors can be appended one at a time (``safetensors.save_file`` needs the whole dict in
 memory). :func:`staged_output` builds an output directory beside its final place and renames it in only when
 complete.
+
+Running out of room (disk full, quota, file-size limit) while writing raises :class:`OutputWriteError` naming the
+file, and leaves no partial or temporary file behind.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -22,9 +26,25 @@ from types import TracebackType
 import torch
 
 from .checkpoint import DTYPE_NAMES, TensorName
-from .errors import InvalidOptionError, OutputExistsError, TensorMismatchError, TensorMissingError, shorten
+from .errors import (
+    DeltakitError,
+    InvalidOptionError,
+    OutputExistsError,
+    OutputWriteError,
+    TensorMismatchError,
+    TensorMissingError,
+    shorten,
+)
 
 TensorSpec = tuple[TensorName, torch.dtype, tuple[int, ...]]
+
+# The errnos that mean the output does not fit where it goes (not a bug, not a bad path): what each is called in
+# the one-line message, and what the user can do.
+_NO_ROOM = {
+    errno.ENOSPC: ("the disk is full (no space left on device)", "free some space"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free some space"),
+    errno.EFBIG: ("the file size limit was hit (file too large for `ulimit -f` or the filesystem)", "raise the limit"),
+}
 
 
 class SafetensorsWriter:
@@ -65,7 +85,8 @@ class SafetensorsWriter:
         header = _encode_header(self.path, self._specs, metadata)
         self._temp_path, self._file = _create_sibling(self.path, "deltakit-tmp")
         try:
-            _write_all(self._file, struct.pack("<Q", len(header)) + header)
+            with no_room_as_error(self.path):
+                _write_all(self._file, struct.pack("<Q", len(header)) + header)
         except BaseException:
             self._discard()
             raise
@@ -92,6 +113,7 @@ class SafetensorsWriter:
         Raises:
             TensorMissingError: ``name`` is not in the specs, or every tensor was already written.
             TensorMismatchError: ``name`` is out of order, or its dtype or shape differs from the spec.
+            OutputWriteError: no room left for the bytes (the partial file is discarded, the writer closed).
         """
         if self._file is None:
             raise TensorMismatchError("writer is already closed", path=self.path, tensor=name)
@@ -110,7 +132,13 @@ class SafetensorsWriter:
             )
         if tensor.numel():
             data = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
-            _write_all(self._file, memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+            try:
+                with no_room_as_error(self.path):
+                    _write_all(self._file, memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+            except BaseException:
+                # A failed write leaves a file with part of a tensor: no later write could make it valid.
+                self._discard()
+                raise
         self._next += 1
 
     def close(self) -> None:
@@ -118,6 +146,7 @@ class SafetensorsWriter:
 
         Raises:
             TensorMissingError: some tensors were never written (the partial file is discarded).
+            OutputWriteError: no room left when flushing to disk (the file is discarded).
         """
         if self._file is None:
             return
@@ -130,10 +159,14 @@ class SafetensorsWriter:
                 tensor=missing[0],
             )
         try:
-            os.fsync(self._file.fileno())
-        finally:
-            self._file.close()
-            self._file = None
+            # Space may be allocated only now (delayed allocation, network filesystems): fsync and close can fail.
+            with no_room_as_error(self.path):
+                os.fsync(self._file.fileno())
+                self._file.close()
+        except BaseException:
+            self._discard()
+            raise
+        self._file = None
         os.replace(self._temp_path, self.path)
 
     def _discard(self) -> None:
@@ -156,6 +189,7 @@ def save_tensors(
     Raises:
         InvalidOptionError: a name is ``__metadata__``, a dtype has no safetensors name, or metadata is not
             string -> string.
+        OutputWriteError: the disk is full, or a quota or file-size limit was hit (no file is left behind).
     """
     specs = [(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors.items()]
     with SafetensorsWriter(path, specs, metadata) as writer:
@@ -169,12 +203,30 @@ def write_json(path: Path, obj: object) -> None:
     Args:
         path: the file to create or replace.
         obj: anything ``json.dumps`` accepts.
+
+    Raises:
+        OutputWriteError: the disk is full, or a quota or file-size limit was hit (``path`` is left as it was).
     """
-    path = Path(path)
-    data = (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    _write_file(Path(path), (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` as UTF-8, replacing ``path`` atomically.
+
+    Args:
+        path: the file to create or replace.
+        text: the whole content.
+
+    Raises:
+        OutputWriteError: the disk is full, or a quota or file-size limit was hit (``path`` is left as it was).
+    """
+    _write_file(Path(path), text.encode("utf-8"))
+
+
+def _write_file(path: Path, data: bytes) -> None:
     temp_path, file = _create_sibling(path, "deltakit-tmp")
     try:
-        with file:
+        with no_room_as_error(path), file:
             _write_all(file, data)
             os.fsync(file.fileno())
         os.replace(temp_path, path)
@@ -189,10 +241,13 @@ def staged_output(final_path: Path, *, overwrite: bool, inputs: Sequence[Path] =
 
     The staging directory is named ``.{name}.deltakit-tmp-<random>`` beside ``final_path`` (same filesystem, so
     the final move is a rename). On success, an existing ``final_path`` (with ``overwrite``) is renamed aside,
-    the new directory renamed in, then the old one deleted: ``final_path`` always holds either the old output
-    or the complete new one. On any exception, KeyboardInterrupt and SystemExit included, the staging
-    directory is removed and the exception re-raised. Parent directories are created as needed. A process
-    killed outright (SIGKILL, power loss) can leave a staging directory behind, never a partial ``final_path``.
+    the new directory renamed in, then the old one deleted: ``final_path`` never holds a partial output. On
+    any exception, KeyboardInterrupt and SystemExit included, the staging directory is removed and the
+    exception re-raised; running out of room (an ``OSError`` ENOSPC, EDQUOT or EFBIG, from any code in the
+    block) becomes :class:`OutputWriteError` naming the file under ``final_path``. Parent directories are
+    created as needed. A process killed outright (SIGKILL, power loss) can leave a staging directory behind,
+    never a partial ``final_path``; killed between the two renames of an overwrite, it leaves no ``final_path``
+    and the old output in ``.{name}.deltakit-old-<random>``.
 
     Args:
         final_path: where the output directory should end up.
@@ -207,21 +262,67 @@ def staged_output(final_path: Path, *, overwrite: bool, inputs: Sequence[Path] =
         OutputExistsError: ``final_path`` exists and ``overwrite`` is false (checked before yielding, and again
             before the final rename).
         InvalidOptionError: ``final_path`` overlaps an input.
+        OutputWriteError: the disk is full, or a quota or file-size limit was hit.
     """
     # abspath, not resolve: a symlink at final_path is replaced, not followed.
     final_path = Path(os.path.abspath(final_path))
     refuse_overlap(final_path, inputs)
     _refuse_existing(final_path, overwrite)
-    final_path.parent.mkdir(parents=True, exist_ok=True)
-    staging_dir = _make_sibling_dir(final_path, "deltakit-tmp")
+    with no_room_as_error(final_path):
+        final_path.parent.mkdir(parents=True, exist_ok=True)
+        staging_dir = _make_sibling_dir(final_path, "deltakit-tmp")
     try:
         yield staging_dir
         _refuse_existing(final_path, overwrite)
         _fsync_dir(staging_dir)
         _replace_dir(staging_dir, final_path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(staging_dir, ignore_errors=True)
+        if isinstance(e, OutputWriteError) or (isinstance(e, OSError) and e.errno in _NO_ROOM):
+            cause = e.__cause__ if isinstance(e, OutputWriteError) and e.__cause__ is not None else e
+            raise _no_room_in_output(e, staging_dir, final_path) from cause
         raise
+
+
+def _no_room_in_output(error: OSError, staging_dir: Path, final_path: Path) -> OutputWriteError:
+    """The error naming the file under ``final_path`` the user asked for, not its removed staging twin."""
+    if isinstance(error, OutputWriteError):
+        message, path = error.message, error.path
+    else:
+        # shutil.copyfile names its destination in filename2; a bare write() names no file: blame the output.
+        message = _no_room_message(error.errno)
+        named = error.filename2 or error.filename
+        path = Path(os.fsdecode(named)) if isinstance(named, (str, bytes)) else final_path
+    if path is not None and path.is_relative_to(staging_dir):
+        path = final_path / path.relative_to(staging_dir)
+    return OutputWriteError(message, path=path if path is not None else final_path)
+
+
+@contextmanager
+def no_room_as_error(path: Path) -> Iterator[None]:
+    """Turn running out of room inside the block into :class:`OutputWriteError` naming ``path``.
+
+    For code that writes a file by other means than this module (``os.write``, ``copy_file_range``): the
+    ``OSError`` of a full disk (ENOSPC), an exceeded quota (EDQUOT) or the file-size limit (EFBIG) names no file.
+
+    Args:
+        path: the file being written, as the user should see it (inside a staging directory is fine:
+            :func:`staged_output` maps it to the final name).
+
+    Raises:
+        OutputWriteError: the block raised one of those errors (chained as the cause); other errors pass as they are.
+    """
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, DeltakitError) or e.errno not in _NO_ROOM:
+            raise
+        raise OutputWriteError(_no_room_message(e.errno), path=path) from e
+
+
+def _no_room_message(code: int) -> str:
+    what, fix = _NO_ROOM[code]
+    return f"cannot write: {what}; {fix} or choose another --out"
 
 
 def refuse_overlap(final_path: Path, inputs: Sequence[Path]) -> None:
@@ -280,13 +381,14 @@ def _make_sibling_dir(path: Path, tag: str) -> Path:
 
 def _create_sibling(path: Path, tag: str) -> tuple[Path, io.FileIO]:
     """Create a fresh hidden file beside ``path``, opened unbuffered (normal permissions, unlike mkstemp's 0600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        candidate = _free_sibling_name(path, tag)
-        try:
-            return candidate, open(candidate, "xb", buffering=0)
-        except FileExistsError:
-            continue
+    with no_room_as_error(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            candidate = _free_sibling_name(path, tag)
+            try:
+                return candidate, open(candidate, "xb", buffering=0)
+            except FileExistsError:
+                continue
 
 
 def _write_all(file: io.FileIO, data: bytes | memoryview) -> None:

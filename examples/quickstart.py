@@ -110,6 +110,19 @@ def load(ckpt_dir: Path) -> ToyLlama:
     return model.eval()
 
 
+def train_pair(model: ToyLlama, workdir: Path) -> tuple[Path, Path]:
+    """Pretrain ``model`` on addition (saved as the base), then fully fine-tune it on multiplication.
+
+    Returns:
+        The fine-tune's and the base's checkpoint directories.
+    """
+    train(model, PLUS, steps=300, lr=3e-3, seed=0)
+    save(model, workdir / "base")
+    train(model, TIMES, steps=400, lr=2e-3, seed=1)
+    save(model, workdir / "finetuned")
+    return workdir / "finetuned", workdir / "base"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, help="where checkpoints and adapters go (default: a temp dir)")
@@ -120,11 +133,7 @@ def main() -> None:
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
 
     started = time.perf_counter()
-    model = ToyLlama()
-    train(model, PLUS, steps=300, lr=3e-3, seed=0)
-    save(model, workdir / "base")
-    train(model, TIMES, steps=400, lr=2e-3, seed=1)
-    save(model, workdir / "finetuned")
+    train_pair(ToyLlama(), workdir)
     print(f"trained base and fine-tune in {time.perf_counter() - started:.0f} s → {workdir}")
 
     base, ft = load(workdir / "base"), load(workdir / "finetuned")

@@ -4,9 +4,9 @@ The invariant: whatever point a run is killed at, rerunning the manifest leaves 
 byte-identical to a clean run's (JSON reports compared without their timings), redoing only what was not
 finished, and leaving no staging directory behind.
 
-The killed runs are real subprocesses that call :func:`deltakit.batch.run_batch` (until ``deltakit batch``
-exists in the CLI); a small driver holds the process at a chosen point (by wrapping the shard writer or an
-operation, never the code under test) so that the SIGKILL lands exactly there.
+The killed runs are real subprocesses that call :func:`deltakit.batch.run_batch` (what ``deltakit batch`` calls);
+a small driver holds the process at a chosen point (by wrapping the shard writer or an operation, never the code
+under test) so that the SIGKILL lands exactly there.
 """
 
 from __future__ import annotations
@@ -342,7 +342,7 @@ op = "stack"
     message = str(info.value)
     assert message == (f"{tmp_path / 'jobs.toml'}: 6 problems: defaults: no operation takes 'rnk'; did you mean "
                        "'rank'?; job 1 (extract): 'progress' is set by batch, not per job; "
-                       "job 1 (extract): rank = '16' is not int (3 more)")
+                       "job 1 (extract): rank = '16' is not int or one of 'auto' (3 more)")
     for name, text, problem in [
         ("one", 'ft = "a"\nbase = "b"\nout = "c"\nsvd = "fast"',
          "job 1 (extract): svd = 'fast' is not one of 'exact', 'randomized', 'auto'"),

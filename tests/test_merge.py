@@ -7,8 +7,10 @@ merges an adapter that deltakit's own ``extract`` made.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import ModelPair, load_model, low_rank_delta, write_safetensors_pair
+from builders import ModelPair, load_model, logits, low_rank_delta, write_safetensors_pair
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
@@ -25,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from deltakit.checkpoint import open_checkpoint
 from deltakit.errors import (
     InvalidOptionError,
+    NonFiniteError,
     OutputExistsError,
     ReceiptMissingError,
     TensorMismatchError,
@@ -159,6 +162,94 @@ def test_merging_an_extracted_full_rank_adapter_gives_the_finetune(llama_pair: M
     _assert_close(_read(tmp_path / "merged"), _read(llama_pair.ft_dir), rel=1e-5)
 
 
+# The input embedding each tied pair's head shares, and that head's module.
+TIED = {
+    "llama_tied_pair": ("model.embed_tokens", "lm_head"),
+    "gpt2_pair": ("transformer.wte", "lm_head"),
+    "bert_pair": ("bert.embeddings.word_embeddings", "cls.predictions.decoder"),
+}
+
+
+@pytest.mark.parametrize("fixture", list(TIED))
+def test_tied_head_takes_the_embedding_update_once(fixture: str, tmp_path: Path,
+                                                   request: pytest.FixtureRequest) -> None:
+    """A full-rank extract of a tied model stores the embedding's factors for the head too (transposed); the
+    base stores only the embedding. Merging applies ΔE once: every tensor equals the fine-tune's, no head tensor
+    appears, and transformers' logits equal the fine-tune's; unmerge gives the base back. (BERT: the head's bias,
+    carried as ``cls.predictions.decoder.base_layer.bias``, lands on ``cls.predictions.bias``.)"""
+    pair: ModelPair = request.getfixturevalue(fixture)
+    embedding, head = TIED[fixture]
+    extract(pair.ft_dir, pair.base_dir, tmp_path / "adapter", rank=128)
+    assert f"base_model.model.{head}.lora_A.weight" in load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+
+    report = merge(pair.base_dir, [tmp_path / "adapter"], tmp_path / "merged")
+
+    base, merged, finetuned = _read(pair.base_dir), _read(tmp_path / "merged"), _read(pair.ft_dir)
+    assert list(merged) == list(base) and f"{head}.weight" not in merged
+    _assert_close(merged, finetuned, rel=1e-5)
+    assert f"{embedding}.weight" in {c.tensor for c in report.changed}
+    assert any(note.startswith(f"adapter #1: {head} is tied to {embedding}") for note in report.notes)
+    input_ids = torch.randint(0, 128, (2, 16))
+    ft_logits = logits(pair.ft_dir, input_ids)
+    torch.testing.assert_close(logits(tmp_path / "merged", input_ids), ft_logits, rtol=0, atol=1e-4)
+    unmerge(tmp_path / "merged", [tmp_path / "adapter"], tmp_path / "unmerged")
+    _assert_close(_read(tmp_path / "unmerged"), base, rel=1e-5)
+
+    # PEFT 0.21.2's merge_and_unload on the same adapter merges the embedding's LoRA and the head's LoRA (for
+    # lm_head the factors ensure_weight_tying shares; for BERT's decoder a LoRA of its own) into the one shared
+    # tensor, so it holds E + 2ΔE, while PEFT's unmerged forward is the fine-tune's. If this starts failing, PEFT
+    # changed how it merges tied modules: check that deltakit's merge still equals what PEFT then does.
+    model = PeftModel.from_pretrained(load_model(pair.base_dir), tmp_path / "adapter")
+    torch.testing.assert_close(logits(model, input_ids), ft_logits, rtol=0, atol=1e-4)
+    peft_merged = model.merge_and_unload().state_dict()
+    name, delta = f"{embedding}.weight", finetuned[f"{embedding}.weight"] - base[f"{embedding}.weight"]
+    torch.testing.assert_close(peft_merged[name], base[name] + 2 * delta, rtol=0, atol=1e-5)
+    assert peft_merged[f"{head}.weight"].data_ptr() == peft_merged[name].data_ptr()
+
+
+def test_base_storing_both_tied_tensors_gets_each_its_own_factors(llama_tied_pair: ModelPair,
+                                                                   tmp_path: Path) -> None:
+    """A tied base that stores lm_head.weight too (a copy of the embedding): each tensor takes its own factors,
+    and both end equal to the fine-tuned embedding."""
+    extract(llama_tied_pair.ft_dir, llama_tied_pair.base_dir, tmp_path / "adapter", rank=128)
+    base = _read(llama_tied_pair.base_dir)
+    base_dir = tmp_path / "base"
+    shutil.copytree(llama_tied_pair.base_dir, base_dir)
+    save_file(base | {"lm_head.weight": base["model.embed_tokens.weight"].clone()}, base_dir / "model.safetensors",
+              metadata={"format": "pt"})
+
+    report = merge(base_dir, [tmp_path / "adapter"], tmp_path / "merged")
+
+    merged, finetuned = _read(tmp_path / "merged"), _read(llama_tied_pair.ft_dir)
+    assert {"lm_head.weight", "model.embed_tokens.weight"} <= {c.tensor for c in report.changed}
+    assert not any("tied" in note for note in report.notes)
+    for name in ("lm_head.weight", "model.embed_tokens.weight"):
+        _assert_close({name: merged[name]}, {name: finetuned["model.embed_tokens.weight"]}, rel=1e-5)
+
+
+@pytest.mark.parametrize("change", ["factors", "scaling"])
+def test_tied_head_with_an_update_of_its_own_is_refused(change: str, llama_tied_pair: ModelPair,
+                                                        tmp_path: Path) -> None:
+    """Head factors that are not the embedding's transposed (one element off), or the same factors under another
+    scaling, would need a head weight the base does not have: refused, naming the module, dry run included."""
+    extract(llama_tied_pair.ft_dir, llama_tied_pair.base_dir, tmp_path / "adapter", rank=4)
+    adapter = tmp_path / "adapter"
+    if change == "factors":
+        tensors = load_file(adapter / "adapter_model.safetensors")
+        tensors["base_model.model.lm_head.lora_B.weight"][0, 0] += 1e-3
+        save_file(tensors, adapter / "adapter_model.safetensors")
+        reason = r"its factors are not model\.embed_tokens's transposed"
+    else:
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        config["alpha_pattern"] = {"^lm_head": 8}
+        (adapter / "adapter_config.json").write_text(json.dumps(config))
+        reason = r"its scaling 2 differs from model\.embed_tokens's"
+    for dry_run in (True, False):
+        with pytest.raises(TensorMissingError, match=rf"lm_head\.weight: module lm_head: the base ties .*{reason}"):
+            merge(llama_tied_pair.base_dir, [adapter], tmp_path / "out", dry_run=dry_run)
+    assert _no_output(tmp_path, "out")
+
+
 def _ulps_bf16(got: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """|got − ref| in units of the bf16 spacing at |scale| (default |ref|): 2^(e − 7) for |scale| in [2^e, 2^(e+1))."""
     scale = ref if scale is None else scale
@@ -247,10 +338,16 @@ def _llama_like(layers: int, hidden: int, inter: int, vocab: int, dtype: torch.d
     return tensors | {"model.norm.weight": torch.ones(hidden, dtype=dtype), "lm_head.weight": rand(vocab, hidden)}
 
 
-def test_output_mirrors_a_sharded_bf16_base(tmp_path: Path) -> None:
-    """3 bf16 shards with a custom prefix: same file names, index bytes, tensor order, dtypes and metadata;
-    untouched tensors byte-identical; side files copied, stale weights and subdirectories skipped; every file
-    loads with safetensors. The adapter comes from deltakit's own extract of a rank-4 fine-tune."""
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_output_mirrors_a_sharded_bf16_base(kernel_copy: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """3 bf16 shards with a custom prefix: same file names, index bytes, header bytes, tensor order, dtypes and
+    metadata; untouched tensors byte-identical; side files copied, stale weights and subdirectories skipped; every
+    file loads with safetensors. The adapter comes from deltakit's own extract of a rank-4 fine-tune. Also where
+    the kernel refuses copy_file_range (as between filesystems on older kernels): the same bytes, through memory."""
+    if not kernel_copy:
+        def refuse(*args: object) -> int:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
     base = _llama_like(3, 64, 96, 100, torch.bfloat16)
     finetuned = dict(base)
     for i in range(3):
@@ -280,6 +377,9 @@ def test_output_mirrors_a_sharded_bf16_base(tmp_path: Path) -> None:
         assert [(i.name, i.dtype, i.shape) for i in out_header.tensors.values()] == \
                [(i.name, i.dtype, i.shape) for i in base_header.tensors.values()]
         load_file(out_file)
+        base_bytes, out_bytes = base_file.read_bytes(), out_file.read_bytes()
+        assert len(out_bytes) == len(base_bytes)
+        assert out_bytes[:base_header.data_start] == base_bytes[:base_header.data_start]
     changed = {c.tensor for c in report.changed}
     assert changed == {f"model.layers.{i}.self_attn.q_proj.weight" for i in range(3)}
     for name, info in base_ckpt.tensors.items():
@@ -336,6 +436,24 @@ def test_adapter_for_another_base_fails_before_writing_and_names_the_module(tmp_
     assert _no_output(tmp_path, "out")
 
 
+def test_non_finite_result_is_refused_and_finite_extremes_are_not(tmp_path: Path) -> None:
+    """A NaN in the factors fails the merge naming the tensor and rows, leaving nothing; finite values near the
+    fp32 limit, whose sum overflows, merge."""
+    base = _llama_like(1, 32, 48, 50, torch.float32)
+    base["model.layers.0.mlp.up_proj.weight"][:2] = 3e38
+    base_dir, _ = write_safetensors_pair(tmp_path, base, {"x": torch.zeros(1)})
+    adapter = _handmade_adapter(tmp_path / "adapter", {"model.layers.0.mlp.up_proj": (48, 32)})
+    merge(base_dir, [adapter], tmp_path / "merged")
+    assert torch.isfinite(_read(tmp_path / "merged")["model.layers.0.mlp.up_proj.weight"]).all()
+
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"][5, 0] = float("nan")
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    with pytest.raises(NonFiniteError, match=r"up_proj\.weight: the merged weight has NaN or Inf in rows 0–47"):
+        merge(base_dir, [adapter], tmp_path / "out")
+    assert _no_output(tmp_path, "out")
+
+
 def test_weighted_saved_module_is_interpolated(llama_pair: ModelPair, tmp_path: Path) -> None:
     """A modules_to_save param under weight w becomes W0 + w · (saved − W0), like a scaled delta."""
     saving = _peft_adapter(llama_pair.base_dir, tmp_path / "saving", ["q_proj"], dora=False, rank=4, alpha=7, seed=1,
@@ -369,6 +487,24 @@ def test_existing_output_needs_overwrite_and_dry_run_writes_nothing(tmp_path: Pa
     assert (tmp_path / "out" / "model.safetensors").is_file()
     with pytest.raises(InvalidOptionError, match="2 weight"):
         merge(base_dir, [adapter], tmp_path / "other", weights=[1.0, 2.0])
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_output_that_overlaps_an_input_is_refused(dry_run: bool, tmp_path: Path) -> None:
+    """merge and unmerge refuse an output that is an input, lies inside one, or contains one, before writing,
+    also in a dry run, even with overwrite."""
+    base_dir, _ = write_safetensors_pair(tmp_path, _llama_like(1, 32, 48, 50, torch.float32), {"x": torch.zeros(1)})
+    adapter = _handmade_adapter(tmp_path / "adapter", {"model.layers.0.mlp.up_proj": (48, 32)})
+    files = {p: p.read_bytes() for p in [*base_dir.iterdir(), *adapter.iterdir()]}
+    for operation in (merge, unmerge):
+        for out, what in ((base_dir, f"is, or is inside, the input {base_dir}"),
+                          (base_dir / "merged", f"is, or is inside, the input {base_dir}"),
+                          (adapter / "merged", f"is, or is inside, the input {adapter}"),
+                          (tmp_path, f"contains the input {base_dir}")):
+            with pytest.raises(InvalidOptionError, match=re.escape(f"the output {what};")):
+                operation(base_dir, [adapter], out, overwrite=True, dry_run=dry_run)
+    assert {p: p.read_bytes() for p in [*base_dir.iterdir(), *adapter.iterdir()]} == files
+    assert not (base_dir / "merged").exists() and not (adapter / "merged").exists()
 
 
 _MEMORY_CHILD = textwrap.dedent("""

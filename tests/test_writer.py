@@ -2,22 +2,34 @@
 
 Every file we write must read back with safetensors itself, bit for bit, and be byte-identical to
 ``safetensors.torch.save`` when tensors come in the order safetensors uses. No output may ever appear
-half-written under its final name.
+half-written under its final name, and running out of room is a typed, one-line error.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import resource
+import shutil
+import signal
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
 from safetensors.torch import load_file, save
 
 from deltakit.checkpoint import DTYPE_NAMES, open_checkpoint
-from deltakit.errors import InvalidOptionError, OutputExistsError, TensorMismatchError, TensorMissingError
-from deltakit.writer import SafetensorsWriter, save_tensors, staged_output, write_json
+from deltakit.errors import (
+    InvalidOptionError,
+    OutputExistsError,
+    OutputWriteError,
+    TensorMismatchError,
+    TensorMissingError,
+)
+from deltakit.writer import SafetensorsWriter, save_tensors, staged_output, write_json, write_text
 
 SHAPES = [(), (0,), (3, 0), (1,), (3, 5), (2, 3, 4)]
 
@@ -289,3 +301,113 @@ def test_staged_output_refuses_output_that_appeared_during_the_run(tmp_path):
             final.mkdir()  # another process got there first
     assert list(final.iterdir()) == []
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+# --- running out of room -------------------------------------------------------------------------------------------
+
+LIMIT = 4096  # bytes any file of this process may grow to inside ``_file_size_limit()``
+
+
+@contextmanager
+def _file_size_limit() -> Iterator[None]:
+    """RLIMIT_FSIZE lowered to LIMIT for this process: a write past it fails with EFBIG (SIGXFSZ ignored)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous_handler)
+
+
+def _assert_file_size_error(error: OutputWriteError, path) -> None:
+    assert error.path == path and error.exit_code == 1
+    assert str(error) == (f"{path}: cannot write: the file size limit was hit (file too large for `ulimit -f` or "
+                          "the filesystem); raise the limit or choose another --out")
+    assert isinstance(error.__cause__, OSError) and error.__cause__.errno == errno.EFBIG
+
+
+def test_writer_past_file_size_limit_raises_output_write_error_and_keeps_previous_file(tmp_path):
+    path = tmp_path / "out.safetensors"
+    save_tensors(path, {"old": torch.ones(1)})
+    with _file_size_limit(), pytest.raises(OutputWriteError) as caught:
+        with SafetensorsWriter(path, [("a", torch.float32, (512,)), ("b", torch.float32, (1024,))]) as writer:
+            writer.write("a", torch.ones(512))  # 2 KiB: fits
+            writer.write("b", torch.ones(1024))  # 4 KiB more: crosses the limit part-way
+    _assert_file_size_error(caught.value, path)
+    assert list(load_file(path)) == ["old"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
+
+
+def test_writer_discards_its_file_when_a_write_fails_outside_a_with_block(tmp_path):
+    path = tmp_path / "out.safetensors"
+    writer = SafetensorsWriter(path, [("a", torch.float32, (2048,))])
+    with _file_size_limit(), pytest.raises(OutputWriteError):
+        writer.write("a", torch.ones(2048))
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(TensorMismatchError, match="already closed"):
+        writer.write("a", torch.ones(2048))
+
+
+@pytest.mark.parametrize("write", [write_json, write_text], ids=lambda f: f.__name__)
+def test_write_json_and_write_text_past_limit_keep_previous_file(tmp_path, write):
+    path = tmp_path / "file"
+    write(path, "old")
+    previous = path.read_bytes()
+    with _file_size_limit(), pytest.raises(OutputWriteError) as caught:
+        write(path, "x" * (2 * LIMIT))
+    _assert_file_size_error(caught.value, path)
+    assert path.read_bytes() == previous
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_staged_output_names_the_final_file_not_its_staging_twin(tmp_path):
+    final = tmp_path / "out"
+    with _file_size_limit(), pytest.raises(OutputWriteError) as caught:
+        with staged_output(final, overwrite=False) as staging_dir:
+            write_json(staging_dir / "adapter_config.json", {"r": 4})
+            save_tensors(staging_dir / "adapter_model.safetensors", {"a": torch.ones(2048)})
+    _assert_file_size_error(caught.value, final / "adapter_model.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_staged_output_turns_out_of_room_oserror_from_other_code_into_output_write_error(tmp_path):
+    source = tmp_path / "tokenizer.json"
+    source.write_bytes(b"x" * (2 * LIMIT))
+    final = tmp_path / "outputs" / "out"
+    # shutil.copyfile names its destination (OSError.filename2): that file, under the final name, is blamed.
+    with _file_size_limit(), pytest.raises(OutputWriteError) as caught:
+        with staged_output(final, overwrite=False) as staging_dir:
+            shutil.copyfile(source, staging_dir / "tokenizer.json")
+    _assert_file_size_error(caught.value, final / "tokenizer.json")
+    # A bare write() names no file: the output directory is blamed.
+    with _file_size_limit(), pytest.raises(OutputWriteError) as caught:
+        with staged_output(final, overwrite=False) as staging_dir:
+            (staging_dir / "README.md").write_bytes(b"x" * (2 * LIMIT))
+    _assert_file_size_error(caught.value, final)
+    assert list(final.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [(errno.ENOSPC, "the disk is full (no space left on device); free some space"),
+     (errno.EDQUOT, "the disk quota is exceeded; free some space")],
+    ids=["ENOSPC", "EDQUOT"],
+)
+def test_staged_output_reports_disk_full_and_quota_in_one_line(tmp_path, code, words):
+    final = tmp_path / "out"
+    with pytest.raises(OutputWriteError) as caught:
+        with staged_output(final, overwrite=False) as staging_dir:
+            (staging_dir / "partial.bin").write_bytes(b"half")
+            raise OSError(code, os.strerror(code))
+    assert str(caught.value) == f"{final}: cannot write: {words} or choose another --out"
+    assert caught.value.__cause__.errno == code
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_staged_output_keeps_other_oserrors_as_they_are(tmp_path):
+    with pytest.raises(PermissionError):
+        with staged_output(tmp_path / "out", overwrite=False):
+            raise PermissionError(errno.EACCES, "Permission denied")
+    assert list(tmp_path.iterdir()) == []
