@@ -12,6 +12,8 @@ file, and leaves no partial or temporary file behind.
 from __future__ import annotations
 
 import errno
+import fcntl
+import glob
 import io
 import json
 import os
@@ -270,18 +272,57 @@ def staged_output(final_path: Path, *, overwrite: bool, inputs: Sequence[Path] =
     _refuse_existing(final_path, overwrite)
     with no_room_as_error(final_path):
         final_path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_staging(final_path)
         staging_dir = _make_sibling_dir(final_path, "deltakit-tmp")
+        lock = _hold_lock(staging_dir)
     try:
         yield staging_dir
         _refuse_existing(final_path, overwrite)
         _fsync_dir(staging_dir)
         _replace_dir(staging_dir, final_path)
+        _release_lock(staging_dir, lock)
     except BaseException as e:
         shutil.rmtree(staging_dir, ignore_errors=True)
+        _release_lock(staging_dir, lock)
         if isinstance(e, OutputWriteError) or (isinstance(e, OSError) and e.errno in _NO_ROOM):
             cause = e.__cause__ if isinstance(e, OutputWriteError) and e.__cause__ is not None else e
             raise _no_room_in_output(e, staging_dir, final_path) from cause
         raise
+
+
+def _lock_path(staging_dir: Path) -> Path:
+    return staging_dir.with_name(staging_dir.name + ".lock")
+
+
+def _hold_lock(staging_dir: Path) -> int:
+    """Lock a file beside the staging directory for as long as this process builds it: the kernel drops the
+    lock when the process dies, however it dies, which is how a later run tells an abandoned directory."""
+    fd = os.open(_lock_path(staging_dir), os.O_CREAT | os.O_RDWR, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def _release_lock(staging_dir: Path, fd: int) -> None:
+    _lock_path(staging_dir).unlink(missing_ok=True)
+    os.close(fd)
+
+
+def _remove_abandoned_staging(final_path: Path) -> None:
+    """Delete staging directories of earlier runs for the same output that were killed (SIGKILL, power loss):
+    on a large model each can hold a partial checkpoint. One whose lock another live process holds is kept."""
+    for lock_path in final_path.parent.glob(f".{glob.escape(final_path.name)}.deltakit-tmp-*.lock"):
+        try:
+            fd = os.open(lock_path, os.O_RDWR)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue  # a run in progress
+        shutil.rmtree(lock_path.with_name(lock_path.name.removesuffix(".lock")), ignore_errors=True)
+        lock_path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def _no_room_in_output(error: OSError, staging_dir: Path, final_path: Path) -> OutputWriteError:

@@ -411,3 +411,31 @@ def test_staged_output_keeps_other_oserrors_as_they_are(tmp_path):
         with staged_output(tmp_path / "out", overwrite=False):
             raise PermissionError(errno.EACCES, "Permission denied")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_staging_abandoned_by_a_killed_run_is_removed_and_a_live_one_kept(tmp_path):
+    """A run killed outright leaves its staging directory and an unlocked lock file; the next run for the same
+    output removes them. A staging directory whose lock is held (a run in progress) is left alone."""
+    import fcntl
+
+    out = tmp_path / "out"
+    abandoned = tmp_path / ".out.deltakit-tmp-dead"
+    (abandoned / "sub").mkdir(parents=True)
+    (abandoned / "sub" / "partial.safetensors").write_bytes(b"x" * 100)
+    (tmp_path / ".out.deltakit-tmp-dead.lock").touch()
+    live = tmp_path / ".out.deltakit-tmp-live"
+    live.mkdir()
+    held = os.open(tmp_path / ".out.deltakit-tmp-live.lock", os.O_CREAT | os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    other = tmp_path / ".other.deltakit-tmp-dead"  # another output's: not ours to judge
+    other.mkdir()
+    (tmp_path / ".other.deltakit-tmp-dead.lock").touch()
+    try:
+        with staged_output(out, overwrite=False) as staging:
+            (staging / "a").write_text("a")
+    finally:
+        os.close(held)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".other.deltakit-tmp-dead", ".other.deltakit-tmp-dead.lock", ".out.deltakit-tmp-live",
+        ".out.deltakit-tmp-live.lock", "out"]
+    assert sorted(p.name for p in out.iterdir()) == ["a"]
