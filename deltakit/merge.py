@@ -83,7 +83,7 @@ from .layers import (
     weight_kind,
 )
 from .report import command_line, format_bytes
-from .writer import SafetensorsWriter, refuse_overlap, staged_output, write_json
+from .writer import SafetensorsWriter, no_room_as_error, refuse_overlap, staged_output, write_json
 
 RECEIPT_DIR = "deltakit_merge_receipt"
 RECEIPT_JSON = "receipt.json"
@@ -657,11 +657,12 @@ class _MirroredShard:
     """An output shard laid out exactly as its base shard (the same header bytes, tensor offsets and size), for
     a run that changes no dtype. Written front to back: what stays as it is (the header, unchanged tensors) is
     copied file to file by the kernel, never through this process's memory; a changed tensor's bytes are written
-    at its own offset. Writeback to disk starts as data arrives, so that closing does not wait for all of it.
-    As a context manager, an exception closes without syncing (the staging directory is removed anyway)."""
+    at its own offset. As a context manager, an exception closes without syncing (the staging directory is
+    removed anyway)."""
 
     def __init__(self, base_path: Path, out_path: Path, header: SafetensorsHeader) -> None:
         self._header = header
+        self._out_path = out_path
         self._end = max((info.end for info in header.tensors.values()), default=header.data_start)
         self._base = open(base_path, "rb", buffering=0)
         try:
@@ -684,35 +685,30 @@ class _MirroredShard:
     def write(self, name: TensorName, tensor: torch.Tensor) -> None:
         """Copy the base up to this tensor, then write its new bytes (same dtype and shape)."""
         info = self._header.tensors[name]
-        self._copy_until(info.start)
-        view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-        while view:  # unbuffered writes may be partial
-            view = view[self._out.write(view):]
-        self._start_writeback(info.start, info.nbytes)
+        with no_room_as_error(self._out_path):
+            self._copy_until(info.start)
+            view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            while view:  # unbuffered writes may be partial
+                view = view[self._out.write(view):]
         self._written = info.end
 
     def close(self) -> None:
         """Copy the rest of the base, sync to disk and close (once)."""
         if self._out.closed:
             return
-        self._copy_until(self._end)
-        os.fsync(self._out.fileno())
-        self._out.close()
+        with no_room_as_error(self._out_path):
+            self._copy_until(self._end)
+            os.fsync(self._out.fileno())
+            self._out.close()
         self._base.close()
 
     def _copy_until(self, end: int) -> None:
-        start = self._written
         while self._written < end:
             copied = _copy_range(self._base.fileno(), self._out.fileno(), self._written, end - self._written)
             if not copied:
                 raise CheckpointFormatError(f"file ends at byte {self._written}, before {self._end}; it changed "
                                             "since it was opened", path=self._base.name)
             self._written += copied
-        self._start_writeback(start, end - start)
-
-    def _start_writeback(self, offset: int, count: int) -> None:
-        if count and hasattr(os, "sync_file_range"):  # Linux: start writeback now, don't wait for it
-            os.sync_file_range(self._out.fileno(), offset, count, os.SYNC_FILE_RANGE_WRITE)
 
 
 # copy_file_range may be refused between filesystems (older kernels), by a filesystem without support, or by a
@@ -730,7 +726,8 @@ def _copy_range(source: int, target: int, offset: int, count: int) -> int:
         except OSError as e:
             if e.errno not in _NO_KERNEL_COPY:
                 raise
-    data = os.pread(source, min(count, 1 << 26), offset)
+    os.lseek(source, offset, os.SEEK_SET)  # the source is this shard's own handle
+    data = os.read(source, min(count, 1 << 26))
     view = memoryview(data)
     while view:
         view = view[os.write(target, view):]

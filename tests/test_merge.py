@@ -530,9 +530,10 @@ def test_peak_memory_is_bounded_by_the_largest_tensor_not_the_shard(tmp_path: Pa
     growth stays within 8 tensors' worth (32 MiB), an eighth of the shard.
 
     Measured in a child process: VmHWM after resetting it (``/proc/self/clear_refs`` = 5) minus the RSS at that
-    moment. deltakit reads tensors with read(), not mmap, so page cache is not counted; library pages are loaded
-    by a warm-up before the reset. deltakit holds two read buffers the size of the largest tensor (one is being
-    written while the other is read), a 1 MiB fp32 block and the adapter (4 MiB here): 19–20 MiB measured.
+    moment. deltakit reads tensors with read() (and copies unchanged ones file to file), not mmap, so page cache is
+    not counted; library pages are loaded by a warm-up before the reset. deltakit holds two read buffers the size
+    of the largest tensor it changes (one is being written while the other is read), a 1 MiB fp32 block and the
+    adapter (4 MiB here): 17–25 MiB measured.
     """
     count, largest = 64, 4 * 2**20
     tensors = {f"layers.{i}.proj.weight": torch.full((1024, 1024), float(i)) for i in range(count)}
