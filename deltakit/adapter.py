@@ -19,7 +19,7 @@ import torch
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import AdapterFormatError, CheckpointNotFoundError
-from .hub import ResolvedRepo, is_hub_id, resolve
+from .hub import ResolvedRepo, local_path
 from .layers import (
     ModuleName,
     PeftKey,
@@ -248,10 +248,7 @@ def read_adapter(path: str | Path) -> Adapter:
         CheckpointNotFoundError: no such directory, or no weights in it.
         AdapterFormatError: the config is missing, unreadable, or not a LoRA config.
     """
-    adapter_dir, source = Path(path), None
-    if not adapter_dir.exists() and is_hub_id(path):
-        source = resolve(str(path), kind="adapter")
-        adapter_dir = source.local_dir
+    adapter_dir, source = local_path(path, kind="adapter")
     config_path = adapter_dir / CONFIG_FILE
     if not config_path.is_file():
         if not adapter_dir.exists():

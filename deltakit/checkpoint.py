@@ -37,7 +37,7 @@ from .errors import (
     TensorMissingError,
     shorten,
 )
-from .hub import ResolvedRepo, is_hub_id, resolve
+from .hub import ResolvedRepo, local_path
 
 TensorName = str
 
@@ -300,7 +300,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         CheckpointFormatError: a header, index or pickle is malformed or unsafe.
         HubError, HubUnavailableError: a Hub id that cannot be resolved (see :func:`deltakit.hub.resolve`).
     """
-    ckpt_path, source = _resolve_local(path)
+    ckpt_path, source = local_path(path, kind="checkpoint")
+    if not ckpt_path.exists():
+        raise CheckpointNotFoundError("no such file or directory", path=ckpt_path)
     index_path = None
     if ckpt_path.is_dir():
         index_path, files = _find_weight_files(ckpt_path)
@@ -318,17 +320,6 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     headers = {shard_path: _read_listing(shard_path) for shard_path in shards}
     _check_index_matches_shards(index_path, weight_map, headers)
     return Checkpoint(ckpt_path, shards, index_path, headers, source)
-
-
-def _resolve_local(path_or_id: str | Path) -> tuple[Path, ResolvedRepo | None]:
-    """What the user named as a local path: itself if it exists, else a Hub id's cached snapshot."""
-    local = Path(path_or_id)
-    if local.exists():
-        return local, None
-    if is_hub_id(path_or_id):
-        resolved = resolve(str(path_or_id), kind="checkpoint")
-        return resolved.local_dir, resolved
-    raise CheckpointNotFoundError("no such file or directory", path=local)
 
 
 def _find_weight_files(ckpt_dir: Path) -> tuple[Path | None, tuple[Path, ...]]:

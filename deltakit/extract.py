@@ -51,6 +51,7 @@ from .ranks import (
     predicted_squared_error,
 )
 from .report import ExtractReport, ModuleReport, TensorFate, command_line, model_card
+from .values import all_finite, check_finite, same_values
 from .writer import save_tensors, staged_output, write_json, write_text
 
 REPORT_FILE = "extract_report.json"
@@ -129,24 +130,6 @@ def rank_policy(
     return PatternRanks(tuple(rank_pattern), policy) if rank_pattern else policy
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """In blocks of rows: isfinite on a whole tensor would allocate a mask as large as the tensor."""
-    if not tensor.is_floating_point():
-        return True
-    rows = tensor.reshape(-1, tensor.shape[-1]) if tensor.dim() > 1 else tensor.reshape(1, -1)
-    step = max(1, (1 << 20) // max(1, rows.shape[1]))
-    return all(bool(torch.isfinite(block).all()) for block in rows.split(step))
-
-
-def _check_finite(tensor: torch.Tensor, name: str, where: Path) -> None:
-    if not _all_finite(tensor):
-        raise NonFiniteError("contains NaN or Inf", path=where, tensor=name)
-
-
-def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return torch.equal(a, b) if a.dtype == b.dtype else torch.equal(a.float(), b.float())
-
-
 def _lora_factors(
     svd: TruncatedSVD, rank: int, alpha: float | None, use_rslora: bool, module: str, kind: WeightKind,
     dtype: torch.dtype, row_scale: torch.Tensor | None = None,
@@ -218,12 +201,12 @@ class _Extraction:
 
     def _load_pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         base_w, ft_w = self.base.get(name), self.finetuned.get(name)
-        _check_finite(base_w, name, self.base.path)
-        _check_finite(ft_w, name, self.finetuned.path)
+        check_finite(base_w, name, self.base.path)
+        check_finite(ft_w, name, self.finetuned.path)
         return base_w, ft_w
 
     def _is_changed(self, name: str) -> bool:
-        return not _equal(*self._load_pair(name))
+        return not same_values(*self._load_pair(name))
 
     def _carry_tensor(self, name: str, key: str, reason: str) -> None:
         info = self.finetuned.info(name)
@@ -234,7 +217,7 @@ class _Extraction:
         """Factorize the module's weight; False if it did not change."""
         started = time.perf_counter()
         base_w, ft_w = self.base.get(weight), self.finetuned.get(weight)
-        if _equal(base_w, ft_w) and _all_finite(base_w):
+        if same_values(base_w, ft_w) and all_finite(base_w):
             return False
         # Memory: the stored pair, then base and ΔW in fp32 (and ft for DoRA), never more.
         base_m = to_out_in(base_w.to(self.device, torch.float32), plan.kind)  # (out, in)
@@ -243,7 +226,7 @@ class _Extraction:
         del ft_w
         ft_m = delta.clone() if self.dora else None
         delta.sub_(base_m)
-        if not _all_finite(delta):
+        if not all_finite(delta):
             self._load_pair(weight)  # names the input holding the NaN/Inf
             raise NonFiniteError("ΔW overflows float32", path=self.finetuned.path, tensor=weight)
         stored_shape = tuple(self.finetuned.info(weight).shape)
@@ -285,7 +268,7 @@ class _Extraction:
                row: ModuleReport) -> _Deferred:
         """Phase 1 of a budget: keep the singular values in memory and the vectors on disk, so memory stays
         bounded by one module however many modules there are."""
-        path = self.spill_dir / f"{sum(isinstance(f, _Deferred) for f in self.factors):06d}.safetensors"
+        path = self.spill_dir / f"{len(self.factors):06d}.safetensors"  # the slot this module will fill
         save_tensors(path, {"u": svd.u.cpu().contiguous(), "s": svd.s.cpu(), "vh": svd.vh.cpu().contiguous()})
         spectrum = ModuleSpectrum(plan.module, out_in, svd.s.cpu(), svd.total_energy)
         return _Deferred(plan.module, plan.kind, dtype, row, path, spectrum, svd.method, svd.residual_energy)

@@ -161,6 +161,19 @@ def resolve(ref: HubRef | str, *, kind: Kind) -> ResolvedRepo:
     return ResolvedRepo(snapshot_dir, ref.repo_id, ref.revision, commit)
 
 
+def local_path(path_or_id: str | Path, *, kind: Kind) -> tuple[Path, ResolvedRepo | None]:
+    """What the user named, as a local path: itself if it exists or is no Hub id, else the id's snapshot folder
+    (:func:`resolve`) and where it came from. The caller reports a path that does not exist.
+
+    Raises:
+        HubError, HubUnavailableError: as :func:`resolve`.
+    """
+    if not is_hub_id(path_or_id):
+        return Path(path_or_id), None
+    resolved = resolve(str(path_or_id), kind=kind)
+    return resolved.local_dir, resolved
+
+
 def resolve_commit(ref: HubRef | str) -> str:
     """The commit a revision points to now, without downloading any file (offline: from the cache's refs).
 

@@ -13,7 +13,6 @@ The module is named ``inspect_delta`` so that it does not shadow the standard li
 from __future__ import annotations
 
 import math
-import os
 import re
 import time
 from collections import Counter
@@ -25,7 +24,7 @@ from tqdm import tqdm
 
 from . import plots
 from .checkpoint import open_checkpoint
-from .errors import InvalidOptionError, NonFiniteError, NothingToExtractError
+from .errors import InvalidOptionError, NothingToExtractError
 from .factorize import SvdMethod, resolve_device, truncated_svd
 from .layers import ModuleName, out_in_shape, to_out_in
 from .plan import plan_extract
@@ -39,6 +38,7 @@ from .ranks import (
     rank_for_energy,
 )
 from .report import command_line, format_bytes
+from .values import check_finite, same_values
 from .writer import refuse_overlap, staged_output, write_json
 
 REPORT_FILE = "report.json"
@@ -271,7 +271,7 @@ def inspect(
     math_device = resolve_device(device)
     ft_ckpt, base_ckpt = open_checkpoint(finetuned), open_checkpoint(base)
     if out is not None:  # before the measurement, not after it
-        refuse_overlap(Path(os.path.abspath(out)), [ft_ckpt.path, base_ckpt.path])
+        refuse_overlap(Path(out), [ft_ckpt.path, base_ckpt.path])
     plan = plan_extract(ft_ckpt, base_ckpt, include=include, exclude=exclude)
     options = {"ranks": list(ranks), "max_rank": max_rank, "svd": svd, "device": str(math_device),
                "include": include, "exclude": exclude}
@@ -283,10 +283,9 @@ def inspect(
     for module_plan in tqdm(jobs, desc="inspect", unit="module", disable=not progress, dynamic_ncols=True):
         weight = module_plan.weight
         base_w, ft_w = base_ckpt.get(weight), ft_ckpt.get(weight)
-        for tensor, ckpt in ((base_w, base_ckpt), (ft_w, ft_ckpt)):
-            if not bool(torch.isfinite(tensor).all()):
-                raise NonFiniteError("contains NaN or Inf", path=ckpt.path, tensor=weight)
-        if torch.equal(base_w, ft_w) if base_w.dtype == ft_w.dtype else torch.equal(base_w.float(), ft_w.float()):
+        check_finite(base_w, weight, base_ckpt.path)
+        check_finite(ft_w, weight, ft_ckpt.path)
+        if same_values(base_w, ft_w):
             report.unchanged += 1
             continue
         base_dtypes[base_w.dtype] += 1

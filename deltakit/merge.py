@@ -839,6 +839,15 @@ def _open_inputs(checkpoint: str | Path, adapters: list[str | Path]) -> tuple[Ch
     return ckpt, [read_adapter(a) for a in adapters]
 
 
+def _dry_run(report: MergeReport, ckpt: Checkpoint, out_dir: Path, inputs: list[Path],
+             out_dtype: torch.dtype | None) -> None:
+    """What a real run would check and report about its output, without writing it."""
+    refuse_overlap(out_dir, inputs)
+    report.unchanged = len(ckpt) - len(report.changed)
+    report.weight_files = [f.name for f in ckpt.files]
+    _copy_other_files(ckpt, None, out_dtype, report)
+
+
 def merge(
     base: str | Path,
     adapters: list[str | Path],
@@ -902,10 +911,7 @@ def merge(
         report.notes.append(f"the base holds the {RECEIPT_DIR}/ of an earlier merge; it is not carried over, so "
                             "that merge can be undone only from the base as it is now")
     if dry_run:
-        refuse_overlap(out_dir, inputs)
-        report.unchanged = len(ckpt) - len(report.changed)
-        report.weight_files = [f.name for f in ckpt.files]
-        _copy_other_files(ckpt, None, out_dtype, report)
+        _dry_run(report, ckpt, out_dir, inputs, out_dtype)
         if out_dir.exists() and not overwrite:
             report.notes.append(f"{out_dir} exists: a real run needs --overwrite")
         return report
@@ -1027,10 +1033,7 @@ def unmerge(
     report.changed = _changes(jobs, ckpt, reverse=True)
     report.receipt = "used" if receipt is not None else f"none used ({receipt_state}); LoRA subtracted"
     if dry_run:
-        refuse_overlap(out_dir, inputs)
-        report.unchanged = len(ckpt) - len(report.changed)
-        report.weight_files = [f.name for f in ckpt.files]
-        _copy_other_files(ckpt, None, out_dtype, report)
+        _dry_run(report, ckpt, out_dir, inputs, out_dtype)
         return report
 
     with staged_output(out_dir, overwrite=overwrite, inputs=inputs) as staging_dir:

@@ -291,7 +291,8 @@ def staged_output(final_path: Path, *, overwrite: bool, inputs: Sequence[Path] =
 
 
 def _lock_path(staging_dir: Path) -> Path:
-    return staging_dir.with_name(staging_dir.name + ".lock")
+    # A tag of its own, so that nothing looking for staging directories finds the lock file among them.
+    return staging_dir.with_name(staging_dir.name.replace(".deltakit-tmp-", ".deltakit-lock-"))
 
 
 def _hold_lock(staging_dir: Path) -> int:
@@ -310,7 +311,7 @@ def _release_lock(staging_dir: Path, fd: int) -> None:
 def _remove_abandoned_staging(final_path: Path) -> None:
     """Delete staging directories of earlier runs for the same output that were killed (SIGKILL, power loss):
     on a large model each can hold a partial checkpoint. One whose lock another live process holds is kept."""
-    for lock_path in final_path.parent.glob(f".{glob.escape(final_path.name)}.deltakit-tmp-*.lock"):
+    for lock_path in final_path.parent.glob(f".{glob.escape(final_path.name)}.deltakit-lock-*"):
         try:
             fd = os.open(lock_path, os.O_RDWR)
         except FileNotFoundError:
@@ -320,7 +321,8 @@ def _remove_abandoned_staging(final_path: Path) -> None:
         except BlockingIOError:
             os.close(fd)
             continue  # a run in progress
-        shutil.rmtree(lock_path.with_name(lock_path.name.removesuffix(".lock")), ignore_errors=True)
+        staging_name = lock_path.name.replace(".deltakit-lock-", ".deltakit-tmp-")
+        shutil.rmtree(lock_path.with_name(staging_name), ignore_errors=True)
         lock_path.unlink(missing_ok=True)
         os.close(fd)
 

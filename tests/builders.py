@@ -467,3 +467,16 @@ def module_kinds(model: nn.Module) -> dict[str, str]:
         for name, module in model.named_modules(remove_duplicate=False)
         if any(True for _ in module.parameters(recurse=False))
     }
+
+
+def signal_plus_noise(shape: tuple[int, int], rank: int, snr: float, sigma: float, seed: int) -> torch.Tensor:
+    """U·diag(θ)·Vᵀ + σZ in fp64, U and V random orthonormal: the weakest signal value θ_r = snr × the noise bulk
+    edge (√m + √n)·σ, the strongest twice that; what a noise-floor rank should find ``rank`` of."""
+    generator = torch.Generator().manual_seed(seed)
+    out, inp = shape
+    u = torch.linalg.qr(torch.randn(out, rank, generator=generator, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(inp, rank, generator=generator, dtype=torch.float64)).Q
+    edge = (math.sqrt(out) + math.sqrt(inp)) * sigma
+    theta = snr * edge * torch.linspace(2.0, 1.0, rank, dtype=torch.float64)
+    return (u * theta) @ v.T + sigma * torch.randn(out, inp, generator=generator, dtype=torch.float64)
+

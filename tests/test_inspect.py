@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from builders import write_safetensors_pair
+from builders import signal_plus_noise, write_safetensors_pair
 
 from deltakit import plots
 from deltakit.errors import InvalidOptionError, NothingToExtractError, OutputExistsError
@@ -30,13 +30,7 @@ _PLANTED = {
 
 
 def _planted_delta(out_in: tuple[int, int], rank: int, strength: float, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    out, inp = out_in
-    u = torch.linalg.qr(torch.randn(out, rank, generator=generator, dtype=torch.float64)).Q
-    v = torch.linalg.qr(torch.randn(inp, rank, generator=generator, dtype=torch.float64)).Q
-    edge = (math.sqrt(out) + math.sqrt(inp)) * _NOISE
-    theta = strength * edge * torch.linspace(2.0, 1.0, rank, dtype=torch.float64)
-    return (u * theta) @ v.T + _NOISE * torch.randn(out, inp, generator=generator, dtype=torch.float64)
+    return signal_plus_noise(out_in, rank, strength, _NOISE, seed)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from builders import low_rank_delta, write_safetensors_pair
+from builders import low_rank_delta, signal_plus_noise, write_safetensors_pair
 
 from deltakit import ranks
 from deltakit.errors import InvalidOptionError
@@ -93,16 +93,7 @@ def test_parse_rank_pattern_and_rank():
 
 
 def _signal_plus_noise(shape: tuple[int, int], rank: int, snr: float, seed: int, sigma: float = 0.01) -> torch.Tensor:
-    """U·diag(θ)·Vᵀ + σZ, the weakest signal value θ_r = snr × the noise bulk edge (√m + √n)·σ; the strongest is
-    twice that."""
-    generator = torch.Generator().manual_seed(seed)
-    out, inp = shape
-    u = torch.linalg.qr(torch.randn(out, rank, generator=generator, dtype=torch.float64)).Q
-    v = torch.linalg.qr(torch.randn(inp, rank, generator=generator, dtype=torch.float64)).Q
-    edge = (math.sqrt(out) + math.sqrt(inp)) * sigma
-    theta = snr * edge * torch.linspace(2.0, 1.0, rank, dtype=torch.float64)
-    noise = sigma * torch.randn(out, inp, generator=generator, dtype=torch.float64)
-    return ((u * theta) @ v.T + noise).float()
+    return signal_plus_noise(shape, rank, snr, sigma, seed).float()
 
 
 def _leading(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:

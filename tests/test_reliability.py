@@ -275,14 +275,15 @@ def test_sigkill_leaves_no_partial_output_and_rerun_matches_clean_run(pair, adap
 
 
 def _wait_until_mid_run(out: Path, pid: int, command: str) -> None:
-    """Return once the run is well under way: extract 0.1 s into its SVDs, merge once it writes its first shard."""
+    """Return once the run is well under way: extract 20 ms into its SVDs (a later wake-up can
+    miss the end of so short a run), merge once it writes its first shard."""
     deadline = time.monotonic() + 60
     while True:
         assert time.monotonic() < deadline and Path(f"/proc/{pid}").exists(), "the run ended before its middle"
         staging = next(iter(_siblings(out, "tmp")), None)
         if staging is not None:
             if command == "extract":
-                time.sleep(0.1)
+                time.sleep(0.02)
                 return
             if any(".safetensors" in p.name for p in staging.iterdir()):
                 return

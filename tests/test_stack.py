@@ -59,6 +59,16 @@ def two_adapters(llama_pair: ModelPair, tmp_path: Path) -> list[Path]:
     ]
 
 
+def _assert_merges_like_the_originals(base_dir: Path, stacked_dir: Path, adapters: list[Path], tmp_path: Path) -> None:
+    """Merging the stacked adapter gives the weights that merging the originals with WEIGHTS gives."""
+    merge(base_dir, [stacked_dir], tmp_path / "merged-stack")
+    merge(base_dir, adapters, tmp_path / "merged-both", weights=WEIGHTS)
+    stacked, both = load_file(tmp_path / "merged-stack" / "model.safetensors"), \
+        load_file(tmp_path / "merged-both" / "model.safetensors")
+    for name, value in both.items():
+        assert (stacked[name] - value).abs().max() <= 1e-5 * value.abs().max(), name
+
+
 def test_exact_stack_is_the_weighted_sum(two_adapters: list[Path], llama_pair: ModelPair, tmp_path: Path) -> None:
     """Concatenated factors give Σ w_k ΔW_k to fp32 precision, ranks add where modules overlap (rank_pattern for the
     others), PEFT loads the result with no unexpected keys, and merging it equals merging both adapters."""
@@ -76,12 +86,7 @@ def test_exact_stack_is_the_weighted_sum(two_adapters: list[Path], llama_pair: M
 
     model = PeftModel.from_pretrained(load_model(llama_pair.base_dir), two_adapters[0], adapter_name="first")
     assert model.load_adapter(tmp_path / "stacked", adapter_name="stacked").unexpected_keys == []
-    merge(llama_pair.base_dir, [tmp_path / "stacked"], tmp_path / "merged-stack")
-    merge(llama_pair.base_dir, two_adapters, tmp_path / "merged-both", weights=WEIGHTS)
-    stacked, both = load_file(tmp_path / "merged-stack" / "model.safetensors"), \
-        load_file(tmp_path / "merged-both" / "model.safetensors")
-    for name, value in both.items():
-        assert (stacked[name] - value).abs().max() <= 1e-5 * value.abs().max(), name
+    _assert_merges_like_the_originals(llama_pair.base_dir, tmp_path / "stacked", two_adapters, tmp_path)
 
 
 def test_rank_stack_is_the_truncated_svd_of_the_sum(two_adapters: list[Path], tmp_path: Path) -> None:
@@ -117,12 +122,7 @@ def test_conv1d_adapters_stack_and_merge_like_the_originals(gpt2_pair: ModelPair
                 for k, targets in enumerate((["c_attn", "c_proj"], ["c_attn", "c_fc"]))]
     stack(adapters, tmp_path / "stacked", weights=WEIGHTS, exact=True)
     assert json.loads((tmp_path / "stacked" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
-    merge(gpt2_pair.base_dir, [tmp_path / "stacked"], tmp_path / "merged-stack")
-    merge(gpt2_pair.base_dir, adapters, tmp_path / "merged-both", weights=WEIGHTS)
-    stacked, both = load_file(tmp_path / "merged-stack" / "model.safetensors"), \
-        load_file(tmp_path / "merged-both" / "model.safetensors")
-    for name, value in both.items():
-        assert (stacked[name] - value).abs().max() <= 1e-5 * value.abs().max(), name
+    _assert_merges_like_the_originals(gpt2_pair.base_dir, tmp_path / "stacked", adapters, tmp_path)
 
 
 def test_saved_modules_are_carried_from_one_adapter_and_conflicts_refused(llama_pair: ModelPair,

@@ -422,20 +422,20 @@ def test_staging_abandoned_by_a_killed_run_is_removed_and_a_live_one_kept(tmp_pa
     abandoned = tmp_path / ".out.deltakit-tmp-dead"
     (abandoned / "sub").mkdir(parents=True)
     (abandoned / "sub" / "partial.safetensors").write_bytes(b"x" * 100)
-    (tmp_path / ".out.deltakit-tmp-dead.lock").touch()
+    (tmp_path / ".out.deltakit-lock-dead").touch()
     live = tmp_path / ".out.deltakit-tmp-live"
     live.mkdir()
-    held = os.open(tmp_path / ".out.deltakit-tmp-live.lock", os.O_CREAT | os.O_RDWR)
+    held = os.open(tmp_path / ".out.deltakit-lock-live", os.O_CREAT | os.O_RDWR)
     fcntl.flock(held, fcntl.LOCK_EX)
     other = tmp_path / ".other.deltakit-tmp-dead"  # another output's: not ours to judge
     other.mkdir()
-    (tmp_path / ".other.deltakit-tmp-dead.lock").touch()
+    (tmp_path / ".other.deltakit-lock-dead").touch()
     try:
         with staged_output(out, overwrite=False) as staging:
             (staging / "a").write_text("a")
     finally:
         os.close(held)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        ".other.deltakit-tmp-dead", ".other.deltakit-tmp-dead.lock", ".out.deltakit-tmp-live",
-        ".out.deltakit-tmp-live.lock", "out"]
+        ".other.deltakit-lock-dead", ".other.deltakit-tmp-dead", ".out.deltakit-lock-live",
+        ".out.deltakit-tmp-live", "out"]
     assert sorted(p.name for p in out.iterdir()) == ["a"]
