@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from deltakit.writer import SafetensorsWriter  # noqa: E402
+from deltakit.io.writer import SafetensorsWriter  # noqa: E402
 
 HIDDEN, INTERMEDIATE, VOCAB, HEADS = 2048, 5632, 32000, 16
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -31,8 +31,8 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import quickstart  # noqa: E402
 
-from deltakit.factorize import truncated_svd  # noqa: E402
-from deltakit.ranks import (  # noqa: E402
+from deltakit.math.factorize import truncated_svd  # noqa: E402
+from deltakit.math.ranks import (
     BudgetRanks,
     ModuleSpectrum,
     NoiseFloorRank,

@@ -51,7 +51,7 @@ if __package__ in (None, ""):  # run as a file (python benchmarks/bench_svd.py):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.memory import PeakMemory  # noqa: E402
-from deltakit.factorize import resolve_device, truncated_svd  # noqa: E402
+from deltakit.math.factorize import resolve_device, truncated_svd  # noqa: E402
 
 FULL_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 QUICK_SHAPES = [(1024, 1024), (2752, 1024), (1024, 2752)]

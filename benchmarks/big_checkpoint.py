@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from deltakit.writer import SafetensorsWriter
+from deltakit.io.writer import SafetensorsWriter
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECTIONS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

@@ -1,3 +1,3 @@
-from .cli import main
+from deltakit.cli import main
 
 main()

@@ -12,14 +12,15 @@ import sys
 
 import click
 
-from .batch import run_batch
-from .errors import DeltakitError
-from .extract import DTYPES, extract
-from .hub import is_hub_id
-from .inspect_delta import inspect
-from .merge import merge, unmerge
-from .ranks import parse_rank, parse_rank_pattern, parse_ranks
-from .stack import stack
+from deltakit.ops.batch import run_batch
+from deltakit.errors import DeltakitError
+from deltakit.io.dtypes import DTYPES
+from deltakit.ops.extract import extract
+from deltakit.io.hub import is_hub_id
+from deltakit.ops.inspect import inspect
+from deltakit.ops.merge import merge, unmerge
+from deltakit.math.ranks import parse_rank, parse_rank_pattern, parse_ranks
+from deltakit.ops.stack import stack
 
 
 def _echo_lines(lines: list[str]) -> None:

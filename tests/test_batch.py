@@ -26,10 +26,11 @@ import torch
 from builders import ModelPair
 from test_hub import COMMIT, CONFIG, seed_repo
 
-from deltakit import batch, hub
+from deltakit.ops import batch
+from deltakit.io import hub
 from deltakit.errors import CheckpointNotFoundError, InvalidOptionError, OutputExistsError
-from deltakit.extract import extract
-from deltakit.merge import merge
+from deltakit.ops.extract import extract
+from deltakit.ops.merge import merge
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ("adapters/r4", "adapters/r8", "merged/r4", "merged/mix")
@@ -159,8 +160,8 @@ _DRIVER = r"""
 import functools, json, os, sys, time
 from pathlib import Path
 import torch
-import deltakit.batch as batch
-import deltakit.writer as writer
+import deltakit.ops.batch as batch
+import deltakit.io.writer as writer
 
 torch.set_num_threads(1)  # as in the test process (see the single_thread fixture)
 

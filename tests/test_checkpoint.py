@@ -16,13 +16,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from deltakit.checkpoint import (
-    SAFETENSORS_DTYPES,
-    Checkpoint,
-    TensorInfo,
-    open_checkpoint,
-    read_safetensors_header,
-)
+from deltakit.io.dtypes import SAFETENSORS_DTYPES
+from deltakit.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint, read_safetensors_header
 from deltakit.errors import (
     HubUnavailableError,
     CheckpointFormatError,

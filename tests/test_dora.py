@@ -8,7 +8,7 @@ from builders import write_safetensors_pair
 from safetensors.torch import load_file
 
 import deltakit
-from deltakit.dora import apply_dora, fit_magnitude, projection_scales, row_norms, unapply_dora
+from deltakit.math.dora import apply_dora, fit_magnitude, projection_scales, row_norms, unapply_dora
 
 Q = "model.layers.0.self_attn.q_proj"
 P = "base_model.model."

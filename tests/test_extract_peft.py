@@ -18,8 +18,8 @@ from peft import PeftModel
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 
 import deltakit
-from deltakit.dora import apply_dora
-from deltakit.layers import WeightKind, from_out_in, to_out_in
+from deltakit.math.dora import apply_dora
+from deltakit.adapters.layers import WeightKind, from_out_in, to_out_in
 
 PAIRS = ["llama_pair", "qwen2_pair", "bert_pair", "gpt2_pair", "llama_tied_pair"]
 INPUT_IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(7))

@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from deltakit import factorize
+from deltakit.math import factorize
 from deltakit.errors import DeviceUnavailableError, FactorizationError, InvalidOptionError
-from deltakit.factorize import TruncatedSVD, resolve_device, truncated_svd
+from deltakit.math.factorize import TruncatedSVD, resolve_device, truncated_svd
 
 
 def _planted(shape: tuple[int, int], sigma: torch.Tensor, seed: int = 0) -> torch.Tensor:

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load, save
 
-from deltakit.checkpoint import SAFETENSORS_DTYPES, read_safetensors_header
+from deltakit.io.dtypes import SAFETENSORS_DTYPES
+from deltakit.io.checkpoint import read_safetensors_header
 from deltakit.errors import CheckpointFormatError
 
 FUZZ = settings(

@@ -23,8 +23,8 @@ import torch
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from safetensors.torch import save
 
-from deltakit import hub
-from deltakit.checkpoint import open_checkpoint
+from deltakit.io import hub
+from deltakit.io.checkpoint import open_checkpoint
 from deltakit.errors import HubError, HubUnavailableError
 
 COMMIT = hashlib.sha1(b"main").hexdigest()

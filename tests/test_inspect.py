@@ -12,10 +12,10 @@ import pytest
 import torch
 from builders import signal_plus_noise, write_safetensors_pair
 
-from deltakit import plots
+from deltakit.ops import plots
 from deltakit.errors import InvalidOptionError, NothingToExtractError, OutputExistsError
-from deltakit.inspect_delta import REPORT_FILE, inspect
-from deltakit.ranks import rank_for_energy
+from deltakit.ops.inspect import REPORT_FILE, inspect
+from deltakit.math.ranks import rank_for_energy
 
 _NOISE = 1e-3
 # module → (stored shape, (out, in) in PEFT's orientation, planted rank, strength in units of the noise bulk edge)

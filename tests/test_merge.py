@@ -24,7 +24,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 
-from deltakit.checkpoint import open_checkpoint
+from deltakit.io.checkpoint import open_checkpoint
 from deltakit.errors import (
     InvalidOptionError,
     NonFiniteError,
@@ -33,8 +33,8 @@ from deltakit.errors import (
     TensorMismatchError,
     TensorMissingError,
 )
-from deltakit.extract import extract
-from deltakit.merge import RECEIPT_DIR, merge, unmerge
+from deltakit.ops.extract import extract
+from deltakit.ops.merge import RECEIPT_DIR, merge, unmerge
 
 # Two target sets per architecture that overlap (so one weight gets two adapters) and include the input
 # embedding (lora_embedding_A/B, transposed delta) and, for GPT-2, Conv1D layers (fan_in_fan_out).

@@ -11,9 +11,9 @@ import pytest
 import torch
 from builders import low_rank_delta, signal_plus_noise, write_safetensors_pair
 
-from deltakit import ranks
+from deltakit.math import ranks
 from deltakit.errors import InvalidOptionError
-from deltakit.ranks import (
+from deltakit.math.ranks import (
     BudgetRanks,
     EnergyRank,
     FixedRank,

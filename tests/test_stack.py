@@ -11,11 +11,11 @@ from builders import ModelPair, load_model
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from deltakit.adapter import read_adapter
+from deltakit.adapters.peft_format import read_adapter
 from deltakit.errors import InvalidOptionError
-from deltakit.layers import WeightKind
-from deltakit.merge import merge
-from deltakit.stack import stack
+from deltakit.adapters.layers import WeightKind
+from deltakit.ops.merge import merge
+from deltakit.ops.stack import stack
 
 WEIGHTS = [0.7, -1.3]
 

@@ -21,7 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save
 
-from deltakit.checkpoint import DTYPE_NAMES, open_checkpoint
+from deltakit.io.dtypes import DTYPE_NAMES
+from deltakit.io.checkpoint import open_checkpoint
 from deltakit.errors import (
     InvalidOptionError,
     OutputExistsError,
@@ -29,7 +30,7 @@ from deltakit.errors import (
     TensorMismatchError,
     TensorMissingError,
 )
-from deltakit.writer import SafetensorsWriter, save_tensors, staged_output, write_json, write_text
+from deltakit.io.writer import SafetensorsWriter, save_tensors, staged_output, write_json, write_text
 
 SHAPES = [(), (0,), (3, 0), (1,), (3, 5), (2, 3, 4)]
 

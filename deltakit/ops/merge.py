@@ -57,10 +57,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .adapter import WEIGHTS_FILE, Adapter, ModuleFactors, read_adapter
-from .checkpoint import Checkpoint, SafetensorsHeader, TensorInfo, open_checkpoint
-from .dora import row_norms, unapply_dora
-from .errors import (
+from deltakit.adapters.peft_format import (
+    WEIGHTS_FILE,
+    Adapter,
+    ModuleFactors,
+    check_supported,
+    parse_weights,
+    read_adapter,
+)
+from deltakit.io.checkpoint import Checkpoint, SafetensorsHeader, TensorInfo, open_checkpoint
+from deltakit.math.dora import row_norms, unapply_dora
+from deltakit.errors import (
     AdapterFormatError,
     CheckpointFormatError,
     InvalidOptionError,
@@ -70,10 +77,10 @@ from .errors import (
     TensorMissingError,
     shorten,
 )
-from .extract import DTYPES
-from .factorize import resolve_device
-from .layers import (
-    TensorName,
+from deltakit.io.dtypes import parse_dtype
+from deltakit.math.factorize import resolve_device
+from deltakit.names import TensorName
+from deltakit.adapters.layers import (
     TiedHead,
     WeightKind,
     find_tied_head,
@@ -82,8 +89,8 @@ from .layers import (
     transpose_embedding_factors,
     weight_kind,
 )
-from .report import command_line, format_bytes
-from .writer import SafetensorsWriter, no_room_as_error, refuse_overlap, staged_output, write_json
+from deltakit.ops.report import command_line, format_bytes
+from deltakit.io.writer import SafetensorsWriter, no_room_as_error, refuse_overlap, staged_output, write_json
 
 RECEIPT_DIR = "deltakit_merge_receipt"
 RECEIPT_JSON = "receipt.json"
@@ -182,45 +189,6 @@ class MergeReport:
 
 
 # --- planning: every check from headers (and the small adapters) before anything is written --------------------
-
-
-def _parse_dtype(dtype: str | None) -> torch.dtype | None:
-    if dtype is None:
-        return None
-    if dtype not in DTYPES:
-        raise InvalidOptionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def parse_weights(weights: list[float] | None, count: int) -> list[float]:
-    """One finite weight per adapter, 1.0 each by default.
-
-    Raises:
-        InvalidOptionError: no adapters, a count that differs, or a weight that is not finite.
-    """
-    if count == 0:
-        raise InvalidOptionError("no adapters given")
-    if weights is None:
-        return [1.0] * count
-    if len(weights) != count:
-        raise InvalidOptionError(f"{len(weights)} weight(s) for {count} adapter(s); give one -w per adapter or none")
-    if not all(torch.isfinite(torch.tensor(float(w))) for w in weights):
-        raise InvalidOptionError(f"weights must be finite numbers, got {list(weights)}")
-    return [float(w) for w in weights]
-
-
-def check_supported(adapter: Adapter) -> None:
-    """Refuse PEFT LoRA features whose weights are not plain factors, biases or saved modules.
-
-    Raises:
-        AdapterFormatError: naming the config option.
-    """
-    config_path = adapter.path / "adapter_config.json"
-    for option, what in (("lora_bias", "lora_bias (a trained bias delta)"),
-                         ("target_parameters", "target_parameters (LoRA on bare parameters)"),
-                         ("trainable_token_indices", "trainable_token_indices")):
-        if adapter.config.get(option):
-            raise AdapterFormatError(f"uses {what}, which deltakit cannot merge", path=config_path)
 
 
 def _name_map(adapter: Adapter, ckpt: Checkpoint, tied: TiedHead | None):
@@ -899,7 +867,7 @@ def merge(
     """
     started = time.perf_counter()
     out_dir = Path(out)
-    out_dtype, math_device = _parse_dtype(dtype), resolve_device(device)
+    out_dtype, math_device = parse_dtype(dtype), resolve_device(device)
     weights = parse_weights(weights, len(adapters))
     ckpt, opened = _open_inputs(base, adapters)
     inputs = [ckpt.path, *(a.path for a in opened)]
@@ -1002,7 +970,7 @@ def unmerge(
     """
     started = time.perf_counter()
     out_dir = Path(out)
-    out_dtype, math_device = _parse_dtype(dtype), resolve_device(device)
+    out_dtype, math_device = parse_dtype(dtype), resolve_device(device)
     if weights is not None:
         weights = parse_weights(weights, len(adapters))
     ckpt, opened = _open_inputs(merged, adapters)

@@ -9,7 +9,7 @@ import shlex
 import sys
 from dataclasses import asdict, dataclass, field
 
-from .layers import ModuleName, TensorName
+from deltakit.names import ModuleName, TensorName
 
 
 @dataclass

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import NonFiniteError
+from deltakit.errors import NonFiniteError
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

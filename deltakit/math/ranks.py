@@ -21,8 +21,8 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
-from .errors import InvalidOptionError
-from .layers import ModuleName, matches_peft_pattern
+from deltakit.errors import InvalidOptionError
+from deltakit.names import ModuleName, matches_peft_pattern
 
 Weighting = Literal["absolute", "relative"]
 WEIGHTINGS: tuple[Weighting, ...] = ("absolute", "relative")

@@ -64,12 +64,18 @@ try:
 except ModuleNotFoundError:  # Python 3.10 has no TOML reader in the standard library
     tomllib = None
 
-from . import hub
-from .errors import CheckpointNotFoundError, DeltakitError, HubError, InvalidOptionError, OutputExistsError
-from .extract import extract
-from .merge import merge, unmerge
-from .ranks import parse_rank_pattern
-from .writer import write_json
+from deltakit.io import hub
+from deltakit.errors import (
+    CheckpointNotFoundError,
+    DeltakitError,
+    HubError,
+    InvalidOptionError,
+    OutputExistsError,
+)
+from deltakit.ops.extract import extract
+from deltakit.ops.merge import merge, unmerge
+from deltakit.math.ranks import parse_rank_pattern
+from deltakit.io.writer import write_json
 
 MARKER_FORMAT = 1
 Status = Literal["done", "skipped", "failed", "blocked", "not run", "would run", "would skip"]

@@ -22,9 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-TensorName = str
-ModuleName = str
-PeftKey = str
+from deltakit.names import ModuleName, PeftKey, TensorName, split_tensor_name
 
 PEFT_PREFIX = "base_model.model."
 
@@ -50,11 +48,6 @@ _EMBEDDING_NAME = re.compile(
 _CONV1D_NAME = re.compile(r"(c_attn|c_proj|c_fc|q_attn)$")
 _CONV1D_MODEL_TYPES = frozenset({"gpt2", "decision_transformer", "imagegpt", "clvp", "gpt_bigcode_conv1d"})
 
-
-def split_tensor_name(name: TensorName) -> tuple[ModuleName, str]:
-    """``'a.b.weight'`` → ``('a.b', 'weight')``; a top-level parameter has module ``''``."""
-    module, _, param = name.rpartition(".")
-    return module, param
 
 
 def weight_kind(name: TensorName, shape: tuple[int, ...], model_type: str | None) -> WeightKind:
@@ -202,6 +195,3 @@ def target_modules(modules: list[ModuleName], all_modules: Iterable[ModuleName])
     return list(modules)
 
 
-def matches_peft_pattern(key: str, module: ModuleName) -> bool:
-    """PEFT's rule for ``rank_pattern`` keys (``utils/other.py::get_pattern_key``)."""
-    return re.match(rf"(.*\.)?({key})$", module) is not None

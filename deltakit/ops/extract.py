@@ -19,24 +19,32 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from .adapter import AdapterSpec, CarriedTensor, ModuleFactors, lora_scaling, task_type_for, write_adapter
-from .checkpoint import Checkpoint, open_checkpoint
-from .errors import InvalidOptionError, NonFiniteError, NothingToExtractError
-from .dora import apply_dora, fit_magnitude, projection_scales
-from .factorize import SvdMethod, TruncatedSVD, resolve_device, truncated_svd
-from .layers import (
+from deltakit.adapters.peft_format import (
+    AdapterSpec,
+    CarriedTensor,
+    ModuleFactors,
+    lora_scaling,
+    task_type_for,
+    write_adapter,
+)
+from deltakit.io.checkpoint import Checkpoint, open_checkpoint
+from deltakit.io.dtypes import DTYPES
+from deltakit.errors import InvalidOptionError, NonFiniteError, NothingToExtractError
+from deltakit.math.dora import apply_dora, fit_magnitude, projection_scales
+from deltakit.math.factorize import SvdMethod, TruncatedSVD, resolve_device, truncated_svd
+from deltakit.adapters.layers import (
     TiedHead,
     WeightKind,
     base_bias_key,
     out_in_shape,
     saved_module_key,
-    split_tensor_name,
     target_modules,
     to_out_in,
     transpose_embedding_factors,
 )
-from .plan import ExtractPlan, ModulePlan, plan_extract
-from .ranks import (
+from deltakit.names import split_tensor_name
+from deltakit.ops.plan import ExtractPlan, ModulePlan, plan_extract
+from deltakit.math.ranks import (
     BudgetRanks,
     EnergyRank,
     FixedRank,
@@ -50,16 +58,14 @@ from .ranks import (
     parse_budget,
     predicted_squared_error,
 )
-from .report import ExtractReport, ModuleReport, TensorFate, command_line, model_card
-from .values import all_finite, check_finite, same_values
-from .writer import save_tensors, staged_output, write_json, write_text
+from deltakit.ops.report import ExtractReport, ModuleReport, TensorFate, command_line, model_card
+from deltakit.math.values import all_finite, check_finite, same_values
+from deltakit.io.writer import save_tensors, staged_output, write_json, write_text
 
 REPORT_FILE = "extract_report.json"
 _SPILL_DIR = ".svd-spill"  # inside the staging directory, removed before it is renamed into place
 # DoRA's projected fit is tried where per-row rescaling of the base explains ≥ 10% of ‖ΔW‖² (see _fit_dora).
 _PROJECTED_FIT_GAIN = 0.9
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)

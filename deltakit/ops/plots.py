@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .inspect_delta import InspectReport
+    from deltakit.ops.inspect import InspectReport
 
 SKIPPED_NOTE = "plots skipped: matplotlib is not installed (pip install 'deltakit[plot]')"
 ENERGY_PLOT = "energy_by_module_type.png"

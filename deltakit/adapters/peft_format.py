@@ -17,20 +17,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, open_checkpoint
-from .errors import AdapterFormatError, CheckpointNotFoundError
-from .hub import ResolvedRepo, local_path
-from .layers import (
-    ModuleName,
-    PeftKey,
-    WeightKind,
-    lora_keys,
-    magnitude_key,
-    matches_peft_pattern,
-    module_pattern,
-    parse_peft_key,
-)
-from .writer import SafetensorsWriter, write_json
+from deltakit.io.checkpoint import Checkpoint, open_checkpoint
+from deltakit.errors import AdapterFormatError, CheckpointNotFoundError, InvalidOptionError
+from deltakit.io.hub import ResolvedRepo, local_path
+from deltakit.names import ModuleName, PeftKey, matches_peft_pattern
+from deltakit.adapters.layers import WeightKind, lora_keys, magnitude_key, module_pattern, parse_peft_key
+from deltakit.io.writer import SafetensorsWriter, write_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -238,6 +230,37 @@ class Adapter:
         magnitude = self.weights.get(entry.magnitude_key) if entry.magnitude_key else None
         alpha = float(self._pattern_value("alpha_pattern", module, self.config["lora_alpha"]))
         return ModuleFactors(module, kind, a, b, alpha, self.scaling(module), magnitude)
+
+
+def parse_weights(weights: list[float] | None, count: int) -> list[float]:
+    """One finite weight per adapter, 1.0 each by default.
+
+    Raises:
+        InvalidOptionError: no adapters, a count that differs, or a weight that is not finite.
+    """
+    if count == 0:
+        raise InvalidOptionError("no adapters given")
+    if weights is None:
+        return [1.0] * count
+    if len(weights) != count:
+        raise InvalidOptionError(f"{len(weights)} weight(s) for {count} adapter(s); give one -w per adapter or none")
+    if not all(torch.isfinite(torch.tensor(float(w))) for w in weights):
+        raise InvalidOptionError(f"weights must be finite numbers, got {list(weights)}")
+    return [float(w) for w in weights]
+
+
+def check_supported(adapter: Adapter) -> None:
+    """Refuse PEFT LoRA features whose weights are not plain factors, biases or saved modules.
+
+    Raises:
+        AdapterFormatError: naming the config option.
+    """
+    config_path = adapter.path / "adapter_config.json"
+    for option, what in (("lora_bias", "lora_bias (a trained bias delta)"),
+                         ("target_parameters", "target_parameters (LoRA on bare parameters)"),
+                         ("trainable_token_indices", "trainable_token_indices")):
+        if adapter.config.get(option):
+            raise AdapterFormatError(f"uses {what}, which deltakit cannot merge", path=config_path)
 
 
 def read_adapter(path: str | Path) -> Adapter:

@@ -40,7 +40,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from .errors import HubError, HubUnavailableError, shorten
+from deltakit.errors import HubError, HubUnavailableError, shorten
 
 Kind = Literal["checkpoint", "adapter"]
 

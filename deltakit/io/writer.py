@@ -27,8 +27,9 @@ from types import TracebackType
 
 import torch
 
-from .checkpoint import DTYPE_NAMES, TensorName
-from .errors import (
+from deltakit.io.dtypes import DTYPE_NAMES
+from deltakit.names import TensorName
+from deltakit.errors import (
     DeltakitError,
     InvalidOptionError,
     OutputExistsError,

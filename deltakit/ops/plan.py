@@ -9,9 +9,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .checkpoint import Checkpoint
-from .errors import InvalidOptionError, TensorMismatchError, shorten
-from .layers import ModuleName, TensorName, TiedHead, WeightKind, find_tied_head, split_tensor_name, weight_kind
+from deltakit.io.checkpoint import Checkpoint
+from deltakit.errors import InvalidOptionError, TensorMismatchError, shorten
+from deltakit.names import ModuleName, TensorName, split_tensor_name
+from deltakit.adapters.layers import TiedHead, WeightKind, find_tied_head, weight_kind
 
 
 @dataclass

@@ -27,13 +27,23 @@ from pathlib import Path
 
 import torch
 
-from .adapter import WEIGHTS_FILE, Adapter, AdapterSpec, CarriedTensor, ModuleFactors, read_adapter, write_adapter
-from .errors import InvalidOptionError, TensorMismatchError, shorten
-from .layers import ModuleName, PeftKey, WeightKind, parse_peft_key
-from .merge import check_supported, parse_weights
-from .ranks import EnergyRank, FixedRank, rank_for_energy
-from .report import command_line, format_bytes
-from .writer import staged_output, write_json
+from deltakit.adapters.peft_format import (
+    check_supported,
+    parse_weights,
+    WEIGHTS_FILE,
+    Adapter,
+    AdapterSpec,
+    CarriedTensor,
+    ModuleFactors,
+    read_adapter,
+    write_adapter,
+)
+from deltakit.errors import InvalidOptionError, TensorMismatchError, shorten
+from deltakit.names import ModuleName, PeftKey
+from deltakit.adapters.layers import WeightKind, parse_peft_key
+from deltakit.math.ranks import EnergyRank, FixedRank, rank_for_energy
+from deltakit.ops.report import command_line, format_bytes
+from deltakit.io.writer import staged_output, write_json
 
 REPORT_FILE = "stack_report.json"
 

@@ -22,13 +22,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import plots
-from .checkpoint import open_checkpoint
-from .errors import InvalidOptionError, NothingToExtractError
-from .factorize import SvdMethod, resolve_device, truncated_svd
-from .layers import ModuleName, out_in_shape, to_out_in
-from .plan import plan_extract
-from .ranks import (
+from deltakit.ops import plots
+from deltakit.io.checkpoint import open_checkpoint
+from deltakit.errors import InvalidOptionError, NothingToExtractError
+from deltakit.math.factorize import SvdMethod, resolve_device, truncated_svd
+from deltakit.names import ModuleName
+from deltakit.adapters.layers import out_in_shape, to_out_in
+from deltakit.ops.plan import plan_extract
+from deltakit.math.ranks import (
     BudgetRanks,
     ModuleSpectrum,
     NoiseFloor,
@@ -37,9 +38,9 @@ from .ranks import (
     predicted_squared_error,
     rank_for_energy,
 )
-from .report import command_line, format_bytes
-from .values import check_finite, same_values
-from .writer import refuse_overlap, staged_output, write_json
+from deltakit.ops.report import command_line, format_bytes
+from deltakit.math.values import check_finite, same_values
+from deltakit.io.writer import refuse_overlap, staged_output, write_json
 
 REPORT_FILE = "report.json"
 # The energy target of the suggested "energy" rank (extract's --energy).
