@@ -125,3 +125,144 @@ def test_every_command_ends_its_summary_with_the_output(pair: tuple[Path, Path],
         result = _run(*args, "-o", tmp_path / out, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         assert result.stderr.strip().splitlines()[-1] == f"output: {tmp_path / out}"
+
+
+# --- 10: an output that may not be written is one line naming the path, before any work ----------------------
+
+from deltakit.errors import OutputExistsError, OutputWriteError  # noqa: E402
+from deltakit.io.writer import staged_output  # noqa: E402
+
+
+def _never_reached() -> None:
+    raise AssertionError("the block ran: the refusal came after the work")
+
+
+@pytest.mark.parametrize("code, words", [(13, "permission denied"), (30, "read-only"), (1, "not permitted")])
+def test_an_unwritable_parent_is_refused_before_the_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         code: int, words: str) -> None:
+    def refuse(self: Path, *args: object, **kwargs: object) -> None:
+        raise OSError(code, os.strerror(code), str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(OutputWriteError) as caught:
+        with staged_output(tmp_path / "out", overwrite=False):
+            _never_reached()
+    assert caught.value.path == tmp_path / "out" and words in str(caught.value)
+    assert str(caught.value).count("\n") == 0 and "choose another --out" in str(caught.value)
+
+
+def test_overwrite_of_an_output_that_cannot_move_aside_is_refused_before_the_block(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    real_rename = os.rename
+
+    def refuse(src: object, dst: object) -> None:
+        if Path(src) == final:
+            raise PermissionError(1, os.strerror(1), str(src))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", refuse)
+    with pytest.raises(OutputWriteError, match="not permitted"):
+        with staged_output(final, overwrite=True):
+            _never_reached()
+    assert (final / "old.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def _can(command: list[str]) -> bool:
+    return subprocess.run(command, capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path):
+    """A read-only tmpfs (root only: skipped where mounting is not allowed)."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if os.geteuid() != 0 or not _can(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)]):
+        pytest.skip("cannot mount a read-only tmpfs here")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_cli_on_a_read_only_filesystem_is_one_line(pair: tuple[Path, Path], read_only_dir: Path) -> None:
+    base_dir, ft_dir = pair
+    result = _run("extract", ft_dir, base_dir, "-r", "2", "-o", read_only_dir / "out")
+    assert result.returncode == 1
+    assert _one_error_line(result) == (f"deltakit: error: {read_only_dir / 'out'}: cannot write: the filesystem is "
+                                       "read-only; remount it read-write or choose another --out")
+
+
+@pytest.fixture
+def immutable_output(tmp_path: Path):
+    """An existing output directory with the immutable attribute (skipped where chattr is not allowed)."""
+    out = tmp_path / "work" / "out"
+    out.mkdir(parents=True)
+    (out / "adapter_config.json").write_text("{}")
+    if not _can(["chattr", "+i", str(out)]):
+        pytest.skip("chattr +i is not allowed here")
+    yield out
+    subprocess.run(["chattr", "-i", str(out)], check=True)
+
+
+def test_cli_overwrite_of_an_immutable_output_is_one_line_and_keeps_it(pair: tuple[Path, Path],
+                                                                       immutable_output: Path) -> None:
+    base_dir, ft_dir = pair
+    result = _run("extract", ft_dir, base_dir, "-r", "2", "-o", immutable_output, "--overwrite")
+    assert result.returncode == 1
+    line = _one_error_line(result)
+    assert line.startswith(f"deltakit: error: {immutable_output}: cannot write: operation not permitted"), line
+    assert [p.name for p in immutable_output.iterdir()] == ["adapter_config.json"]
+    assert [p.name for p in immutable_output.parent.iterdir()] == ["out"]
+
+
+# --- 11: a killed run's leftovers are cleaned by the next run; SIGTERM and SIGHUP clean up like SIGINT -------
+
+
+def test_a_set_aside_output_left_beside_a_newer_one_is_deleted_by_the_next_run(tmp_path: Path) -> None:
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "new.txt").write_text("new")
+    old = tmp_path / ".out.deltakit-old-0badf00d"  # killed while deleting it, after the new output went in
+    old.mkdir()
+    (old / "big.safetensors").write_bytes(b"x" * 100)
+    with pytest.raises(OutputExistsError):
+        with staged_output(final, overwrite=False):
+            _never_reached()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_set_aside_output_with_nothing_in_its_place_is_moved_back(tmp_path: Path) -> None:
+    old = tmp_path / ".out.deltakit-old-0badf00d"  # killed between the two renames of an overwrite
+    old.mkdir()
+    (old / "old.txt").write_text("old")
+    with pytest.raises(OutputExistsError):
+        with staged_output(tmp_path / "out", overwrite=False):
+            _never_reached()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (tmp_path / "out" / "old.txt").read_text() == "old"
+
+
+_STAGE_AND_WAIT = """
+import sys, time
+from pathlib import Path
+from deltakit.io.writer import staged_output
+with staged_output(Path(sys.argv[1]), overwrite=False) as staging:
+    (staging / "part.bin").write_bytes(b"x" * 1000)
+    print("ready", flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=lambda s: s.name)
+def test_termination_signals_remove_the_staging_directory(tmp_path: Path, sig: signal.Signals) -> None:
+    process = subprocess.Popen([sys.executable, "-c", _STAGE_AND_WAIT, tmp_path / "out"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=_env())
+    assert process.stdout.readline() == "ready\n"
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode != 0
+    if sig != signal.SIGINT:
+        assert process.returncode == 128 + sig and stderr == ""
+    assert list(tmp_path.iterdir()) == []
