@@ -266,3 +266,78 @@ def test_termination_signals_remove_the_staging_directory(tmp_path: Path, sig: s
     if sig != signal.SIGINT:
         assert process.returncode == 128 + sig and stderr == ""
     assert list(tmp_path.iterdir()) == []
+
+
+# --- 2: weights deltakit cannot do arithmetic on are refused from the headers ---------------------------------
+
+import json  # noqa: E402
+
+from safetensors.torch import save_file  # noqa: E402
+
+import deltakit  # noqa: E402
+from deltakit.errors import UnsupportedWeightsError  # noqa: E402
+
+K = "model.layers.0.self_attn.k_proj.weight"
+
+
+def _quantized_pair(root: Path, dtype: torch.dtype) -> tuple[Path, Path]:
+    w0 = torch.randn(16, 16) * 40
+    delta = low_rank_delta(16, 16, 2, seed=3) * 40
+    base, ft = {K: torch.randn(16, 16), Q: w0}, {K: torch.randn(16, 16), Q: w0 + delta}
+    if dtype.is_complex:
+        base[Q], ft[Q] = base[Q].to(dtype) * (1 + 1j), ft[Q].to(dtype) * (1 + 1j)
+    else:
+        base[Q], ft[Q] = base[Q].to(dtype), ft[Q].to(dtype)
+    return write_safetensors_pair(root, base, ft)
+
+
+@pytest.mark.parametrize("dtype, name", [(torch.int8, "I8"), (torch.uint8, "U8"), (torch.int32, "I32"),
+                                         (torch.complex64, "C64"), (torch.float8_e4m3fn, "F8_E4M3"),
+                                         (torch.float8_e5m2, "F8_E5M2")])
+@pytest.mark.parametrize("operation", ["extract", "inspect", "merge"])
+def test_weights_without_arithmetic_are_refused_naming_tensor_and_dtype(tmp_path: Path, dtype: torch.dtype,
+                                                                        name: str, operation: str) -> None:
+    base_dir, ft_dir = _quantized_pair(tmp_path, dtype)
+    with pytest.raises(UnsupportedWeightsError) as caught:
+        if operation == "extract":
+            deltakit.extract(ft_dir, base_dir, tmp_path / "out", rank=2)
+        elif operation == "inspect":
+            deltakit.inspect(ft_dir, base_dir)
+        else:
+            w0 = torch.randn(16, 16)
+            float_base, float_ft = write_safetensors_pair(tmp_path / "float", {Q: w0}, {Q: w0 + 1})
+            deltakit.extract(float_ft, float_base, tmp_path / "adapter", rank=1)
+            deltakit.merge(base_dir, [tmp_path / "adapter"], tmp_path / "out")
+    message = str(caught.value)
+    assert Q in message and f"dtype {name}" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_integer_buffers_that_are_not_parameters_still_pass(tmp_path: Path) -> None:
+    w0 = torch.randn(16, 16)
+    ids = torch.arange(8)[None]
+    base_dir, ft_dir = write_safetensors_pair(tmp_path, {Q: w0, "model.position_ids": ids},
+                                              {Q: w0 + low_rank_delta(16, 16, 2, seed=1), "model.position_ids": ids})
+    report = deltakit.extract(ft_dir, base_dir, tmp_path / "out", rank=2)
+    assert len(report.modules) == 1
+
+
+def test_fp8_block_scales_are_refused_naming_the_layout(tmp_path: Path) -> None:
+    codes = torch.randn(16, 16).to(torch.float8_e4m3fn)
+    tensors = {Q: codes, Q.replace(".weight", ".weight_scale_inv"): torch.ones(1, 1)}
+    for side in ("base", "finetuned"):
+        (tmp_path / side).mkdir()
+        save_file(tensors, tmp_path / side / "model.safetensors")
+    with pytest.raises(UnsupportedWeightsError, match=r"weight_scale_inv: FP8 block-scaled weights"):
+        deltakit.extract(tmp_path / "finetuned", tmp_path / "base", tmp_path / "out", rank=2)
+
+
+def test_a_quantization_config_is_refused_naming_the_method(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    base_dir, ft_dir = pair
+    (base_dir / "config.json").write_text(json.dumps({"model_type": "llama",
+                                                      "quantization_config": {"quant_method": "fp8"}}))
+    result = _run("extract", ft_dir, base_dir, "-o", tmp_path / "out")
+    assert result.returncode == 1
+    assert _one_error_line(result) == (f"deltakit: error: {base_dir / 'config.json'}: quantization_config (fp8): "
+                                       "quantized checkpoints are not supported yet; use the unquantized "
+                                       "(bf16/fp16/fp32) release")

@@ -27,7 +27,7 @@ from deltakit.adapters.peft_format import (
     task_type_for,
     write_adapter,
 )
-from deltakit.io.checkpoint import Checkpoint, open_checkpoint
+from deltakit.io.checkpoint import Checkpoint, open_checkpoint, refuse_unsupported_weights
 from deltakit.io.dtypes import DTYPES
 from deltakit.errors import InvalidOptionError, NonFiniteError, NothingToExtractError
 from deltakit.math.dora import apply_dora, fit_magnitude, projection_scales
@@ -526,6 +526,7 @@ def extract(
                                  "the allocation needs; use --rank, --energy or --rank auto with --dora")
     math_device = resolve_device(device)
     ft_ckpt, base_ckpt = open_checkpoint(finetuned), open_checkpoint(base)
+    refuse_unsupported_weights(ft_ckpt), refuse_unsupported_weights(base_ckpt)
     plan = plan_extract(ft_ckpt, base_ckpt, include=include, exclude=exclude)
     model_params = sum(math.prod(info.shape) for info in base_ckpt.tensors.values())
     bytes_per_param = _factor_bytes_per_param(dtype, plan, base_ckpt)

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from deltakit.ops import plots
-from deltakit.io.checkpoint import open_checkpoint
+from deltakit.io.checkpoint import open_checkpoint, refuse_unsupported_weights
 from deltakit.errors import InvalidOptionError, NothingToExtractError
 from deltakit.math.factorize import SvdMethod, resolve_device, truncated_svd
 from deltakit.names import ModuleName
@@ -271,6 +271,7 @@ def inspect(
     ranks = tuple(sorted(set(ranks)))
     math_device = resolve_device(device)
     ft_ckpt, base_ckpt = open_checkpoint(finetuned), open_checkpoint(base)
+    refuse_unsupported_weights(ft_ckpt), refuse_unsupported_weights(base_ckpt)
     if out is not None:  # before the measurement, not after it
         refuse_overlap(Path(out), [ft_ckpt.path, base_ckpt.path])
     plan = plan_extract(ft_ckpt, base_ckpt, include=include, exclude=exclude)

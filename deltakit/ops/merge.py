@@ -65,7 +65,13 @@ from deltakit.adapters.peft_format import (
     parse_weights,
     read_adapter,
 )
-from deltakit.io.checkpoint import Checkpoint, SafetensorsHeader, TensorInfo, open_checkpoint
+from deltakit.io.checkpoint import (
+    Checkpoint,
+    SafetensorsHeader,
+    TensorInfo,
+    open_checkpoint,
+    refuse_unsupported_weights,
+)
 from deltakit.math.dora import row_norms, unapply_dora
 from deltakit.errors import (
     AdapterFormatError,
@@ -800,6 +806,7 @@ def _transform(job: _Job, stored: torch.Tensor, out_dtype: torch.dtype, weights:
 
 def _open_inputs(checkpoint: str | Path, adapters: list[str | Path]) -> tuple[Checkpoint, list[Adapter]]:
     ckpt = open_checkpoint(checkpoint)
+    refuse_unsupported_weights(ckpt)
     legacy = [f.name for f in ckpt.files if f.suffix == ".bin"]
     if legacy:
         raise CheckpointFormatError(f"legacy weights ({shorten(legacy)}): merged output mirrors safetensors shards; "
