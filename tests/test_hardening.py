@@ -341,3 +341,56 @@ def test_a_quantization_config_is_refused_naming_the_method(pair: tuple[Path, Pa
     assert _one_error_line(result) == (f"deltakit: error: {base_dir / 'config.json'}: quantization_config (fp8): "
                                        "quantized checkpoints are not supported yet; use the unquantized "
                                        "(bf16/fp16/fp32) release")
+
+
+# --- 9: an adapter config with wrong types is one line naming the file and the field -------------------------
+
+
+@pytest.fixture
+def adapter(pair: tuple[Path, Path], tmp_path: Path) -> Path:
+    base_dir, ft_dir = pair
+    deltakit.extract(ft_dir, base_dir, tmp_path / "adapter", rank=2)
+    return tmp_path / "adapter"
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("r", None, "field 'r' is null; it must be a positive integer"),
+    ("r", "16", "field 'r' is '16' (a string); it must be a positive integer"),
+    ("r", 0, "field 'r' is 0 (a number); it must be a positive integer"),
+    ("lora_alpha", "32", "field 'lora_alpha' is '32' (a string); it must be a finite number"),
+    ("rank_pattern", ["q_proj"], "field 'rank_pattern' is ['q_proj'] (a list); it must be an object"),
+    ("rank_pattern", {"q_proj": "4"}, "field rank_pattern['q_proj'] is '4' (a string); it must be a positive"),
+    ("rank_pattern", {"q_proj(": 4}, "field rank_pattern['q_proj('] is not a valid regex"),
+    ("alpha_pattern", {"q_proj": None}, "field alpha_pattern['q_proj'] is null; it must be a finite number"),
+    ("target_modules", "q_proj(", "field target_modules is not a valid regex"),
+    ("target_modules", [1, 2], "field 'target_modules' is [1, 2] (a list); it must be null, a regex string"),
+    ("use_dora", "yes", "field 'use_dora' is 'yes' (a string); it must be true or false"),
+    ("layers_to_transform", "0", "field 'layers_to_transform' is '0' (a string)"),
+])
+@pytest.mark.parametrize("command", ["merge", "stack"])
+def test_wrong_config_types_are_one_line_naming_file_and_field(pair: tuple[Path, Path], adapter: Path,
+                                                               tmp_path: Path, field: str, value: object,
+                                                               words: str, command: str) -> None:
+    base_dir, _ = pair
+    config_path = adapter / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config[field] = value
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(deltakit.DeltakitError) as caught:
+        if command == "merge":
+            deltakit.merge(base_dir, [adapter], tmp_path / "out")
+        else:
+            deltakit.stack([adapter], tmp_path / "out", exact=True)
+    assert str(caught.value).startswith(f"{config_path}: {words}"), str(caught.value)
+    assert "\n" not in str(caught.value) and caught.value.exit_code == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_config_type_on_the_command_line(pair: tuple[Path, Path], adapter: Path, tmp_path: Path) -> None:
+    base_dir, _ = pair
+    config_path = adapter / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "r": "16"}))
+    result = _run("merge", base_dir, adapter, "-o", tmp_path / "out")
+    assert result.returncode == 1
+    assert _one_error_line(result) == (f"deltakit: error: {config_path}: field 'r' is '16' (a string); it must be "
+                                       "a positive integer")
