@@ -745,3 +745,34 @@ def test_a_gpt2_adapter_loads_in_peft_without_warnings(gpt2_pair: ModelPair, tmp
     # transformers 5 deprecates an attribute PEFT 0.21 still reads: that warning is about the libraries, not the adapter.
     about_the_adapter = [str(w.message) for w in caught if "is_gradient_checkpointing" not in str(w.message)]
     assert about_the_adapter == []
+
+
+_MODULES = [f"model.layers.{i}.{part}" for i in range(3)
+            for part in ("self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj", "mlp.experts.1.down_proj")]
+_MODULES += ["model.embed_tokens", "lm_head", "transformer.h.0.attn.c_attn", "q_proj"]
+
+
+@pytest.mark.parametrize("config", [
+    {"target_modules": ["q_proj"]},
+    {"target_modules": ["model.layers.1.self_attn.k_proj", "up_proj"]},
+    {"target_modules": r".*\.1\.self_attn\.(q|k)_proj"},
+    {"target_modules": "q_proj"},
+    {"target_modules": ["q_proj", "up_proj", "down_proj"], "exclude_modules": ["up_proj"]},
+    {"target_modules": ["q_proj", "k_proj"], "exclude_modules": r".*\.0\..*"},
+    {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": [1, 2]},
+    {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": 0, "layers_pattern": "layers"},
+    {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": [1], "layers_pattern": ["experts", "h"]},
+    {"target_modules": ["q_proj", "embed_tokens"], "modules_to_save": ["q_proj"]},
+    {"target_modules": ["c_attn", "lm_head"], "layers_to_transform": [0]},
+], ids=str)
+def test_targeting_agrees_with_peft(config: dict) -> None:
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from deltakit.adapters.targeting import is_targeted
+
+    peft_config = LoraConfig(**config)
+    for module in _MODULES:
+        expected = check_target_module_exists(peft_config, module)
+        expected = bool(expected) and type(expected).__name__ != "_ExcludedModule"
+        assert is_targeted(config, module) == expected, module
