@@ -17,10 +17,8 @@ from pathlib import Path
 
 import click
 
+from deltakit.defaults import DEFAULT_INSPECT_RANKS, DEFAULT_MAX_RANK, DEFAULT_RANK, STORED_DTYPES
 from deltakit.errors import DeltakitError
-
-# --dtype's choices, spelled out so that listing them needs no torch; tests check them against io.dtypes.DTYPES.
-DTYPE_CHOICES = ("bf16", "bfloat16", "float16", "float32", "fp16", "fp32")
 
 
 def _echo_lines(lines: list[str]) -> None:
@@ -76,7 +74,7 @@ _DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N."
 @cli.command("extract")
 @click.argument("finetuned")
 @click.argument("base")
-@click.option("-r", "--rank", type=_RankType(), default=16, show_default=True,
+@click.option("-r", "--rank", type=_RankType(), default=DEFAULT_RANK, show_default=True,
               help="Rank of every module, or 'auto': per module, the singular values above the noise floor.")
 @click.option("-o", "--out", help="Adapter directory to write. [default: FINETUNED name + -lora-r<rank>]")
 @click.option("--alpha", type=float, help="lora_alpha. [default: each module's rank, i.e. scaling 1]")
@@ -87,7 +85,7 @@ _DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N."
 @click.option("--niter", type=click.IntRange(min=0), help="Randomized SVD power iterations.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
 @click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
-@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), help="Dtype of the stored factors. [default: the base's]")
+@click.option("--dtype", type=click.Choice(sorted(STORED_DTYPES)), help="Dtype of the stored factors. [default: the base's]")
 @click.option("--include", multiple=True, help="Regex on module names to include (repeatable).")
 @click.option("--exclude", multiple=True, help="Regex on module names to exclude (repeatable).")
 @click.option("--rank-pattern", "rank_patterns", multiple=True, metavar="REGEX=R",
@@ -100,7 +98,8 @@ _DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N."
               help="A budget equal to a uniform adapter of this rank, allocated per module.")
 @click.option("--min-rank", type=click.IntRange(min=1), help="Floor of every module's rank under a budget. [default: 1]")
 @click.option("--max-rank", type=click.IntRange(min=1),
-              help="Cap of every module's rank with --energy, --budget, --avg-rank or --rank auto. [default: 256]")
+              help=f"Cap of every module's rank with --energy, --budget, --avg-rank or --rank auto. [default: "
+              f"{DEFAULT_MAX_RANK}]")
 @click.option("--budget-weighting", type=click.Choice(["absolute", "relative"]), default="absolute",
               show_default=True, help="Minimise the total squared error of ΔW (absolute) or the sum of each "
               "module's squared relative error (relative).")
@@ -121,20 +120,21 @@ def extract_command(finetuned: str, base: str, out: str | None, rank_patterns: t
       deltakit extract ft/ base/ --energy 0.9 --max-rank 128
       deltakit extract ft/ base/ --budget 50MB
     """
-    from deltakit.math.ranks import parse_rank_pattern
+    from deltakit.math.ranks import parse_rank_pattern, rank_policy
     from deltakit.ops.extract import extract
 
     ctx = click.get_current_context()
     allocated = [name for name in ("energy", "budget", "avg_rank") if options[name] is not None]
     if allocated and ctx.get_parameter_source("rank") is not click.core.ParameterSource.DEFAULT:
         raise click.UsageError(f"--rank and --{allocated[0].replace('_', '-')} each choose the ranks; give only one")
-    if allocated:
-        options["rank"] = 16  # unused: the ranks come from the energy target or the budget
-    ranks = "budget" if options["budget"] or options["avg_rank"] else "energy" if options["energy"] else options["rank"]
-    out = out or default_out(finetuned, f"-{'dora' if options['dora'] else 'lora'}-r{ranks}")
+    patterns = [parse_rank_pattern(p) for p in rank_patterns]
+    policy = rank_policy(options["rank"], energy=options["energy"], budget=options["budget"],
+                         avg_rank=options["avg_rank"], min_rank=options["min_rank"], max_rank=options["max_rank"],
+                         budget_weighting=options["budget_weighting"], rank_pattern=patterns)
+    out = out or default_out(finetuned, f"-{'dora' if options['dora'] else 'lora'}-r{policy.label}")
     report = extract(
         finetuned, base, out,
-        rank_pattern=[parse_rank_pattern(p) for p in rank_patterns],
+        rank_pattern=patterns,
         include=list(include) or None, exclude=list(exclude) or None,
         progress=not quiet,
         **options,
@@ -149,7 +149,7 @@ def _merge_options(command):
         click.option("-o", "--out", required=True, help="Checkpoint directory to write."),
         click.option("-w", "--weight", "weights", type=float, multiple=True,
                      help="Weight of each adapter, in order (repeat once per adapter). [default: 1.0 each]"),
-        click.option("--dtype", type=click.Choice(DTYPE_CHOICES),
+        click.option("--dtype", type=click.Choice(sorted(STORED_DTYPES)),
                      help="Dtype of every floating-point tensor written. [default: each base tensor's]"),
         click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP),
         click.option("--dry-run", is_flag=True, help="Check everything and print which tensors change; write nothing."),
@@ -240,9 +240,9 @@ def stack_command(adapters: tuple[str, ...], weights: tuple[float, ...], quiet: 
 @click.argument("finetuned")
 @click.argument("base")
 @click.option("-o", "--out", help="Directory for report.json and PNG plots (plots need the 'plot' extra).")
-@click.option("--ranks", default="8,16,32,64,128,256", show_default=True,
+@click.option("--ranks", default=",".join(map(str, DEFAULT_INSPECT_RANKS)), show_default=True,
               help="Ranks at which energy retained is reported, comma-separated.")
-@click.option("--max-rank", type=click.IntRange(min=1), default=256, show_default=True,
+@click.option("--max-rank", type=click.IntRange(min=1), default=DEFAULT_MAX_RANK, show_default=True,
               help="Leading singular values computed per module.")
 @click.option("--svd", type=_SVD_CHOICE, default="auto", show_default=True, help="Truncated SVD route.")
 @click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)

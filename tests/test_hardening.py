@@ -55,13 +55,6 @@ def test_help_and_option_errors_do_not_import_torch(args: list[str]) -> None:
     assert "torch imported: False" in result.stdout, result.stdout + result.stderr
 
 
-def test_dtype_choices_are_the_library_dtypes() -> None:
-    from deltakit.cli import DTYPE_CHOICES
-    from deltakit.io.dtypes import DTYPES
-
-    assert sorted(DTYPE_CHOICES) == sorted(DTYPES)
-
-
 def test_import_deltakit_is_lazy_and_still_exports_the_api() -> None:
     code = "import sys, deltakit\nprint('torch' in sys.modules)\nprint(deltakit.extract.__module__)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
