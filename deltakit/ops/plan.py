@@ -25,6 +25,7 @@ from deltakit.adapters.layers import (
     weight_kind,
 )
 from deltakit.adapters.peft_format import WEIGHTS_FILE, Adapter, ModuleFactors, check_supported
+from deltakit.adapters.targeting import is_targeted
 from deltakit.adapters.variants import AdapterVariant, variant_of
 from deltakit.errors import (
     AdapterFormatError,
@@ -399,6 +400,15 @@ def _check_tied_head(adapter: Adapter, module: str, tied: TiedHead, to_base: Cal
                              path=adapter.path / WEIGHTS_FILE, tensor=f"{module}.weight")
 
 
+def _is_applied(adapter: Adapter, module: ModuleName, tied: TiedHead | None) -> bool:
+    """Whether PEFT, loading the adapter, would apply its entry for ``module``: targeted by the config, or a tied
+    head that PEFT's ``ensure_weight_tying`` gives the targeted embedding's factors."""
+    if is_targeted(adapter.config, module):
+        return True
+    return (tied is not None and module == tied.head and bool(adapter.config.get("ensure_weight_tying"))
+            and is_targeted(adapter.config, tied.embedding))
+
+
 def plan_merge(ckpt: Checkpoint, adapters: list[Adapter], *, is_base: bool) -> MergePlan:
     """Every step of every adapter, by base tensor, in adapter order; all input errors raised here.
 
@@ -426,7 +436,18 @@ def plan_merge(ckpt: Checkpoint, adapters: list[Adapter], *, is_base: bool) -> M
         variant = variant_of(adapter)
         to_base = _name_map(adapter, ckpt, tied)
         where = adapter.path / WEIGHTS_FILE
+        ignored = [module for module in adapter.modules if not _is_applied(adapter, module, tied)]
+        if ignored:
+            if len(ignored) == len(adapter.modules) and not adapter.saved:
+                raise AdapterFormatError(f"its config targets none of the {len(ignored)} module(s) in "
+                                         f"{WEIGHTS_FILE} (target_modules, exclude_modules, layers_to_transform); "
+                                         "merging it would change nothing", path=adapter.path / "adapter_config.json")
+            notes.append(f"adapter #{k + 1}: {len(ignored)} module(s) in {WEIGHTS_FILE} not targeted by its config "
+                         f"(target_modules, exclude_modules, layers_to_transform), ignored as PEFT ignores them: "
+                         f"{shorten(ignored)}")
         for module, entry in adapter.modules.items():
+            if module in ignored:
+                continue
             is_tied_head = tied is not None and module == tied.head
             if entry.key_a is None:
                 if entry.magnitude_key is not None:

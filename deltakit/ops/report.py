@@ -143,6 +143,10 @@ class ExtractReport:
                 lines += [f"    {t.tensor}: {t.reason}" for t in items[:10]]
                 if len(items) > 10:
                     lines.append(f"    ... {len(items) - 10} more in extract_report.json")
+        noted = [m for m in self.modules if m.note]
+        lines += [f"  note: {m.module}: {m.note}" for m in noted[:10]]
+        if len(noted) > 10:
+            lines.append(f"  note: ... {len(noted) - 10} more modules with notes in extract_report.json")
         lines += [f"  note: {n}" for n in self.notes]
         return lines
 
