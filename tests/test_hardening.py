@@ -437,10 +437,9 @@ def test_merge_with_dtype_float16_past_its_range_is_refused(tmp_path: Path) -> N
     assert not (tmp_path / "out").exists()
 
 
-@_pending(1)
 def test_extract_with_dtype_float16_and_huge_factors_is_refused(tmp_path: Path) -> None:
     w0 = torch.zeros(16, 16)
-    base_dir, ft_dir = write_safetensors_pair(tmp_path, {Q: w0}, {Q: _rank1(16, 16, 1e9)})
+    base_dir, ft_dir = write_safetensors_pair(tmp_path, {Q: w0}, {Q: _rank1(16, 16, 1e10)})
     with pytest.raises(NonFiniteError, match="q_proj"):
         deltakit.extract(ft_dir, base_dir, tmp_path / "out", rank=1, dtype="float16")
     assert not (tmp_path / "out").exists()
@@ -704,7 +703,6 @@ def test_weighted_stack_with_a_base_interpolates_carried_tensors(carrying_adapte
 # --- 20: reported errors are those of the stored factors --------------------------------------------------------
 
 
-@_pending(20)
 def test_reported_error_is_that_of_the_factors_as_stored(tmp_path: Path) -> None:
     w0 = torch.randn(32, 24)
     ft = w0 + torch.randn(32, 24) * 0.1

@@ -25,10 +25,11 @@ import torch
 
 from deltakit.adapters.layers import WeightKind
 from deltakit.adapters.peft_format import Adapter, AdapterModule, ModuleFactors, lora_scaling
-from deltakit.errors import AdapterFormatError
+from deltakit.errors import AdapterFormatError, NonFiniteError
 from deltakit.math.dora import apply_dora, fit_magnitude, projection_scales, rescaling, row_norms, unapply_dora
 from deltakit.math.factorize import TruncatedSVD
-from deltakit.math.lowrank import SvdOptions, balanced_factors
+from deltakit.math.lowrank import SvdOptions, balanced_factors, stored_relative_error
+from deltakit.math.values import all_finite
 from deltakit.names import ModuleName
 
 # DoRA's projected fit is tried where per-row rescaling of the base explains ≥ 10% of ‖ΔW‖² (see DoRA.fit).
@@ -78,7 +79,17 @@ def factors_from_svd(svd: TruncatedSVD, rank: int, module: ModuleName, kind: Wei
     b, a = balanced_factors(svd.u[:, :rank], svd.s[:rank], svd.vh[:rank], scaling)  # (out, r), (r, in)
     if row_scale is not None:
         b = b * row_scale.to(b.device)[:, None]
-    return ModuleFactors(module, kind, a.to(dtype), b.to(dtype), alpha, scaling)
+    a, b = a.to(dtype), b.to(dtype)
+    check_stored(module, dtype, a, b)
+    return ModuleFactors(module, kind, a, b, alpha, scaling)
+
+
+def check_stored(module: ModuleName, dtype: torch.dtype, *stored: torch.Tensor) -> None:
+    """Raise NonFiniteError if what will be stored overflowed its dtype (fp16 ends at 65504): the check is on the
+    values as written, not on the fp32 values before the cast."""
+    if not all(all_finite(t) for t in stored):
+        raise NonFiniteError(f"its factors exceed the range of {str(dtype).removeprefix('torch.')} (NaN or Inf once "
+                             "stored); use --dtype bfloat16 or float32", tensor=module)
 
 
 class BlockStep:
@@ -161,8 +172,9 @@ class AdapterVariant:
                  settings: FitSettings) -> tuple[ModuleFactors, dict]:
         """Cut the factors of a rank decided from ``svd``'s spectrum."""
         factors = factors_from_svd(svd, rank, module, kind, dtype, settings)
-        return factors, {"relative_error": svd.relative_error(rank), "energy_retained": svd.energy_retained(rank),
-                         "method": svd.method}
+        # The error of what is stored: after rounding to the stored dtype, not of the fp32 triplets.
+        error = stored_relative_error(svd, rank, factors.b, factors.a, factors.scaling)
+        return factors, {"relative_error": error, "energy_retained": max(0.0, 1.0 - error**2), "method": svd.method}
 
     def check_module(self, adapter: Adapter, entry: AdapterModule, out: int, where: Path) -> None:
         """Raise AdapterFormatError if a module's tensors are not this variant's."""
@@ -219,6 +231,7 @@ class DoraVariant(AdapterVariant):
             factors = factors_from_svd(svd, rank, module, kind, dtype, settings, row_scale)
             lora_delta = factors.delta().to(settings.device)  # from the stored (rounded) factors: what PEFT sees
             factors.magnitude = fit_magnitude(base_m + lora_delta, ft_m).to(dtype)
+            check_stored(module, dtype, factors.magnitude)
             merged, _ = apply_dora(base_m, lora_delta, factors.magnitude.to(settings.device))
             error = float(torch.linalg.vector_norm(ft_m - merged, dtype=torch.float64)) ** 2
             if best is None or error < best[0]:

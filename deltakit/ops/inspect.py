@@ -42,7 +42,7 @@ from deltakit.math.ranks import (
     rank_for_energy,
 )
 from deltakit.ops.report import command_line, format_bytes
-from deltakit.io.writer import refuse_overlap, staged_output, write_json
+from deltakit.io.writer import check_output, staged_output, write_json
 
 REPORT_FILE = "report.json"
 # The energy target of the suggested "energy" rank (extract's --energy).
@@ -275,7 +275,7 @@ def inspect(
     ft_ckpt, base_ckpt = open_checkpoint(finetuned), open_checkpoint(base)
     refuse_unsupported_weights(ft_ckpt), refuse_unsupported_weights(base_ckpt)
     if out is not None:  # before the measurement, not after it
-        refuse_overlap(Path(out), [ft_ckpt.path, base_ckpt.path])
+        check_output(Path(out), overwrite=overwrite, inputs=[ft_ckpt.path, base_ckpt.path])
     plan = plan_extract(ft_ckpt, base_ckpt, include=include, exclude=exclude)
     options = {"ranks": list(ranks), "max_rank": max_rank, "svd": svd, "device": str(math_device),
                "include": include, "exclude": exclude}
