@@ -416,7 +416,6 @@ def _rank1(m: int, n: int, value: float) -> torch.Tensor:
 # --- 1: non-finite values after the cast to the stored dtype -------------------------------------------------
 
 
-@_pending(1)
 def test_merge_past_the_fp16_range_is_refused(tmp_path: Path) -> None:
     w0 = torch.full((16, 16), 60000.0)
     fp32_base, fp32_ft = write_safetensors_pair(tmp_path / "f", {Q: w0}, {Q: w0 + _rank1(16, 16, 10000.0)})
@@ -427,12 +426,21 @@ def test_merge_past_the_fp16_range_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-@_pending(1)
 def test_merge_with_dtype_float16_past_its_range_is_refused(tmp_path: Path) -> None:
     w0 = torch.full((16, 16), 1e5)
     base_dir, ft_dir = write_safetensors_pair(tmp_path / "f", {Q: w0}, {Q: w0 + _rank1(16, 16, 1.0)})
     deltakit.extract(ft_dir, base_dir, tmp_path / "adapter", rank=1)
     with pytest.raises(NonFiniteError, match=Q):
+        deltakit.merge(base_dir, [tmp_path / "adapter"], tmp_path / "out", dtype="float16")
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_with_dtype_float16_refuses_an_unchanged_tensor_past_its_range(tmp_path: Path) -> None:
+    w0 = torch.randn(16, 16)
+    base_dir, ft_dir = write_safetensors_pair(tmp_path / "f", {Q: w0, K: torch.full((8, 8), 1e5)},
+                                              {Q: w0 + _rank1(16, 16, 1.0), K: torch.full((8, 8), 1e5)})
+    deltakit.extract(ft_dir, base_dir, tmp_path / "adapter", rank=1)
+    with pytest.raises(NonFiniteError, match=K):
         deltakit.merge(base_dir, [tmp_path / "adapter"], tmp_path / "out", dtype="float16")
     assert not (tmp_path / "out").exists()
 

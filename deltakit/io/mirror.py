@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from deltakit.errors import CheckpointFormatError
+from deltakit.errors import CheckpointFormatError, NonFiniteError
 from deltakit.io.checkpoint import Checkpoint, SafetensorsHeader, TensorInfo, _readinto_exactly
 from deltakit.io.writer import SafetensorsWriter, _write_all, no_room_as_error, write_json
 from deltakit.names import TensorName
@@ -105,6 +105,9 @@ def write_mirror(ckpt: Checkpoint, staging_dir: Path, changed: Collection[Tensor
                         else:
                             result.unchanged += 1
                             value = stored.to(out_dtype(info, dtype))
+                            if not is_finite(value):
+                                raise NonFiniteError(f"has NaN or Inf once cast to {str(dtype).removeprefix('torch.')}"
+                                                     "; choose a wider --dtype", path=ckpt.path, tensor=name)
                         writes.submit(sink.write, name, value)
                 writes.submit(sink.close)  # syncs while the next shard is read and computed
                 result.weight_files.append(shard_path.name)
@@ -112,6 +115,15 @@ def write_mirror(ckpt: Checkpoint, staging_dir: Path, changed: Collection[Tensor
             writes.wait()  # a sink is discarded (on error) only when nothing is in flight
     result.bytes_written = sum((staging_dir / name).stat().st_size for name in result.weight_files)
     return result
+
+
+def is_finite(tensor: torch.Tensor) -> bool:
+    """Whether a tensor about to be written holds no NaN or ±Inf. One fp32 sum decides almost always (a NaN or
+    Inf makes it non-finite); only a non-finite sum, which finite values near fp32's limit can also give, costs a
+    full element-wise check."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 def write_index(ckpt: Checkpoint, staging_dir: Path, dtype: torch.dtype | None) -> None:

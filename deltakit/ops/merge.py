@@ -52,7 +52,7 @@ from deltakit.adapters.variants import BlockStep
 from deltakit.errors import CheckpointFormatError, InvalidOptionError, NonFiniteError, ReceiptMissingError, shorten
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint, refuse_unsupported_weights
 from deltakit.io.dtypes import parse_dtype
-from deltakit.io.mirror import Transform, copy_other_files, write_index, write_mirror
+from deltakit.io.mirror import Transform, copy_other_files, is_finite, write_index, write_mirror
 from deltakit.io.writer import refuse_overlap, staged_output
 from deltakit.math.factorize import resolve_device
 from deltakit.names import TensorName
@@ -93,8 +93,17 @@ def _apply_blocks(job: TensorJob, stored: torch.Tensor, out_dtype: torch.dtype, 
         if not torch.isfinite(work.sum()) and not all(bool(torch.isfinite(x)) for x in torch.aminmax(work)):
             raise NonFiniteError(f"the {'unmerged' if inverse else 'merged'} weight has NaN or Inf in rows "
                                  f"{r0}–{r1 - 1}", tensor=job.tensor)
-        result_oi[r0:r1].copy_(work)
+        written = result_oi[r0:r1]
+        written.copy_(work)
+        if out_dtype != torch.float32 and not is_finite(written):  # what is stored: past fp16's 65504 is Inf
+            raise NonFiniteError(f"the {'unmerged' if inverse else 'merged'} weight does not fit in "
+                                 f"{_dtype_name(out_dtype)} (Inf once stored) in rows {r0}–{r1 - 1}; choose a wider "
+                                 "--dtype", tensor=job.tensor)
     return result
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 class _Merge:
@@ -109,7 +118,7 @@ class _Merge:
         if (replace := job.replacement) is not None:
             self.receipt.keep_base(name, stored)
             new_value = self.adapters[replace.adapter].weights.get(replace.key)
-            return _replaced_value(stored, new_value, self.weights[replace.adapter], out_dtype)
+            return _replaced_value(name, stored, new_value, self.weights[replace.adapter], out_dtype)
         steps = [s.variant.block_step(s.factors, self.weights[s.adapter], self.device) for s in job.steps]
         result = _apply_blocks(job, stored, out_dtype, steps, self.device, inverse=False)
         for step, block_step in zip(job.steps, steps):
@@ -134,11 +143,16 @@ class _Unmerge:
         return _apply_blocks(job, stored, out_dtype, steps[::-1], self.device, inverse=True)
 
 
-def _replaced_value(base_value: torch.Tensor, new_value: torch.Tensor, weight: float,
+def _replaced_value(name: TensorName, base_value: torch.Tensor, new_value: torch.Tensor, weight: float,
                     out_dtype: torch.dtype) -> torch.Tensor:
     if weight == 1.0:
-        return new_value.to(out_dtype)  # exact: the adapter's own value
-    return (base_value.float() + weight * (new_value.float() - base_value.float())).to(out_dtype)
+        value = new_value.to(out_dtype)  # exact: the adapter's own value
+    else:
+        value = (base_value.float() + weight * (new_value.float() - base_value.float())).to(out_dtype)
+    if not is_finite(value):
+        raise NonFiniteError(f"the replaced value has NaN or Inf once stored as {_dtype_name(out_dtype)}",
+                             tensor=name)
+    return value
 
 
 # --- the shared driver ---------------------------------------------------------------------------------------------
