@@ -72,6 +72,11 @@ class ReceiptMissingError(DeltakitError):
     """A DoRA (or replacing) adapter cannot be unmerged without the receipt that merge writes."""
 
 
+class ReceiptMismatchError(DeltakitError):
+    """A merge receipt that does not belong to the checkpoint and adapters given: altered, copied from another
+    merge, or naming other adapters. Unmerging with it would restore a wrong base."""
+
+
 class OutputExistsError(DeltakitError):
     """The output path exists and --overwrite was not given."""
 

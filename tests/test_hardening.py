@@ -503,12 +503,11 @@ def merged(llama_pair: ModelPair, tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _receipt_error() -> type[Exception]:
-    import deltakit.errors
+    from deltakit.errors import ReceiptMismatchError
 
-    return getattr(deltakit.errors, "ReceiptMismatchError", AssertionError)
+    return ReceiptMismatchError
 
 
-@_pending(4)
 def test_unmerge_refuses_merged_weights_altered_after_the_merge(merged: tuple[Path, Path], tmp_path: Path) -> None:
     adapter, merged_dir = merged
     tensors = load_file(merged_dir / "model.safetensors")
@@ -520,7 +519,6 @@ def test_unmerge_refuses_merged_weights_altered_after_the_merge(merged: tuple[Pa
     assert not (tmp_path / "out").exists()
 
 
-@_pending(4)
 def test_unmerge_refuses_an_altered_receipt(merged: tuple[Path, Path], tmp_path: Path) -> None:
     adapter, merged_dir = merged
     receipt_path = merged_dir / "deltakit_merge_receipt" / "receipt.json"
@@ -531,7 +529,6 @@ def test_unmerge_refuses_an_altered_receipt(merged: tuple[Path, Path], tmp_path:
         deltakit.unmerge(merged_dir, [adapter], tmp_path / "out")
 
 
-@_pending(4)
 def test_unmerge_refuses_the_receipt_of_another_merge(merged: tuple[Path, Path], llama_pair: ModelPair,
                                                       tmp_path: Path) -> None:
     adapter, merged_dir = merged
@@ -651,7 +648,6 @@ def test_a_rank_pattern_matching_no_module_is_refused_naming_it(tmp_path: Path) 
 # --- 15: unmerge of an adapter that was never merged here ------------------------------------------------------
 
 
-@_pending(15)
 def test_unmerge_of_an_adapter_never_merged_here_says_so(pair: tuple[Path, Path], tmp_path: Path) -> None:
     base_dir, ft_dir = pair
     deltakit.extract(ft_dir, base_dir, tmp_path / "a", rank=2)

@@ -118,23 +118,28 @@ class _Merge:
         if (replace := job.replacement) is not None:
             self.receipt.keep_base(name, stored)
             new_value = self.adapters[replace.adapter].weights.get(replace.key)
-            return _replaced_value(name, stored, new_value, self.weights[replace.adapter], out_dtype)
-        steps = [s.variant.block_step(s.factors, self.weights[s.adapter], self.device) for s in job.steps]
-        result = _apply_blocks(job, stored, out_dtype, steps, self.device, inverse=False)
-        for step, block_step in zip(job.steps, steps):
-            if block_step.state is not None:
-                self.receipt.keep_state(step.adapter, name, block_step.state)
+            result = _replaced_value(name, stored, new_value, self.weights[replace.adapter], out_dtype)
+        else:
+            steps = [s.variant.block_step(s.factors, self.weights[s.adapter], self.device) for s in job.steps]
+            result = _apply_blocks(job, stored, out_dtype, steps, self.device, inverse=False)
+            for step, block_step in zip(job.steps, steps):
+                if block_step.state is not None:
+                    self.receipt.keep_state(step.adapter, name, block_step.state)
+        self.receipt.bind(name, result)
         return result
 
 
 class _Unmerge:
     """Unmerge's transform: the inverse steps in reverse order, with what the receipt kept (if any)."""
 
-    def __init__(self, plan: MergePlan, weights: list[float], device: torch.device, receipt: Receipt | None) -> None:
-        self.plan, self.weights, self.device, self.receipt = plan, weights, device, receipt
+    def __init__(self, plan: MergePlan, weights: list[float], device: torch.device, receipt: Receipt | None,
+                 where: Path) -> None:
+        self.plan, self.weights, self.device, self.receipt, self.where = plan, weights, device, receipt, where
 
     def __call__(self, name: TensorName, stored: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         job = self.plan.jobs[name]
+        if self.receipt is not None:
+            self.receipt.check_written(name, stored, self.where)
         if job.replacement is not None:
             return self.receipt.base(name).to(out_dtype)
         steps = [s.variant.block_step(s.factors, self.weights[s.adapter], self.device,
@@ -326,7 +331,7 @@ def unmerge(
     if weights is not None:
         weights = parse_weights(weights, len(adapters))
     ckpt, opened = _open_inputs(merged, adapters)
-    receipt, receipt_state = read_receipt(ckpt, opened)
+    receipt, receipt_state = read_receipt(ckpt, opened, [str(a) for a in adapters])
     if receipt is not None:
         # From here on adapters are in merge order, so step positions are the receipt's positions.
         if weights is not None and [weights[i] for i in receipt.order] != receipt.weights:
@@ -357,7 +362,7 @@ def unmerge(
         return report
 
     with staged_output(out_dir, overwrite=overwrite, inputs=inputs) as staging_dir:
-        _write(ckpt, plan, _Unmerge(plan, weights, math_device, receipt), staging_dir, report, dtype=out_dtype,
-               device=math_device, progress=progress)
+        _write(ckpt, plan, _Unmerge(plan, weights, math_device, receipt, ckpt.path), staging_dir, report,
+               dtype=out_dtype, device=math_device, progress=progress)
         report.seconds = time.perf_counter() - started
     return report
