@@ -33,7 +33,7 @@ from deltakit.io.writer import save_tensors, staged_output, write_json, write_te
 from deltakit.math.factorize import SvdMethod, TruncatedSVD, resolve_device
 from deltakit.math.lowrank import SvdOptions
 from deltakit.math.ranks import DEFAULT_RANK, ModelSize, ModuleSpectrum, RankPolicy, Weighting, rank_policy
-from deltakit.names import ModuleName, split_tensor_name
+from deltakit.names import ModuleName, matches_peft_pattern, split_tensor_name
 from deltakit.ops.delta import is_changed, read_delta
 from deltakit.ops.plan import ExtractPlan, ModuleFates, ModulePlan, module_fates, plan_extract, tied_bias_fates
 from deltakit.ops.report import ExtractReport, ModuleReport, TensorFate, command_line, model_card
@@ -67,6 +67,7 @@ class _Factorized:
     fit: Fit
     seconds: float
     note: str | None  # e.g. a clamped rank
+    base_norm: float  # ‖W0‖, to tell a fine-tune from an unrelated model
     tied_head: ModuleName | None = None  # a tied output head that gets these factors too, transposed
 
 
@@ -92,10 +93,11 @@ def _fit_weight(run: _Run, module: ModulePlan) -> _Factorized | None:
     note = (f"rank {wanted} > min(out, in) = {min(out_in)}: clamped"
             if run.policy.is_requested(module.module) and wanted > min(out_in) else None)
     dtype = run.dtype or run.base.info(module.weight).dtype
+    base_norm = float(torch.linalg.vector_norm(pair.base, dtype=torch.float64))
     fit = run.variant.fit(pair, min(wanted, min(out_in)),
                           lambda s, total: run.policy.choose(module.module, s, total, out_in),
                           module.module, module.kind, dtype, run.fit)
-    return _Factorized(module.module, module.kind, shape, dtype, fit, time.perf_counter() - started, note)
+    return _Factorized(module.module, module.kind, shape, dtype, fit, time.perf_counter() - started, note, base_norm)
 
 
 def _extract_module(run: _Run, module: ModulePlan) -> _ModuleResult:
@@ -187,6 +189,27 @@ def _factor_bytes_per_param(dtype: str | None, plan: ExtractPlan, base: Checkpoi
     return dtypes.most_common(1)[0][0].itemsize if dtypes else 4
 
 
+def _check_rank_patterns(rank_pattern: list[tuple[str, int]] | None, plan: ExtractPlan) -> None:
+    """A --rank-pattern that matches no module that can be factorized is a typo: refused before any math."""
+    modules = [m.module for m in plan.modules if m.weight is not None and m.is_selected]
+    for pattern, _ in rank_pattern or []:
+        if not any(matches_peft_pattern(pattern, module) for module in modules):
+            example = f" (module names look like {modules[0]})" if modules else ""
+            raise InvalidOptionError(f"--rank-pattern {pattern!r} matches no module that would be factorized"
+                                     f"{example}")
+
+
+def _unrelated_note(factorized: list[_Factorized]) -> list[str]:
+    """A fine-tune moves its weights a little; a ΔW as large as the weights means another model (or the two
+    swapped for a much-changed one): worth a line in the summary, not a refusal."""
+    delta = sum(f.fit.delta_norm ** 2 for f in factorized)
+    base = sum(f.base_norm ** 2 for f in factorized)
+    if base == 0 or delta < 0.25 * base:
+        return []
+    return [f"‖ΔW‖ is {(delta / base) ** 0.5:.0%} of ‖W0‖ over the factorized weights: FINETUNED and BASE look "
+            "nearly unrelated (or swapped); is BASE the model FINETUNED was fine-tuned from?"]
+
+
 def _input_name(given: str | Path, ckpt: Checkpoint) -> str:
     """How the report and the adapter config name an input: the path as given, or the bare Hub repo id."""
     return ckpt.source.repo_id if ckpt.source else str(given)
@@ -269,6 +292,7 @@ def extract(
     ft_ckpt, base_ckpt = open_checkpoint(finetuned), open_checkpoint(base)
     refuse_unsupported_weights(ft_ckpt), refuse_unsupported_weights(base_ckpt)
     plan = plan_extract(ft_ckpt, base_ckpt, include=include, exclude=exclude)
+    _check_rank_patterns(rank_pattern, plan)
     size = ModelSize(sum(math.prod(info.shape) for info in base_ckpt.tensors.values()),
                      _factor_bytes_per_param(dtype, plan, base_ckpt))
     policy.check_size(size)  # fail before work
@@ -331,7 +355,7 @@ def extract(
                      for name in plan.only_in_base] + [fate for r in results for fate in r.fates.fates],
             unchanged=sum(r.unchanged for r in results),
             command=command_line(),
-            notes=[note for r in results for note in r.fates.notes],
+            notes=[note for r in results for note in r.fates.notes] + _unrelated_note(factorized),
             budget=budget_summary,
             variant=variant,
         )

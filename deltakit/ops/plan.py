@@ -80,6 +80,29 @@ def _is_vocab_resize(name: TensorName, kind: WeightKind, base_shape: tuple, ft_s
     return kind is WeightKind.EMBEDDING or (len(base_shape) >= 1 and "head" in name)
 
 
+def _check_same_model(finetuned: Checkpoint, base: Checkpoint) -> None:
+    """Refuse, from configs and headers, a base of another model: it would turn the whole fine-tune into carried
+    tensors (or garbage deltas) and still exit 0.
+
+    Raises:
+        TensorMismatchError: the configs' ``model_type`` or ``architectures`` differ, or no 2-D weight of the
+            fine-tune has a tensor of the same name and shape in the base.
+    """
+    ft_config, base_config = finetuned.config or {}, base.config or {}
+    for key in ("model_type", "architectures"):
+        ft_value, base_value = ft_config.get(key), base_config.get(key)
+        if ft_value is not None and base_value is not None and ft_value != base_value:
+            raise TensorMismatchError(f"{key} is {ft_value!r} here but {base_value!r} in the base {base.path}: not "
+                                      "the same model; give the base this checkpoint was fine-tuned from",
+                                      path=finetuned.path)
+    base_infos = base.tensors
+    if not any(len(info.shape) == 2 and name in base_infos and base_infos[name].shape == info.shape
+               for name, info in finetuned.tensors.items()):
+        raise TensorMismatchError(f"no 2-D weight pairs with a tensor of the same name and shape in the base "
+                                  f"{base.path}: not the same model; give the base this checkpoint was fine-tuned "
+                                  "from", path=finetuned.path)
+
+
 def plan_extract(
     finetuned: Checkpoint,
     base: Checkpoint,
@@ -95,6 +118,7 @@ def plan_extract(
         InvalidOptionError: an --include/--exclude regex does not compile.
     """
     includes, excludes = _compile(include, "--include"), _compile(exclude, "--exclude")
+    _check_same_model(finetuned, base)
     config = finetuned.config or base.config or {}
     model_type = config.get("model_type")
     ft_infos, base_infos = finetuned.tensors, base.tensors
