@@ -217,6 +217,7 @@ def unmerge_command(merged: str, adapters: tuple[str, ...], weights: tuple[float
 @click.option("-r", "--rank", type=click.IntRange(min=1), help="Re-truncate every module to this rank (optimal).")
 @click.option("--energy", type=click.FloatRange(min=0, max=1, min_open=True),
               help="Re-truncate each module to the smallest rank keeping this fraction of its ||ΔW||².")
+@click.option("--base", help="The adapters' base: lets weights scale carried tensors, as BASE + w·(T − BASE).")
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No summary.")
 def stack_command(adapters: tuple[str, ...], weights: tuple[float, ...], quiet: bool, **options) -> None:

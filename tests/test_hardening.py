@@ -679,7 +679,6 @@ def carrying_adapters(tmp_path: Path) -> tuple[Path, Path, Path]:
     return base_dir, tmp_path / "a", tmp_path / "b"
 
 
-@_pending(18)
 def test_weighted_stack_of_carrying_adapters_names_both_ways_out(carrying_adapters: tuple[Path, Path, Path],
                                                                  tmp_path: Path) -> None:
     _, a, b = carrying_adapters
@@ -688,7 +687,6 @@ def test_weighted_stack_of_carrying_adapters_names_both_ways_out(carrying_adapte
     assert "--base" in str(caught.value) and "extract --no-carry" in str(caught.value)
 
 
-@_pending(18)
 def test_weighted_stack_with_a_base_interpolates_carried_tensors(carrying_adapters: tuple[Path, Path, Path],
                                                                  tmp_path: Path) -> None:
     base_dir, a, b = carrying_adapters

@@ -25,19 +25,19 @@ def stored_relative_error(svd: TruncatedSVD, rank: int, b: torch.Tensor, a: torc
     """‖M − scaling·B@A‖ / ‖M‖ for factors as stored (rounded to their dtype), from ``svd`` alone (no dense M).
 
     M = U_r S_r Vh_r + R, with R the truncation residual (its energy known to ``svd``). The stored product
-    differs from U_r S_r Vh_r by the rounding E, whose energy follows from r×r products:
-    ‖E‖² = ‖S_r‖² − 2·scaling·⟨U_r S_r Vh_r, B A⟩ + scaling²·‖B A‖². R is orthogonal to U_r's columns and to
-    Vh_r's rows, so ⟨R, E⟩ is a product of two roundings (negligible) and the squared errors add.
+    differs from U_r S_r Vh_r by the rounding E = [U_r S_r, −scaling·B] @ [Vh_r; A], a rank-2r product whose
+    energy is Σ (LᵀL) ∘ (R Rᵀ) over 2r×2r Gram matrices, in fp64 (the fp32 inputs are exact there, so no
+    orthonormality is assumed). R is orthogonal to U_r's columns and to Vh_r's rows, so ⟨R, E⟩ is a product of
+    two roundings (negligible) and the squared errors add.
     """
     if svd.total_energy == 0.0:
         return 0.0
     tail = svd.relative_error(rank) ** 2 * svd.total_energy
     device = svd.u.device
     u, s, vh = (t.to(device, torch.float64) for t in (svd.u[:, :rank], svd.s[:rank], svd.vh[:rank]))
-    b64, a64 = b.to(device, torch.float64), a.to(device, torch.float64)  # (out, r), (r, in)
-    inner = float((s * ((u.T @ b64) * (vh @ a64.T)).sum(dim=1)).sum())  # tr(S Uᵀ B A Vhᵀ)
-    product = float(((b64.T @ b64) * (a64 @ a64.T)).sum())  # ‖B A‖²
-    rounding = max(0.0, float(s.square().sum()) - 2 * scaling * inner + scaling**2 * product)
+    left = torch.cat([u * s, -scaling * b.to(device, torch.float64)], dim=1)  # (out, 2r)
+    right = torch.cat([vh, a.to(device, torch.float64)], dim=0)  # (2r, in)
+    rounding = max(0.0, float(((left.T @ left) * (right @ right.T)).sum()))
     return min(1.0, math.sqrt((tail + rounding) / svd.total_energy))
 
 
