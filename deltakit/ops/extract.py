@@ -27,7 +27,7 @@ from deltakit.adapters.layers import WeightKind, out_in_shape, target_modules, t
 from deltakit.adapters.peft_format import CarriedTensor, ModuleFactors, adapter_spec, task_type_for, write_adapter
 from deltakit.adapters.variants import DORA, LORA, AdapterVariant, Fit, FitSettings
 from deltakit.errors import InvalidOptionError, NothingToExtractError
-from deltakit.io.checkpoint import Checkpoint, open_checkpoint
+from deltakit.io.checkpoint import Checkpoint, open_checkpoint, refuse_unsupported_weights
 from deltakit.io.dtypes import DTYPES, parse_dtype
 from deltakit.io.writer import save_tensors, staged_output, write_json, write_text
 from deltakit.math.factorize import SvdMethod, TruncatedSVD, resolve_device
@@ -333,6 +333,7 @@ def extract(
         raise InvalidOptionError(variant.budget_refusal)
     math_device = resolve_device(device)
     ft_ckpt, base_ckpt = open_checkpoint(finetuned), open_checkpoint(base)
+    refuse_unsupported_weights(ft_ckpt), refuse_unsupported_weights(base_ckpt)
     plan = plan_extract(ft_ckpt, base_ckpt, include=include, exclude=exclude)
     size = ModelSize(sum(math.prod(info.shape) for info in base_ckpt.tensors.values()),
                      _factor_bytes_per_param(dtype, plan, base_ckpt))

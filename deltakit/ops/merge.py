@@ -51,7 +51,7 @@ from deltakit.adapters.layers import to_out_in
 from deltakit.adapters.peft_format import Adapter, parse_weights, read_adapter
 from deltakit.adapters.variants import BlockStep
 from deltakit.errors import CheckpointFormatError, InvalidOptionError, NonFiniteError, ReceiptMissingError, shorten
-from deltakit.io.checkpoint import Checkpoint, open_checkpoint
+from deltakit.io.checkpoint import Checkpoint, open_checkpoint, refuse_unsupported_weights
 from deltakit.io.dtypes import parse_dtype
 from deltakit.io.mirror import MirrorResult, OtherFiles, Transform, copy_other_files, write_index, write_mirror
 from deltakit.io.writer import refuse_overlap, staged_output
@@ -201,6 +201,7 @@ def _report(operation: str, checkpoint: str | Path, adapters: list[str], weights
 
 def _open_inputs(checkpoint: str | Path, adapters: list[str | Path]) -> tuple[Checkpoint, list[Adapter]]:
     ckpt = open_checkpoint(checkpoint)
+    refuse_unsupported_weights(ckpt)
     legacy = [f.name for f in ckpt.files if f.suffix == ".bin"]
     if legacy:
         raise CheckpointFormatError(f"legacy weights ({shorten(legacy)}): merged output mirrors safetensors shards; "
