@@ -11,6 +11,7 @@ under test) so that the SIGKILL lands exactly there.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -242,17 +243,34 @@ def test_sigkill_mid_run_then_rerun_gives_the_clean_run_outputs(workdir: Path, p
     assert _leftovers(workdir) == []
 
 
+def _staging(out: Path, tag: str) -> Path:
+    """A staging directory and its lock file as writer.staged_output names them, as a killed run leaves them."""
+    staging = out.with_name(f".{out.name}.deltakit-tmp-{tag}")
+    staging.mkdir()
+    (staging / "adapter_model.safetensors").write_bytes(b"half-written")
+    staging.with_name(f".{out.name}.deltakit-lock-{tag}").touch()
+    return staging
+
+
 def test_an_output_whose_marker_still_says_running_is_redone(workdir: Path) -> None:
-    """The state a crash between an output's rename and its marker's update leaves: the output is replaced."""
+    """The state a crash between an output's rename and its marker's update leaves: the output is replaced, the
+    killed run's staging directory removed, and a staging directory whose lock a live process holds kept."""
     batch.run_batch(workdir / "jobs.toml")
     expected = _snapshot(workdir)
     marker_path = workdir / "adapters/.r8.deltakit-job.json"
     marker_path.write_text(json.dumps({**json.loads(marker_path.read_text()), "state": "running"}))
     (workdir / "adapters/r8/adapter_model.safetensors").write_bytes(b"half-written")
-    (workdir / "adapters/.r8.deltakit-tmp-0123abcd").mkdir()
-    report = batch.run_batch(workdir / "jobs.toml")
+    _staging(workdir / "adapters/r8", "0123abcd")
+    live = _staging(workdir / "adapters/r8", "live0000")
+    lock = os.open(live.with_name(".r8.deltakit-lock-live0000"), os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another run building this output right now
+    try:
+        report = batch.run_batch(workdir / "jobs.toml")
+    finally:
+        os.close(lock)
     assert _statuses(report) == ["skipped", "done", "skipped", "done"]  # job 4 reads job 2's output
-    assert _snapshot(workdir) == expected and _leftovers(workdir) == []
+    assert _snapshot(workdir) == expected
+    assert _leftovers(workdir) == [".r8.deltakit-lock-live0000", ".r8.deltakit-tmp-live0000"]
 
 
 def test_changing_a_job_redoes_it_and_the_jobs_that_read_it(workdir: Path, llama_pair: ModelPair) -> None:

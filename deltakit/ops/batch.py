@@ -44,15 +44,15 @@ respects ``depends_on``.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import inspect
 import json
 import os
-import shutil
 import time
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -79,6 +79,7 @@ from deltakit.io.writer import write_json
 
 MARKER_FORMAT = 1
 Status = Literal["done", "skipped", "failed", "blocked", "not run", "would run", "would skip"]
+_SUCCEEDED = ("done", "skipped", "would run", "would skip")  # the statuses a job reading the output may go on from
 
 
 @dataclass(frozen=True)
@@ -236,28 +237,17 @@ def run_batch(
     manifest_path = Path(manifest)
     jobs = load_manifest(manifest_path, push=push)
     if dry_run:
-        results = _check_jobs(jobs)
+        results = _run_in_order(jobs, functools.partial(run_after, dry_run=True), stop_on_failure=False)
         return BatchReport(str(manifest_path), results, dry_run=True, seconds=time.perf_counter() - started)
 
-    results: list[JobResult] = []
-    unsuccessful: set[int] = set()
-    stopped = False
     with tqdm(total=len(jobs), unit="job", desc="batch", disable=not progress, dynamic_ncols=True) as bar:
-        for job in jobs:
+        def step(job: JobSpec, dependencies: Sequence[JobResult]) -> JobResult:
             bar.set_postfix_str(f"{job.label} → {job.out.name}", refresh=True)
-            blockers = [i for i in job.depends_on if i in unsuccessful]
-            if stopped:
-                result = JobResult(job.index, job.op, str(job.out), "not run")
-            elif blockers:
-                result = JobResult(job.index, job.op, str(job.out), "blocked",
-                                   error=f"needs the output of job {blockers[0]}, which did not succeed")
-            else:
-                result = run_job(job)
-            if result.status in ("failed", "blocked", "not run"):
-                unsuccessful.add(job.index)
-            stopped = stopped or (result.status == "failed" and not continue_on_error)
-            results.append(result)
+            result = run_after(job, dependencies)
             bar.update()
+            return result
+
+        results = _run_in_order(jobs, step, stop_on_failure=not continue_on_error)
     summary_path = Path(summary) if summary else manifest_path.with_name(f"{manifest_path.stem}.summary.json")
     report = BatchReport(str(manifest_path), results, seconds=time.perf_counter() - started,
                          summary_path=str(summary_path))
@@ -265,11 +255,48 @@ def run_batch(
     return report
 
 
-def run_job(job: JobSpec) -> JobResult:
+def _run_in_order(jobs: Sequence[JobSpec], step: Callable[[JobSpec, Sequence[JobResult]], JobResult], *,
+                  stop_on_failure: bool) -> list[JobResult]:
+    """Run ``step`` on each job in turn, given the results of the jobs it reads from; after a failure (with
+    ``stop_on_failure``) the remaining jobs are ``not run``."""
+    results: dict[int, JobResult] = {}
+    stopped = False
+    for job in jobs:
+        if stopped:
+            results[job.index] = JobResult(job.index, job.op, str(job.out), "not run")
+            continue
+        results[job.index] = step(job, [results[i] for i in job.depends_on])
+        stopped = stop_on_failure and results[job.index].status == "failed"
+    return list(results.values())
+
+
+def run_after(job: JobSpec, dependencies: Sequence[JobResult], *, dry_run: bool = False) -> JobResult:
+    """Run a job once the jobs it reads from have finished: ``blocked`` if one of them did not succeed, else
+    :func:`run_job`, told which of its inputs were just rewritten.
+
+    Args:
+        job: the job.
+        dependencies: the results of the jobs named in ``job.depends_on``.
+        dry_run: as :func:`run_job`'s.
+    """
+    unsuccessful = [d for d in dependencies if d.status not in _SUCCEEDED]
+    if unsuccessful:
+        which = "would fail" if dry_run else "did not succeed"
+        return JobResult(job.index, job.op, str(job.out), "blocked",
+                         error=f"needs the output of job {unsuccessful[0].index}, which {which}")
+    rewritten = frozenset(d.out for d in dependencies if d.status in ("done", "would run"))
+    return run_job(job, rewritten=rewritten, dry_run=dry_run)
+
+
+def run_job(job: JobSpec, *, rewritten: Collection[str] = (), dry_run: bool = False) -> JobResult:
     """Run one job unless its output is already done for the same inputs and options; then push it if asked.
 
     Args:
         job: the job; nothing else is read but the files it names (and its marker beside ``out``).
+        rewritten: inputs (earlier jobs' outputs) that this batch has just rewritten, or in a dry run would
+            write: the job is redone whatever its marker says, and in a dry run they need not exist yet.
+        dry_run: decide only, write nothing: ``would run`` or ``would skip``, or ``failed`` on a missing input,
+            an unresolvable Hub id or an output batch may not replace.
 
     Returns:
         Its result: ``done``, ``skipped`` (up to date) or ``failed`` (with the error; nothing is raised for
@@ -278,28 +305,29 @@ def run_job(job: JobSpec) -> JobResult:
     started = time.perf_counter()
     result = JobResult(job.index, job.op, str(job.out), "failed")
     try:
-        options, result.inputs = _pinned_inputs(job)
-        fingerprint = _fingerprint(job, result.inputs)
+        options, result.inputs = _pinned_inputs(job, rewritten if dry_run else ())
         marker_path = _marker_path(job.out)
         marker = _read_marker(marker_path)
-        is_done = marker is not None and _is_done(marker, fingerprint, job.out)
-        if is_done:
+        # A marker (of whatever job or state) means the output there is ours to replace.
+        if marker is None and job.out.exists() and not options.get("overwrite"):
+            raise OutputExistsError("exists and was not written by deltakit batch; set overwrite = true in "
+                                    "the job to replace it", path=job.out)
+        fingerprint = _fingerprint(job, result.inputs)
+        up_to_date = not rewritten and marker is not None and _is_done(marker, fingerprint, job.out)
+        if dry_run:
+            result.status = "would skip" if up_to_date else "would run"
+        elif up_to_date:
             result.status = "skipped"
         else:
-            # A marker (of whatever job or state) means the output there is ours to replace.
-            if marker is not None:
-                _remove_leftovers(job.out)
-            elif job.out.exists() and not options.get("overwrite"):
-                raise OutputExistsError("exists and was not written by deltakit batch; set overwrite = true in "
-                                        "the job to replace it", path=job.out)
-            # Markers are written with write_json: a temporary sibling, then os.replace.
+            # Markers are written with write_json: a temporary sibling, then os.replace. The operation's
+            # staged_output removes what an interrupted run of it left (staging no live process holds).
             write_json(marker_path, {"format": MARKER_FORMAT, "state": "running", "job": fingerprint})
             OPERATIONS[job.op].function(**{**options, "overwrite": True}, progress=False)
             marker = {"format": MARKER_FORMAT, "state": "done", "job": fingerprint,
                       "seconds": round(time.perf_counter() - started, 3)}
             write_json(marker_path, marker)
             result.status = "done"
-        if job.push_repo and (marker.get("pushed") or {}).get("repo_id") != job.push_repo:
+        if not dry_run and job.push_repo and (marker.get("pushed") or {}).get("repo_id") != job.push_repo:
             result.pushed_url = hub.push(job.out, job.push_repo, private=job.private,
                                          commit_message=f"deltakit {job.op}: {job.out.name}")
             write_json(marker_path, {**marker, "pushed": {"repo_id": job.push_repo, "url": result.pushed_url}})
@@ -446,17 +474,9 @@ def _locate_inputs(value: Any, root: Path, earlier_outs: dict[Path, int], depend
         if path in earlier_outs:
             depends_on.append(earlier_outs[path])
         # An existing path, or an earlier job's output, is local; otherwise a well-formed org/name is a Hub id.
-        is_local = path.exists() or path in earlier_outs or not _looks_like_hub_id(text)
+        is_local = path.exists() or path in earlier_outs or not hub.is_hub_id(text)
         located.append(str(path) if is_local else text)
     return located if isinstance(value, list) else located[0]
-
-
-def _looks_like_hub_id(text: str) -> bool:
-    try:
-        hub.parse_hub_id(text)
-    except HubError:
-        return False
-    return True
 
 
 def _push_repo(merged: dict[str, Any], push: bool, out_name: str, label: str, problems: list[str]) -> str | None:
@@ -479,71 +499,28 @@ def _push_repo(merged: dict[str, Any], push: bool, out_name: str, label: str, pr
     return repo
 
 
-def _check_jobs(jobs: list[JobSpec]) -> list[JobResult]:
-    """A dry run: which jobs would run or be skipped, and which would fail on a missing input or output clash."""
-    results: list[JobResult] = []
-    produced: set[str] = set()  # outputs that jobs before this one would write
-    failing: set[int] = set()
-    for job in jobs:
-        result = JobResult(job.index, job.op, str(job.out), "would run")
-        blockers = [i for i in job.depends_on if i in failing]
-        try:
-            if blockers:
-                result.status, result.error = "blocked", f"needs the output of job {blockers[0]}, which would fail"
-            else:
-                reads_new_output = _check_inputs(job, produced)
-                marker = _read_marker(_marker_path(job.out))
-                if marker is None and job.out.exists() and not job.options.get("overwrite"):
-                    raise OutputExistsError("exists and was not written by deltakit batch; set overwrite = true "
-                                            "in the job to replace it", path=job.out)
-                if not reads_new_output:
-                    _, result.inputs = _pinned_inputs(job)
-                    if marker is not None and _is_done(marker, _fingerprint(job, result.inputs), job.out):
-                        result.status = "would skip"
-        except DeltakitError as e:
-            result.status, result.error, result.exception = "failed", str(e), e
-        if result.status == "would run":
-            produced.add(str(job.out))
-        if result.status in ("failed", "blocked"):
-            failing.add(job.index)
-        results.append(result)
-    return results
-
-
-def _check_inputs(job: JobSpec, produced: set[str]) -> bool:
-    """Check that every input exists locally, will be written by an earlier job (in ``produced``), or is a Hub id
-    that resolves (from the cache when offline); return whether any input is one still to be written."""
-    reads_new_output = False
-    for key in OPERATIONS[job.op].inputs:
-        values = job.options[key] if isinstance(job.options[key], list) else [job.options[key]]
-        for value in values:
-            if not Path(value).is_absolute():
-                hub.resolve_commit(value)
-            elif value in produced:
-                reads_new_output = True
-            elif not Path(value).exists():
-                raise CheckpointNotFoundError(f"no such file or directory ({key})", path=value)
-    return reads_new_output
-
-
-def _pinned_inputs(job: JobSpec) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The job's options with each Hub input pinned to its current commit, and every input's identity."""
+def _pinned_inputs(job: JobSpec, pending: Collection[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The job's options with each Hub input pinned to its current commit, and every input's identity; an input
+    in ``pending`` (an output a dry run would write first) need not exist yet."""
     options = dict(job.options)
     identities: dict[str, Any] = {}
     for key in OPERATIONS[job.op].inputs:
         values = options[key] if isinstance(options[key], list) else [options[key]]
         pinned, ids = [], []
         for value in values:
-            if Path(value).is_absolute():
-                if not Path(value).exists():
-                    raise CheckpointNotFoundError(f"no such file or directory ({key})", path=value)
-                pinned.append(value)
-                ids.append({"path": value, "files": _local_identity(Path(value))})
-            else:
+            if hub.is_hub_id(value):
                 ref = hub.parse_hub_id(value)
                 commit = hub.resolve_commit(ref)
                 pinned.append(f"{ref.repo_id}@{commit}")
                 ids.append({"hub": value, "commit": commit})
+            elif value in pending:
+                pinned.append(value)
+                ids.append({"path": value})
+            elif not Path(value).exists():
+                raise CheckpointNotFoundError(f"no such file or directory ({key})", path=value)
+            else:
+                pinned.append(value)
+                ids.append({"path": value, "files": _local_identity(Path(value))})
         options[key] = pinned if isinstance(options[key], list) else pinned[0]
         identities[key] = ids if isinstance(job.options[key], list) else ids[0]
     return options, identities
@@ -584,17 +561,6 @@ def _read_marker(marker_path: Path) -> dict | None:
     if not isinstance(marker, dict) or marker.get("format") != MARKER_FORMAT:
         return {"state": "unknown format"}
     return marker
-
-
-def _remove_leftovers(out: Path) -> None:
-    """Remove what an interrupted run of this job left beside ``out``: staging and set-aside directories
-    (named by writer.staged_output as ``.<name>.deltakit-tmp-*`` and ``.<name>.deltakit-old-*``)."""
-    for tag in ("deltakit-tmp", "deltakit-old"):
-        for leftover in out.parent.glob(f".{out.name}.{tag}-*"):
-            if leftover.is_dir() and not leftover.is_symlink():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                leftover.unlink(missing_ok=True)
 
 
 def _aliased(table: object, where: str, problems: list[str]) -> dict[str, Any]:
