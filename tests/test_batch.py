@@ -281,6 +281,46 @@ def test_changing_a_job_redoes_it_and_the_jobs_that_read_it(workdir: Path, llama
     assert json.loads((workdir / "adapters/r4/adapter_config.json").read_text())["r"] == 2
 
 
+def _extract_then_merge(pair: ModelPair, *, rank: int, merge_first: bool) -> str:
+    extract_job = f'[[jobs]]\nop = "extract"\nft = "{pair.ft_dir}"\nbase = "{pair.base_dir}"\nout = "adapters/r4"\n'
+    merge_job = f'[[jobs]]\nop = "merge"\nbase = "{pair.base_dir}"\nadapters = ["adapters/r4"]\nout = "merged/r4"\n'
+    jobs = [merge_job, extract_job] if merge_first else [extract_job, merge_job]
+    return f'[defaults]\nrank = {rank}\nsvd = "exact"\n\n' + "\n".join(jobs)
+
+
+def test_a_job_listed_before_the_job_it_reads_runs_after_it(workdir: Path, llama_pair: ModelPair,
+                                                             tmp_path_factory) -> None:
+    """Issue 10, item 6: with the merge listed first, a rerun after changing the extraction used to skip the merge
+    (its input had not changed yet) and then rewrite the adapter under it: a stale merge and exit 0."""
+    (workdir / "jobs.toml").write_text(_extract_then_merge(llama_pair, rank=4, merge_first=False))
+    assert _statuses(batch.run_batch(workdir / "jobs.toml")) == ["done", "done"]
+    (workdir / "jobs.toml").write_text(_extract_then_merge(llama_pair, rank=2, merge_first=True))
+    [merge_job, extract_job] = batch.load_manifest(workdir / "jobs.toml")[::-1]
+    assert (extract_job.op, merge_job.op, merge_job.depends_on) == ("extract", "merge", (2,))
+    report = batch.run_batch(workdir / "jobs.toml")
+    assert [(r.index, r.op, r.status) for r in report.results] == [(1, "merge", "done"), (2, "extract", "done")]
+    direct = tmp_path_factory.mktemp("direct")
+    extract(llama_pair.ft_dir, llama_pair.base_dir, direct / "r2", rank=2, svd="exact")
+    merge(llama_pair.base_dir, [direct / "r2"], direct / "m2")
+    assert (workdir / "merged/r4/model.safetensors").read_bytes() == (direct / "m2/model.safetensors").read_bytes()
+
+
+def test_a_redone_output_redoes_its_readers_even_when_its_files_look_unchanged(
+    workdir: Path, llama_pair: ModelPair, monkeypatch
+) -> None:
+    """Where timestamps are coarse (some network filesystems), a rewritten adapter of the same size looks like
+    the old one; the merge that reads it must be redone all the same, because batch itself rewrote it."""
+    monkeypatch.setattr(batch, "_local_identity", lambda path: "unchanging")
+    (workdir / "jobs.toml").write_text(_extract_then_merge(llama_pair, rank=4, merge_first=False))
+    batch.run_batch(workdir / "jobs.toml")
+    marker_path = workdir / "adapters/.r4.deltakit-job.json"
+    marker_path.write_text(json.dumps({**json.loads(marker_path.read_text()), "state": "running"}))
+    assert _statuses(batch.run_batch(workdir / "jobs.toml")) == ["done", "done"]
+    assert _statuses(batch.run_batch(workdir / "jobs.toml", dry_run=True)) == ["would skip", "would skip"]
+    marker_path.write_text(json.dumps({**json.loads(marker_path.read_text()), "state": "running"}))
+    assert _statuses(batch.run_batch(workdir / "jobs.toml", dry_run=True)) == ["would run", "would run"]
+
+
 def _with_missing_base(pair: ModelPair, workdir: Path) -> Path:
     text = _manifest(pair).replace(f'finetuned = "{pair.ft_dir}"\nbase = "{pair.base_dir}"',
                                    f'finetuned = "{pair.ft_dir}"\nbase = "missing-base"')
@@ -361,7 +401,9 @@ op = "stack"
     message = str(info.value)
     assert message == (f"{tmp_path / 'jobs.toml'}: 6 problems: defaults: no operation takes 'rnk'; did you mean "
                        "'rank'?; job 1 (extract): 'progress' is set by batch, not per job; "
-                       "job 1 (extract): rank = '16' is not int or one of 'auto' (3 more)")
+                       "job 1 (extract): rank = '16' is not int or one of 'auto'; "
+                       "job 1 (extract): svd = 'fast' is not one of 'exact', 'randomized', 'auto'; "
+                       "job 2 (merge): missing 'out'; job 3: op 'stack' is not one of extract, merge, unmerge")
     for name, text, problem in [
         ("one", 'ft = "a"\nbase = "b"\nout = "c"\nsvd = "fast"',
          "job 1 (extract): svd = 'fast' is not one of 'exact', 'randomized', 'auto'"),
@@ -390,6 +432,26 @@ def test_two_jobs_writing_one_output_and_bad_syntax_are_refused(tmp_path: Path) 
     (tmp_path / "bad.toml").write_text("[[jobs]\n")
     with pytest.raises(InvalidOptionError, match=r"bad.toml: not valid TOML \("):
         batch.load_manifest(tmp_path / "bad.toml")
+
+
+def test_an_output_inside_another_jobs_output_is_refused(tmp_path: Path) -> None:
+    """The outer job would replace (or, redone, delete) the inner job's finished output."""
+    job = '[[jobs]]\nop = "extract"\nft = "a"\nbase = "b"\nout = "{}"\n'
+    (tmp_path / "nested.toml").write_text(job.format("adapters/r4") + job.format("adapters") + job.format("other"))
+    with pytest.raises(InvalidOptionError) as info:
+        batch.load_manifest(tmp_path / "nested.toml")
+    assert str(info.value) == (f"{tmp_path / 'nested.toml'}: job 1: out '{tmp_path / 'adapters/r4'}' is inside "
+                               f"job 2's out '{tmp_path / 'adapters'}'")
+
+
+def test_jobs_that_read_each_other_in_a_circle_are_refused(tmp_path: Path) -> None:
+    job = '[[jobs]]\nop = "merge"\nbase = "base"\nadapters = ["{}"]\nout = "{}"\n'
+    (tmp_path / "circle.toml").write_text(job.format("b", "a") + job.format("a", "b") + job.format("a", "c"))
+    with pytest.raises(InvalidOptionError, match=r"circle.toml: jobs 1, 2 read each other's outputs in a circle"):
+        batch.load_manifest(tmp_path / "circle.toml")
+    (tmp_path / "self.toml").write_text(job.format("a", "a"))
+    with pytest.raises(InvalidOptionError, match=r"job 1 \(merge\): adapters 'a' is its own out$"):
+        batch.load_manifest(tmp_path / "self.toml")
 
 
 def test_json_manifest_reads_like_toml(tmp_path: Path) -> None:

@@ -20,8 +20,9 @@ A manifest is TOML (or JSON with the same structure)::
 
 Option names are the operation's keyword arguments (the CLI's long names with ``_`` for ``-``; the CLI's
 ``rslora`` is accepted for ``use_rslora``), checked against the function's signature and type hints before any
-job runs. Relative paths are relative to the manifest's folder. Jobs run in order, so a job may read an earlier
-job's ``out``.
+job runs. Relative paths are relative to the manifest's folder. A job may read another job's ``out``: jobs run in
+manifest order, except that a job runs after the jobs whose outputs it reads (a circle is refused), and a job
+whose input this run rewrote is redone. No job's ``out`` may be, or lie inside, another's.
 
 A Hub input is pinned when its job starts: the operation gets ``org/name@<commit>`` and the commit is recorded.
 
@@ -43,6 +44,7 @@ respects ``depends_on``.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import hashlib
@@ -123,7 +125,7 @@ class JobSpec:
         options: the operation's keyword arguments; paths are absolute, Hub ids as written.
         push_repo: upload the output to this Hub repo after the job succeeds (None: no upload).
         private: create ``push_repo`` private.
-        depends_on: indices of earlier jobs whose output this job reads.
+        depends_on: indices of the jobs whose output this job reads (they run first).
     """
 
     index: int
@@ -258,7 +260,7 @@ def run_batch(
 def _run_in_order(jobs: Sequence[JobSpec], step: Callable[[JobSpec, Sequence[JobResult]], JobResult], *,
                   stop_on_failure: bool) -> list[JobResult]:
     """Run ``step`` on each job in turn, given the results of the jobs it reads from; after a failure (with
-    ``stop_on_failure``) the remaining jobs are ``not run``."""
+    ``stop_on_failure``) the remaining jobs are ``not run``. The results are in manifest order."""
     results: dict[int, JobResult] = {}
     stopped = False
     for job in jobs:
@@ -267,7 +269,7 @@ def _run_in_order(jobs: Sequence[JobSpec], step: Callable[[JobSpec, Sequence[Job
             continue
         results[job.index] = step(job, [results[i] for i in job.depends_on])
         stopped = stop_on_failure and results[job.index].status == "failed"
-    return list(results.values())
+    return [results[index] for index in sorted(results)]
 
 
 def run_after(job: JobSpec, dependencies: Sequence[JobResult], *, dry_run: bool = False) -> JobResult:
@@ -345,10 +347,11 @@ def load_manifest(path: str | Path, *, push: bool = False) -> list[JobSpec]:
         push: push every job (as ``push = true`` everywhere).
 
     Returns:
-        The jobs in order, with paths made absolute (relative to the manifest's folder) and defaults applied.
+        The jobs in the order they run: the manifest's, except that a job comes after the jobs whose outputs
+        it reads. Paths are absolute (relative to the manifest's folder), defaults applied.
 
     Raises:
-        InvalidOptionError: every problem found, in one message (the first three, then how many more).
+        InvalidOptionError: every problem found, in one message.
     """
     manifest_path = Path(path)
     data = _parse(manifest_path)
@@ -364,19 +367,14 @@ def load_manifest(path: str | Path, *, push: bool = False) -> list[JobSpec]:
         problems.append("no [[jobs]]")
         entries = []
 
-    jobs: list[JobSpec] = []
-    outs: dict[Path, int] = {}
-    for index, entry in enumerate(entries, start=1):
-        job = _job_spec(index, entry, defaults, manifest_path.parent.absolute(), outs, push, problems)
-        if job is not None:
-            if job.out in outs:
-                problems.append(f"{job.label}: out {str(job.out)!r} is also job {outs[job.out]}'s out")
-            outs.setdefault(job.out, index)
-            jobs.append(job)
+    root = manifest_path.parent.absolute()
+    specs = [_job_spec(index, entry, defaults, root, push, problems) for index, entry in enumerate(entries, start=1)]
+    jobs = [job for job in specs if job is not None]
+    outs = _outputs(jobs, problems)
+    jobs = _in_dependency_order([_with_inputs_located(job, root, outs, problems) for job in jobs], problems)
     if problems:
-        more = f" ({len(problems) - 3} more)" if len(problems) > 3 else ""
         count = f"{len(problems)} problems: " if len(problems) > 1 else ""
-        raise InvalidOptionError(count + "; ".join(problems[:3]) + more, path=manifest_path)
+        raise InvalidOptionError(count + "; ".join(problems), path=manifest_path)
     return jobs
 
 
@@ -405,9 +403,10 @@ def _parse(manifest_path: Path) -> dict:
     return data
 
 
-def _job_spec(index: int, entry: object, defaults: dict[str, Any], root: Path, earlier_outs: dict[Path, int],
-              push: bool, problems: list[str]) -> JobSpec | None:
-    """One manifest entry → a JobSpec, or None (with the reasons appended to ``problems``)."""
+def _job_spec(index: int, entry: object, defaults: dict[str, Any], root: Path, push: bool,
+              problems: list[str]) -> JobSpec | None:
+    """One manifest entry → a JobSpec whose inputs are still as written (:func:`_with_inputs_located` places them
+    once every job's output is known), or None (with the reasons appended to ``problems``)."""
     if not isinstance(entry, dict):
         problems.append(f"job {index}: not a table")
         return None
@@ -435,12 +434,13 @@ def _job_spec(index: int, entry: object, defaults: dict[str, Any], root: Path, e
         problems.append(f"{label}: missing {', '.join(repr(m) for m in missing)}")
         return None
     hints = typing.get_type_hints(op.function)
-    depends_on: list[int] = []
     for key, value in list(options.items()):
         if key in op.inputs:
             if isinstance(value, str) and _takes_list(hints.get(key)):
-                value = [value]
-            options[key] = _locate_inputs(value, root, earlier_outs, depends_on, label, key, problems)
+                options[key] = value = [value]
+            values = value if isinstance(value, list) else [value]
+            if not values or not all(isinstance(v, str) and v for v in values):
+                problems.append(f"{label}: {key} = {value!r} is not a path or Hub id (or a list of them where allowed)")
             continue
         try:
             value = _CONVERTERS.get(key, lambda v: v)(value)
@@ -458,25 +458,67 @@ def _job_spec(index: int, entry: object, defaults: dict[str, Any], root: Path, e
     private = merged.get("private", True)
     if not isinstance(private, bool):
         problems.append(f"{label}: private = {private!r} is not true or false")
-    return JobSpec(index, op_name, options, push_repo, bool(private), tuple(sorted(set(depends_on))))
+    return JobSpec(index, op_name, options, push_repo, bool(private))
 
 
-def _locate_inputs(value: Any, root: Path, earlier_outs: dict[Path, int], depends_on: list[int], label: str,
-                   key: str, problems: list[str]) -> Any:
-    """Make local inputs absolute; keep Hub ids; note which earlier jobs' outputs are read."""
-    values = value if isinstance(value, list) else [value]
-    if not values or not all(isinstance(v, str) and v for v in values):
-        problems.append(f"{label}: {key} = {value!r} is not a path or Hub id (or a list of them where allowed)")
-        return value
-    located = []
-    for text in values:
-        path = Path(os.path.normpath(root / text))
-        if path in earlier_outs:
-            depends_on.append(earlier_outs[path])
-        # An existing path, or an earlier job's output, is local; otherwise a well-formed org/name is a Hub id.
-        is_local = path.exists() or path in earlier_outs or not hub.is_hub_id(text)
-        located.append(str(path) if is_local else text)
-    return located if isinstance(value, list) else located[0]
+def _outputs(jobs: list[JobSpec], problems: list[str]) -> dict[Path, int]:
+    """Every job's output → its index; two jobs writing one place, or one inside the other's (the outer job
+    would replace, or a redo delete, the inner one's finished output), are refused."""
+    outs: dict[Path, int] = {}
+    for job in jobs:
+        if job.out in outs:
+            problems.append(f"{job.label}: out {str(job.out)!r} is also job {outs[job.out]}'s out")
+        outs.setdefault(job.out, job.index)
+    for out, index in outs.items():
+        for parent in out.parents:
+            if parent in outs:
+                problems.append(f"job {index}: out {str(out)!r} is inside job {outs[parent]}'s out {str(parent)!r}")
+    return outs
+
+
+def _with_inputs_located(job: JobSpec, root: Path, outs: dict[Path, int], problems: list[str]) -> JobSpec:
+    """Make local inputs absolute, keep Hub ids, and note which jobs' outputs the job reads."""
+    options, depends_on = dict(job.options), set()
+    for key in OPERATIONS[job.op].inputs:
+        value = options.get(key)
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, str) and v for v in values):
+            continue  # already reported
+        located = []
+        for text in values:
+            path = Path(os.path.normpath(root / text))
+            if outs.get(path) == job.index:
+                problems.append(f"{job.label}: {key} {text!r} is its own out")
+            elif path in outs:
+                depends_on.add(outs[path])
+            # An existing path, or a job's output, is local; otherwise a well-formed org/name is a Hub id.
+            is_local = path.exists() or path in outs or not hub.is_hub_id(text)
+            located.append(str(path) if is_local else text)
+        options[key] = located if isinstance(value, list) else located[0]
+    return dataclasses.replace(job, options=options, depends_on=tuple(sorted(depends_on)))
+
+
+def _in_dependency_order(jobs: list[JobSpec], problems: list[str]) -> list[JobSpec]:
+    """The jobs in manifest order, except that each comes after the jobs it reads from (so a rerun never reads
+    an output that a later job then rewrites); jobs that read each other's outputs in a circle are refused."""
+    by_index = {job.index: job for job in jobs}
+    waiting_on = {job.index: set(job.depends_on) for job in jobs}
+    ordered: list[JobSpec] = []
+    while waiting_on:
+        ready = [index for index, needs in waiting_on.items() if not needs]
+        if not ready:
+            circle = dict(waiting_on)
+            while unread := set(circle) - set().union(*circle.values()):  # jobs after the circle, not in it
+                circle = {index: needs for index, needs in circle.items() if index not in unread}
+            problems.append(f"jobs {', '.join(map(str, sorted(circle)))} read each other's outputs in a circle; "
+                            "no order can run them")
+            break
+        first = min(ready)  # manifest order among the jobs that can run next
+        ordered.append(by_index[first])
+        del waiting_on[first]
+        for needs in waiting_on.values():
+            needs.discard(first)
+    return ordered
 
 
 def _push_repo(merged: dict[str, Any], push: bool, out_name: str, label: str, problems: list[str]) -> str | None:
