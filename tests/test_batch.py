@@ -27,6 +27,7 @@ import torch
 from builders import ModelPair
 from test_hub import COMMIT, CONFIG, seed_repo
 
+from deltakit.cli import main
 from deltakit.ops import batch
 from deltakit.io import hub
 from deltakit.errors import CheckpointNotFoundError, InvalidOptionError, OutputExistsError
@@ -535,3 +536,42 @@ def test_push_uploads_each_finished_output_privately_once(workdir: Path, llama_p
 
     batch.run_batch(workdir / "jobs.toml", push=True)
     assert len(_FakeHubApi.calls) == 8  # already pushed: recorded in each job's marker
+
+
+def test_the_ray_executor_without_ray_installed_is_one_line(workdir: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    with pytest.raises(SystemExit) as info:
+        main(["batch", str(workdir / "jobs.toml"), "--executor", "ray"])
+    assert info.value.code == 3
+    assert capsys.readouterr().err.splitlines() == [
+        "deltakit: error: --executor ray needs Ray, which is not installed; pip install 'deltakit[ray]'"]
+    with pytest.raises(SystemExit) as info:
+        main(["batch", str(workdir / "jobs.toml"), "--address", "auto"])
+    assert info.value.code == 2 and "--address needs --executor ray" in capsys.readouterr().err
+    assert sorted(p.name for p in workdir.iterdir()) == ["jobs.toml"]
+
+
+def test_resources_come_from_the_manifest_per_job_or_by_default(tmp_path: Path) -> None:
+    (tmp_path / "jobs.toml").write_text('[defaults]\nnum_cpus = 2\nmemory = 4_000_000_000\n'
+                                        '[[jobs]]\nop = "extract"\nft = "a"\nbase = "b"\nout = "c"\nnum_gpus = 1\n'
+                                        '[[jobs]]\nop = "extract"\nft = "a"\nbase = "b"\nout = "d"\nnum_cpus = 0.5\n')
+    first, second = batch.load_manifest(tmp_path / "jobs.toml")
+    assert first.resources == batch.Resources(num_cpus=2, num_gpus=1, memory=4_000_000_000)
+    assert second.resources == batch.Resources(num_cpus=0.5, memory=4_000_000_000)
+    (tmp_path / "bad.toml").write_text('[[jobs]]\nop = "extract"\nft = "a"\nbase = "b"\nout = "c"\nnum_gpus = -1\n'
+                                       'memory = "8GB"\n')
+    with pytest.raises(InvalidOptionError) as info:
+        batch.load_manifest(tmp_path / "bad.toml")
+    assert str(info.value).endswith("2 problems: job 1 (extract): memory = '8GB' is not a whole number of bytes; "
+                                    "job 1 (extract): num_gpus = -1 is not a number ≥ 0")
+
+
+def test_a_job_asking_more_than_a_ray_started_here_has_is_refused_before_any_runs(tmp_path: Path) -> None:
+    """Ray started by deltakit on this machine has no autoscaler: such a job would wait for ever."""
+    from deltakit.ops.batch_ray import _refuse_what_this_machine_lacks  # needs no ray to import
+
+    (tmp_path / "jobs.toml").write_text('[[jobs]]\nop = "extract"\nft = "a"\nbase = "b"\nout = "c"\nnum_gpus = 1\n')
+    jobs = batch.load_manifest(tmp_path / "jobs.toml")
+    with pytest.raises(InvalidOptionError, match=r"^job 1 \(extract\): num_gpus = 1 but this machine's Ray has 0; "):
+        _refuse_what_this_machine_lacks(jobs, {"CPU": 2.0, "memory": 8e9})
+    _refuse_what_this_machine_lacks(jobs, {"CPU": 2.0, "GPU": 1.0})

@@ -57,7 +57,7 @@ import typing
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from tqdm import tqdm
 
@@ -104,7 +104,8 @@ OPERATIONS: dict[str, Operation] = {
 # Arguments batch sets itself: progress is one bar over the jobs; a dry run is the whole batch's.
 _BATCH_CONTROLLED = {"progress", "dry_run"}
 # Keys of a job (or of the defaults) that belong to batch, not to the operation.
-_BATCH_KEYS = {"push", "push_repo", "private"}
+_RESOURCE_KEYS = {"num_cpus", "num_gpus", "memory"}
+_BATCH_KEYS = {"push", "push_repo", "private"} | _RESOURCE_KEYS
 _ALIASES = {"ft": "finetuned", "rslora": "use_rslora"}
 # Options whose manifest form differs from the keyword argument: the CLI's REGEX=RANK strings, and a single
 # string where the CLI repeats a flag.
@@ -113,6 +114,19 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "include": lambda value: [value] if isinstance(value, str) else value,
     "exclude": lambda value: [value] if isinstance(value, str) else value,
 }
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What a job reserves on a cluster (``num_cpus``, ``num_gpus``, ``memory`` in a manifest's job or defaults).
+
+    The local executor runs one job at a time with the whole machine and ignores them; the Ray executor reserves
+    them for the job's task (None: Ray's default, one CPU and no GPU). A job with a GPU runs its SVD on it.
+    """
+
+    num_cpus: float | None = None
+    num_gpus: float | None = None
+    memory: int | None = None  # bytes
 
 
 @dataclass(frozen=True)
@@ -126,6 +140,7 @@ class JobSpec:
         push_repo: upload the output to this Hub repo after the job succeeds (None: no upload).
         private: create ``push_repo`` private.
         depends_on: indices of the jobs whose output this job reads (they run first).
+        resources: what the job reserves on a cluster.
     """
 
     index: int
@@ -134,6 +149,7 @@ class JobSpec:
     push_repo: str | None = None
     private: bool = True
     depends_on: tuple[int, ...] = ()
+    resources: Resources = Resources()
 
     @property
     def out(self) -> Path:
@@ -207,6 +223,75 @@ class BatchReport:
         return lines
 
 
+Step = Callable[[JobSpec, Sequence[JobResult]], JobResult]
+
+
+class Progress:
+    """One progress bar over the jobs, on stderr: how many are done (or skipped), running and failed, updated as
+    each starts and finishes."""
+
+    def __init__(self, total: int, *, enabled: bool) -> None:
+        self._bar = tqdm(total=total, unit="job", desc="batch", disable=not enabled, dynamic_ncols=True)
+        self._running: set[int] = set()
+        self._finished: dict[str, int] = {}
+
+    def started(self, job: JobSpec) -> None:
+        self._running.add(job.index)
+        self._show()
+
+    def finished(self, result: JobResult) -> None:
+        self._running.discard(result.index)
+        self._finished[result.status] = self._finished.get(result.status, 0) + 1
+        self._bar.update()
+        self._show()
+
+    def close(self) -> None:
+        self._bar.close()
+
+    def _show(self) -> None:
+        counts = {**self._finished, "running": len(self._running)}
+        self._bar.set_postfix_str(", ".join(f"{n} {status}" for status, n in counts.items()), refresh=True)
+
+
+class Executor(Protocol):
+    """Runs a batch's jobs: each once the jobs it reads from have finished, through ``step`` (the batch's
+    :func:`run_after`), given their results."""
+
+    def run(self, jobs: Sequence[JobSpec], step: Step, *, stop_on_failure: bool,
+            progress: Progress) -> list[JobResult]:
+        """Run every job; after a job fails (with ``stop_on_failure``) the jobs not finished are ``not run``.
+
+        Args:
+            jobs: in an order where each job comes after the jobs it reads from (as :func:`load_manifest`
+                returns them).
+            step: called once per job as ``step(job, results of job.depends_on)``.
+            stop_on_failure: stop at the first ``failed`` job.
+            progress: told as each job starts and finishes.
+
+        Returns:
+            One result per job, in manifest order (by index).
+        """
+        ...
+
+
+class LocalExecutor:
+    """One job at a time on this machine, in the order given: the default."""
+
+    def run(self, jobs: Sequence[JobSpec], step: Step, *, stop_on_failure: bool,
+            progress: Progress) -> list[JobResult]:
+        results: dict[int, JobResult] = {}
+        stopped = False
+        for job in jobs:
+            if stopped:
+                results[job.index] = JobResult(job.index, job.op, str(job.out), "not run")
+            else:
+                progress.started(job)
+                results[job.index] = step(job, [results[i] for i in job.depends_on])
+                stopped = stop_on_failure and results[job.index].status == "failed"
+            progress.finished(results[job.index])
+        return [results[index] for index in sorted(results)]
+
+
 def run_batch(
     manifest: str | Path,
     *,
@@ -215,61 +300,49 @@ def run_batch(
     push: bool = False,
     summary: str | Path | None = None,
     progress: bool = False,
+    executor: Executor | None = None,
 ) -> BatchReport:
-    """Run a manifest's jobs in order, skipping those already done, and write a JSON summary.
+    """Run a manifest's jobs, skipping those already done, and write a JSON summary.
 
     Args:
         manifest: the ``.toml`` or ``.json`` manifest.
         continue_on_error: after a job fails, run the others (those that read its output are ``blocked``);
             default: stop at the first failure, leaving the rest ``not run``.
-        dry_run: check every job's inputs (local paths, earlier jobs' outputs, Hub ids from the cache or the Hub)
-            and outputs, and say which jobs would run or be skipped; write nothing.
+        dry_run: check every job's inputs (local paths, other jobs' outputs, Hub ids from the cache or the Hub)
+            and outputs, here, and say which jobs would run or be skipped; write nothing.
         push: upload every job's output to its ``push_repo`` (as ``push = true`` on each job does).
         summary: the JSON summary to write; default ``<manifest stem>.summary.json`` beside the manifest.
         progress: one progress bar over the jobs, on stderr.
+        executor: where the jobs run; default :class:`LocalExecutor` (one at a time, here). See
+            :class:`deltakit.ops.batch_ray.RayExecutor` for a Ray cluster.
 
     Returns:
         The :class:`BatchReport`; jobs that failed are in ``report.failed`` (nothing is raised for them).
 
     Raises:
         InvalidOptionError: the manifest is malformed (unknown operation or option, missing or mistyped value,
-            two jobs writing one output, a push without a repo); raised before any job runs.
+            two jobs writing one output or one inside another's, jobs reading each other in a circle, a push
+            without a repo); raised before any job runs.
     """
     started = time.perf_counter()
     manifest_path = Path(manifest)
     jobs = load_manifest(manifest_path, push=push)
     if dry_run:
-        results = _run_in_order(jobs, functools.partial(run_after, dry_run=True), stop_on_failure=False)
+        results = LocalExecutor().run(jobs, functools.partial(run_after, dry_run=True), stop_on_failure=False,
+                                      progress=Progress(len(jobs), enabled=False))
         return BatchReport(str(manifest_path), results, dry_run=True, seconds=time.perf_counter() - started)
 
-    with tqdm(total=len(jobs), unit="job", desc="batch", disable=not progress, dynamic_ncols=True) as bar:
-        def step(job: JobSpec, dependencies: Sequence[JobResult]) -> JobResult:
-            bar.set_postfix_str(f"{job.label} → {job.out.name}", refresh=True)
-            result = run_after(job, dependencies)
-            bar.update()
-            return result
-
-        results = _run_in_order(jobs, step, stop_on_failure=not continue_on_error)
+    bar = Progress(len(jobs), enabled=progress)
+    try:
+        results = (executor or LocalExecutor()).run(jobs, run_after, stop_on_failure=not continue_on_error,
+                                                    progress=bar)
+    finally:
+        bar.close()
     summary_path = Path(summary) if summary else manifest_path.with_name(f"{manifest_path.stem}.summary.json")
     report = BatchReport(str(manifest_path), results, seconds=time.perf_counter() - started,
                          summary_path=str(summary_path))
     write_json(summary_path, report.to_json())
     return report
-
-
-def _run_in_order(jobs: Sequence[JobSpec], step: Callable[[JobSpec, Sequence[JobResult]], JobResult], *,
-                  stop_on_failure: bool) -> list[JobResult]:
-    """Run ``step`` on each job in turn, given the results of the jobs it reads from; after a failure (with
-    ``stop_on_failure``) the remaining jobs are ``not run``. The results are in manifest order."""
-    results: dict[int, JobResult] = {}
-    stopped = False
-    for job in jobs:
-        if stopped:
-            results[job.index] = JobResult(job.index, job.op, str(job.out), "not run")
-            continue
-        results[job.index] = step(job, [results[i] for i in job.depends_on])
-        stopped = stop_on_failure and results[job.index].status == "failed"
-    return [results[index] for index in sorted(results)]
 
 
 def run_after(job: JobSpec, dependencies: Sequence[JobResult], *, dry_run: bool = False) -> JobResult:
@@ -458,7 +531,20 @@ def _job_spec(index: int, entry: object, defaults: dict[str, Any], root: Path, p
     private = merged.get("private", True)
     if not isinstance(private, bool):
         problems.append(f"{label}: private = {private!r} is not true or false")
-    return JobSpec(index, op_name, options, push_repo, bool(private))
+    return JobSpec(index, op_name, options, push_repo, bool(private), resources=_resources(merged, label, problems))
+
+
+def _resources(merged: dict[str, Any], label: str, problems: list[str]) -> Resources:
+    amounts = {}
+    for key in sorted(_RESOURCE_KEYS & set(merged)):
+        value = merged[key]
+        number = float if key != "memory" else int
+        if not _conforms(value, number) or value < 0:
+            what = "a whole number of bytes" if key == "memory" else "a number ≥ 0"
+            problems.append(f"{label}: {key} = {value!r} is not {what}")
+        else:
+            amounts[key] = value
+    return Resources(**amounts)
 
 
 def _outputs(jobs: list[JobSpec], problems: list[str]) -> dict[Path, int]:
