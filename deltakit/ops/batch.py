@@ -35,11 +35,12 @@ whose marker is stale or still ``running``. An output with no marker at all is n
 with ``overwrite = true``.
 
 The seam for a distributed engine: :func:`load_manifest` turns a manifest into :class:`JobSpec` values (plain
-data: the operation's name, its keyword arguments with absolute paths, the push target, the indices of the
-earlier jobs it reads from), and :func:`run_job` is a function of one JobSpec alone: no mutable state, nothing
-shared between jobs; everything it needs to decide between skip and redo lives on disk beside the output. An engine
-may run JobSpecs on other machines that see the same filesystem (and Hub cache, or network), in any order that
-respects ``depends_on``.
+data: the operation's name, its keyword arguments with absolute paths, the push target, the indices of the jobs it
+reads from, the resources it reserves on a cluster), each listed after the jobs it reads from, and
+:func:`run_after` runs one JobSpec given the results of those jobs: no mutable state, nothing shared between jobs;
+everything it needs to decide between skip and redo lives on disk beside the output. An :class:`Executor` runs
+them: :class:`LocalExecutor` one at a time here, ``deltakit.ops.batch_ray.RayExecutor`` as Ray tasks on machines
+that see the same filesystem (and Hub cache, or network).
 """
 
 from __future__ import annotations

@@ -81,9 +81,9 @@ class RayExecutor:
                 ray.init(address=self.address, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError) as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DeviceUnavailableError(f"cannot connect to the Ray cluster ({reason}); start one with "
-                                         "`ray start --head`, or check --address",
-                                         path=self.address or "ray") from e
+            where = f"at {self.address}" if self.address else "on this machine"
+            raise DeviceUnavailableError(f"--executor ray: cannot start or reach Ray {where} ({reason}); start a "
+                                         "cluster with `ray start --head`, or check --address") from e
 
 
 def _run_tasks(ray: Any, jobs: Sequence[JobSpec], step: Step, stop_on_failure: bool,
