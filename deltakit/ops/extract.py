@@ -29,9 +29,10 @@ from deltakit.adapters.peft_format import (
 )
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
 from deltakit.io.dtypes import DTYPES
-from deltakit.errors import InvalidOptionError, NonFiniteError, NothingToExtractError
+from deltakit.errors import InvalidOptionError, NonFiniteError, NothingToExtractError, shorten
 from deltakit.math.dora import apply_dora, fit_magnitude, projection_scales
 from deltakit.math.factorize import SvdMethod, TruncatedSVD, resolve_device, truncated_svd
+from deltakit.adapters.moe import conform_experts, expert_summary, is_claimed_by_peft, moe_family, moe_weight
 from deltakit.adapters.layers import (
     TiedHead,
     WeightKind,
@@ -41,6 +42,7 @@ from deltakit.adapters.layers import (
     target_modules,
     to_out_in,
     transpose_embedding_factors,
+    weight_kind,
 )
 from deltakit.names import split_tensor_name
 from deltakit.ops.plan import ExtractPlan, ModulePlan, plan_extract
@@ -200,6 +202,8 @@ class _Extraction:
         self.policy, self.svd, self.device = options.policy, options.svd, options.device
         self.alpha, self.use_rslora, self.dtype = options.alpha, options.use_rslora, options.dtype
         self.carry, self.dora = options.carry, options.dora
+        self.family = moe_family(plan.model_type)
+        self.claimed: list[str] = []  # Linears PEFT's MoE conversion mistakes for experts (adapters/moe.py)
         self.factors: list[ModuleFactors | _Deferred] = []
         self.spill_dir: Path | None = None  # under a budget: where phase 1 keeps each module's SVD
         self.carried: list[CarriedTensor] = []
@@ -388,6 +392,8 @@ class _Extraction:
                 f"input embedding tied to {tied.head}: PEFT cannot tie DoRA magnitudes across the two; "
                 "extract without --dora to keep it")))
             compared.add(plan.weight)
+        elif plan.weight is not None and is_claimed_by_peft(plan.module, self.family):
+            self.claimed.append(plan.module)  # not factorized: carried whole below if it changed
         elif plan.weight is not None and plan.is_selected:
             factorized = self._factorize(plan, plan.weight)
             compared.add(plan.weight)
@@ -435,6 +441,39 @@ class _Extraction:
             elif n in plan.new_in_finetuned:
                 reason += "; not in the base"
             self._carry_tensor(n, saved_module_key(n), reason)
+
+
+def _check_expert_options(plan: ExtractPlan, *, dora: bool, use_rslora: bool) -> None:
+    """Refuse, from the headers, options PEFT cannot honour for expert and router weights (adapters/moe.py)."""
+    family = moe_family(plan.model_type)
+    experts = [p.module for p in plan.modules
+               if p.weight is not None and p.is_selected and moe_weight(p.module, family) is not None]
+    if not experts or not (dora or use_rslora):
+        return
+    why = ("which reject DoRA" if dora else
+           "with lora_alpha doubled for the fused gate/up, which changes rsLoRA's scaling by √2")
+    raise InvalidOptionError(
+        f"{'--dora' if dora else '--use-rslora'}: PEFT 0.21 loads mixture-of-experts weights ({shorten(experts)}) as "
+        f"fused target_parameters, {why}; extract without it, or leave the experts and routers out with "
+        "--exclude 'experts|gate$'")
+
+
+def _linear_out_in(base: Checkpoint, plan: ExtractPlan) -> dict[str, tuple[int, int]]:
+    """(out, in) of every Linear weight of the base, by module."""
+    return {split_tensor_name(name)[0]: out_in_shape(info.shape, WeightKind.LINEAR)
+            for name, info in base.tensors.items()
+            if weight_kind(name, info.shape, plan.model_type) is WeightKind.LINEAR}
+
+
+def _report_experts(report: ExtractReport, run: _Extraction, base: Checkpoint, zero_filled: list[str]) -> None:
+    changed = [(m.module, m.relative_error) for m in report.modules]
+    changed += [(split_tensor_name(t.tensor)[0], 1.0) for t in report.fates("dropped")]
+    modules = {split_tensor_name(name)[0] for name in base.tensors}
+    report.experts = expert_summary(changed, sorted(modules), run.family)
+    if zero_filled:
+        report.notes.append(
+            f"{len(zero_filled)} unchanged or excluded expert/router weight(s) get zero factors: PEFT targets every "
+            "expert of every MoE layer once any is targeted, with one rank for all")
 
 
 def _factor_bytes_per_param(dtype: str | None, plan: ExtractPlan, base: Checkpoint) -> int:
@@ -527,6 +566,7 @@ def extract(
     math_device = resolve_device(device)
     ft_ckpt, base_ckpt = open_checkpoint(finetuned), open_checkpoint(base)
     plan = plan_extract(ft_ckpt, base_ckpt, include=include, exclude=exclude)
+    _check_expert_options(plan, dora=dora, use_rslora=use_rslora)
     model_params = sum(math.prod(info.shape) for info in base_ckpt.tensors.values())
     bytes_per_param = _factor_bytes_per_param(dtype, plan, base_ckpt)
     if isinstance(policy, BudgetRequest) and policy.budget is not None:
@@ -573,9 +613,18 @@ def extract(
             )
         ranks = Counter(f.rank for f in run.factors)
         spec_rank = ranks.most_common(1)[0][0] if ranks else rank if isinstance(rank, int) else 1
+        spec_alpha = float(alpha if alpha is not None else spec_rank)
+        experts = conform_experts(run.factors, _linear_out_in(base_ckpt, plan), run.family, alpha, use_rslora)
+        if experts is not None:
+            run.factors, spec_rank, spec_alpha = experts.factors, experts.rank, experts.alpha
+            _report_experts(report, run, base_ckpt, experts.zero_filled)
+        if run.claimed:
+            report.notes.append(
+                f"{shorten(run.claimed)}: PEFT 0.21 reads LoRA targets named like these as the fused experts of "
+                f"every {run.family.name}-family MoE layer, so they are not factorized (carried whole where changed)")
         spec = AdapterSpec(
             rank=spec_rank,
-            alpha=float(alpha if alpha is not None else spec_rank),
+            alpha=spec_alpha,
             use_rslora=use_rslora,
             use_dora=dora,
             base_model_name_or_path=report.base,

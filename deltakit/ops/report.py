@@ -54,6 +54,7 @@ class ExtractReport:
     command: str = ""
     notes: list[str] = field(default_factory=list)
     budget: dict | None = None  # under --budget/--avg-rank: asked, allowed, used, predicted error
+    experts: list[dict] | None = None  # mixture-of-experts layers: which experts changed, per-expert error
 
     def fates(self, fate: str) -> list[TensorFate]:
         return [t for t in self.tensors if t.fate == fate]
@@ -107,6 +108,7 @@ class ExtractReport:
                 **self.error_summary(),
             },
             "budget": self.budget,
+            "experts": self.experts,
             "notes": self.notes,
             "modules": [asdict(m) for m in self.modules],
             "tensors": [asdict(t) for t in self.tensors],
@@ -132,6 +134,7 @@ class ExtractReport:
               if "total_relative_error" in s else []),
             f"  unchanged tensors  : {self.unchanged}",
             f"  wall time          : {self.seconds:.1f} s",
+            *[f"  experts            : {line}" for line in experts_lines(self.experts or [])],
         ]
         for fate, label in (("carried", "carried exactly"), ("dropped", "DROPPED"), ("only-in-base", "only in base")):
             items = self.fates(fate)
@@ -142,6 +145,16 @@ class ExtractReport:
                     lines.append(f"    ... {len(items) - 10} more in extract_report.json")
         lines += [f"  note: {n}" for n in self.notes]
         return lines
+
+
+def experts_lines(experts: list[dict]) -> list[str]:
+    """One line per MoE layer: the experts that changed (with their worst relative error) and those that did not."""
+    lines = []
+    for layer in experts:
+        errors = ", ".join(f"{e} ({err:.2g})" for e, err in layer["max_relative_error"].items())
+        lines.append(f"{layer['block']}: changed {len(layer['changed'])}/{layer['experts']} [{errors}]; unchanged "
+                     f"{layer['unchanged'] or 'none'}" + ("; router changed" if layer["router_changed"] else ""))
+    return lines
 
 
 def budget_text(budget: dict) -> str:
