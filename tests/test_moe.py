@@ -128,3 +128,16 @@ def test_dense_mlp_in_a_moe_model_is_carried_since_peft_claims_its_names(tmp_pat
     assert [layer["block"] for layer in report.experts] == ["model.layers.0.mlp"]
     torch.testing.assert_close(logits(_peft_model(pair, tmp_path / "a"), INPUT_IDS), logits(pair.ft_dir, INPUT_IDS),
                                atol=2e-4, rtol=1e-4)
+
+
+def test_stacked_moe_adapters_load_in_peft(mixtral_pair, tmp_path):
+    """Re-truncation gives each expert its own rank; the stack pads them back to one, so PEFT still loads it."""
+    pair = mixtral_pair
+    deltakit.extract(pair.ft_dir, pair.base_dir, tmp_path / "a", rank=4)
+    deltakit.extract(pair.ft_dir, pair.base_dir, tmp_path / "b", rank=2, alpha=3.0)
+    deltakit.stack([tmp_path / "a", tmp_path / "b"], tmp_path / "s", energy=0.9)
+    config = json.loads((tmp_path / "s" / "adapter_config.json").read_text())
+    assert not [k for k in config["rank_pattern"] if "experts" in k]
+    stacked = logits(_peft_model(pair, tmp_path / "s"), INPUT_IDS)
+    deltakit.merge(pair.base_dir, [tmp_path / "s"], tmp_path / "merged")
+    torch.testing.assert_close(stacked, logits(tmp_path / "merged", INPUT_IDS), atol=2e-4, rtol=1e-4)

@@ -82,6 +82,12 @@ def moe_family(model_type: str | None) -> MoeFamily | None:
     return _FAMILIES.get(model_type or "")
 
 
+def moe_family_by_names(modules: Iterable[ModuleName]) -> MoeFamily | None:
+    """The family whose expert names some module has, for an adapter read without its base's config."""
+    modules = list(modules)
+    return next((f for f in (_MIXTRAL, _QWEN2_MOE) if any(f.expert.fullmatch(m) for m in modules)), None)
+
+
 def moe_weight(module: ModuleName, family: MoeFamily | None) -> MoeWeight | None:
     """The module's place among experts and routers, or None for any other module."""
     if family is None:

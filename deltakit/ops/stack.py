@@ -41,6 +41,7 @@ from deltakit.adapters.peft_format import (
 from deltakit.errors import InvalidOptionError, TensorMismatchError, shorten
 from deltakit.names import ModuleName, PeftKey
 from deltakit.adapters.layers import WeightKind, parse_peft_key
+from deltakit.adapters.moe import conform_experts, moe_family_by_names
 from deltakit.math.ranks import EnergyRank, FixedRank, rank_for_energy
 from deltakit.ops.report import command_line, format_bytes
 from deltakit.io.writer import staged_output, write_json
@@ -270,6 +271,10 @@ def stack(
 
     ranks = Counter(f.rank for f in stacked)
     spec_rank = ranks.most_common(1)[0][0] if ranks else 1
+    # Experts and routers need one rank for all, the config's (adapters/moe.py); every expert is already there.
+    experts = conform_experts(stacked, {}, moe_family_by_names(parts), None, False)
+    if experts is not None:
+        stacked, spec_rank = experts.factors, experts.rank
     modules_to_save: list[str] = []
     for adapter in opened:
         for entry in adapter.config.get("modules_to_save") or []:
