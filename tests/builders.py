@@ -612,7 +612,7 @@ def quantize_checkpoint_fp8(src_dir: Path, out_dir: Path, *, block: tuple[int, i
     config.update(quantization_config=quant, dtype="bfloat16")
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for other in src_dir.iterdir():
-        if other.name not in ("config.json", "model.safetensors"):
+        if other.is_file() and other.name not in ("config.json", "model.safetensors"):
             (out_dir / other.name).write_bytes(other.read_bytes())
     return out_dir
 

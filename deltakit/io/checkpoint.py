@@ -39,6 +39,7 @@ from deltakit.errors import (
 )
 from deltakit.io.hub import ResolvedRepo, local_path
 from deltakit.io.dtypes import SAFETENSORS_DTYPES
+from deltakit.io.fp8 import FP8_DTYPE, BlockFp8, dequantize, fp8_layout, scale_name
 from deltakit.names import TensorName
 
 
@@ -57,6 +58,9 @@ class TensorInfo:
 
     For legacy ``.bin`` files the bytes sit inside a pickle archive at no fixed offset: ``start`` is 0 and
     ``end`` is ``nbytes`` there.
+
+    An FP8 block-scaled weight (io/fp8.py) is listed as what it means: ``dtype`` float32, read dequantized;
+    ``scale`` names the tensor holding its block scales, and ``start``/``end`` are still its codes' bytes.
     """
 
     name: TensorName
@@ -65,6 +69,7 @@ class TensorInfo:
     file: Path
     start: int
     end: int
+    scale: TensorName | None = None
 
     @property
     def numel(self) -> int:
@@ -141,6 +146,11 @@ class Checkpoint:
     Build one with :func:`open_checkpoint`. Iteration yields tensor names in file order, then in the order
     their bytes lie in each file.
 
+    In an FP8 block-scaled checkpoint (``quant_method: "fp8"``, io/fp8.py) the listing shows each FP8 weight as a
+    float32 tensor that :meth:`get` dequantizes, and hides its ``weight_scale_inv``: operations see plain weights.
+    :meth:`header` and :attr:`files` still describe the bytes as stored, scales included, for a merge that mirrors
+    them.
+
     Attributes:
         path: what was opened (a directory or a file).
         files: the weight files, in shard order.
@@ -157,7 +167,10 @@ class Checkpoint:
         self.files = files
         self.index_path = index_path
         self._headers = headers
-        self._tensors = {name: info for file in files for name, info in headers[file].tensors.items()}
+        self._stored = {name: info for file in files for name, info in headers[file].tensors.items()}
+        has_fp8 = any(info.dtype == FP8_DTYPE for info in self._stored.values())
+        self.fp8: BlockFp8 | None = fp8_layout(self.config) if has_fp8 else None  # config.json only if needed
+        self._tensors = _dequantized_listing(self._stored, self.fp8) if self.fp8 else self._stored
         # Legacy .bin only: the one state dict currently loaded (memory-mapped), as (file, state dict).
         self._loaded_pickle: tuple[Path, dict[str, torch.Tensor]] | None = None
 
@@ -219,7 +232,19 @@ class Checkpoint:
         info = self.info(name)
         if info.file.suffix == ".bin":
             return self._get_from_pickle(info)
+        if info.scale is not None:
+            return dequantize(_read_tensor(self._stored[name]), _read_tensor(self._stored[info.scale]), self.fp8)
         return _read_tensor(info)
+
+    def get_stored(self, name: TensorName) -> torch.Tensor:
+        """Read a tensor as stored: for an FP8 weight its float8 codes; a block-scale tensor by its own name.
+
+        Raises:
+            TensorMissingError: no tensor of that name in the files.
+        """
+        if name not in self._stored:
+            raise TensorMissingError("no such tensor in this checkpoint", path=self.path, tensor=name)
+        return _read_tensor(self._stored[name])
 
     @cached_property
     def config(self) -> dict | None:
@@ -250,6 +275,30 @@ class Checkpoint:
             )
         # A copy into our own memory: the stored tensor is a view of a memory-mapped file (or of a shared storage).
         return stored.clone(memory_format=torch.contiguous_format)
+
+
+def _dequantized_listing(stored: dict[TensorName, TensorInfo], layout: BlockFp8) -> dict[TensorName, TensorInfo]:
+    """The listing of an FP8 block-scaled checkpoint: each float8 weight with a ``weight_scale_inv`` beside it as a
+    float32 weight, scales hidden. Float8 tensors without scales and scales without a float8 weight stay as they
+    are (for the caller's refusal to name).
+
+    Raises:
+        CheckpointFormatError: a scale grid whose shape or dtype does not fit its weight and block size.
+    """
+    listing, scales = {}, set()
+    for name, info in stored.items():
+        scale = stored.get(scale_name(name))
+        if info.dtype != FP8_DTYPE or scale is None or len(info.shape) != 2:
+            continue
+        expected = layout.scale_shape(info.shape)
+        if tuple(scale.shape) != expected or not scale.dtype.is_floating_point:
+            raise CheckpointFormatError(
+                f"{scale.dtype} {list(scale.shape)} block scales for a {list(info.shape)} FP8 weight; "
+                f"weight_block_size {list(layout.block)} needs float {list(expected)}", path=scale.file,
+                tensor=scale.name)
+        listing[name] = TensorInfo(name, torch.float32, info.shape, info.file, info.start, info.end, scale.name)
+        scales.add(scale.name)
+    return {name: listing.get(name, info) for name, info in stored.items() if name not in scales}
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

@@ -66,6 +66,15 @@ def scale_name(weight: TensorName) -> TensorName:
     return weight + SCALE_SUFFIX
 
 
+def fp8_layout(config: dict | None) -> BlockFp8 | None:
+    """The block layout of an FP8 checkpoint deltakit reads, from its config; None for anything else (which
+    :func:`block_fp8_layout` explains)."""
+    try:
+        return block_fp8_layout(config, Path("config.json"))
+    except CheckpointFormatError:
+        return None
+
+
 def block_fp8_layout(config: dict | None, config_path: Path) -> BlockFp8 | None:
     """The FP8 block layout ``config.json``'s ``quantization_config`` describes; None if it describes none.
 

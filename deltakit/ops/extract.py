@@ -60,11 +60,11 @@ from deltakit.math.ranks import (
     parse_budget,
     predicted_squared_error,
 )
-from deltakit.ops.report import ExtractReport, ModuleReport, TensorFate, command_line, model_card
+from deltakit.ops.report import EXTRACT_REPORT_FILE, ExtractReport, ModuleReport, TensorFate, command_line, model_card
 from deltakit.math.values import all_finite, check_finite, same_values
 from deltakit.io.writer import save_tensors, staged_output, write_json, write_text
 
-REPORT_FILE = "extract_report.json"
+REPORT_FILE = EXTRACT_REPORT_FILE
 _SPILL_DIR = ".svd-spill"  # inside the staging directory, removed before it is renamed into place
 # DoRA's projected fit is tried where per-row rescaling of the base explains ≥ 10% of ‖ΔW‖² (see _fit_dora).
 _PROJECTED_FIT_GAIN = 0.9

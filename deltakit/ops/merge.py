@@ -66,6 +66,7 @@ from deltakit.adapters.peft_format import (
     read_adapter,
 )
 from deltakit.io.checkpoint import Checkpoint, SafetensorsHeader, TensorInfo, open_checkpoint
+from deltakit.io.fp8 import dequantize, quantize
 from deltakit.math.dora import row_norms, unapply_dora
 from deltakit.errors import (
     AdapterFormatError,
@@ -89,7 +90,7 @@ from deltakit.adapters.layers import (
     transpose_embedding_factors,
     weight_kind,
 )
-from deltakit.ops.report import command_line, format_bytes
+from deltakit.ops.report import EXTRACT_REPORT_FILE, command_line, format_bytes
 from deltakit.io.writer import SafetensorsWriter, no_room_as_error, refuse_overlap, staged_output, write_json
 
 RECEIPT_DIR = "deltakit_merge_receipt"
@@ -134,6 +135,16 @@ class TensorChange:
 
 
 @dataclass
+class RequantizedTensor:
+    """An FP8 weight a merge changed and stored again as FP8 codes with fresh block scales."""
+
+    tensor: TensorName
+    delta_norm: float  # ‖W' − W‖, the change the adapters make (dequantized)
+    relative_to_delta: float  # ‖Q(W') − W'‖ / ‖W' − W‖: how much of that change the requantization loses
+    relative_to_weight: float  # ‖Q(W') − W'‖ / ‖W'‖: FP8's own precision (e4m3: a few percent)
+
+
+@dataclass
 class MergeReport:
     """What a merge or unmerge did (or, with ``dry_run``, would do)."""
 
@@ -153,6 +164,8 @@ class MergeReport:
     seconds: float = 0.0
     command: str = ""
     notes: list[str] = field(default_factory=list)
+    requantized: list[RequantizedTensor] = field(default_factory=list)  # FP8 weights written as FP8 again
+    adapter_errors: list[float | None] = field(default_factory=list)  # each adapter's own worst error, if known
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -183,6 +196,13 @@ class MergeReport:
             rate = self.bytes_written / self.seconds if self.seconds > 0 else 0.0
             lines.append(f"  written            : {format_bytes(self.bytes_written)} in {self.seconds:.1f} s "
                          f"({format_bytes(rate)}/s)")
+        if self.requantized:
+            worst = max(self.requantized, key=lambda r: r.relative_to_delta)
+            own = [e for e in self.adapter_errors if e is not None]
+            lines.append(f"  FP8 requantized    : {len(self.requantized)} weight(s); error ‖Q(W')−W'‖ worst "
+                         f"{worst.relative_to_delta:.4f} of ‖ΔW‖ ({worst.tensor}), "
+                         f"{max(r.relative_to_weight for r in self.requantized):.4f} of ‖W'‖"
+                         + (f"; the adapter's own error (extract report): worst {max(own):.4f} of ‖ΔW‖" if own else ""))
         lines += [f"  skipped: {s}" for s in self.skipped_files]
         lines += [f"  note: {n}" for n in self.notes]
         return lines
@@ -396,6 +416,10 @@ def _plan(ckpt: Checkpoint, adapters: list[Adapter], *,
 
     for job in jobs.values():
         replacing = [s for s in job.steps if s.op == "replace"]
+        if replacing and ckpt.info(job.tensor).scale is not None:
+            raise AdapterFormatError(
+                f"adapter #{replacing[0].adapter + 1} replaces this FP8 block-scaled weight whole (modules_to_save); "
+                "deltakit merges only LoRA/DoRA factors into FP8 weights", path=ckpt.path, tensor=job.tensor)
         if replacing and len(job.steps) > 1:
             others = sorted({s.adapter + 1 for s in job.steps if s is not replacing[0]})
             raise InvalidOptionError(
@@ -519,6 +543,8 @@ def _copy_other_files(ckpt: Checkpoint, staging_dir: Path | None, dtype: torch.d
             for key in ("dtype", "torch_dtype"):
                 if key in config:
                     config[key] = str(dtype).removeprefix("torch.")
+            if ckpt.fp8 is not None:
+                del config["quantization_config"]  # the weights are written dequantized
             write_json(staging_dir / path.name, config)
             report.other_files.append(path.name)
         elif path.is_file():
@@ -534,12 +560,23 @@ def _write_index(ckpt: Checkpoint, staging_dir: Path, dtype: torch.dtype | None)
         shutil.copyfile(ckpt.index_path, target)
         return
     index = json.loads(ckpt.index_path.read_text(encoding="utf-8"))
+    if ckpt.fp8 is not None:  # a plain output: block scales are gone
+        index["weight_map"] = {name: shard for name, shard in index["weight_map"].items() if name in ckpt}
     if isinstance(index.get("metadata"), dict) and "total_size" in index["metadata"]:
         total = 0
         for info in ckpt.tensors.values():
             total += info.numel * _out_dtype(info, dtype).itemsize
         index["metadata"]["total_size"] = total
     write_json(target, index)
+
+
+def _own_error(adapter: Adapter) -> float | None:
+    """The adapter's worst relative error of ΔW, from the report extract wrote beside it (None if none)."""
+    try:
+        report = json.loads((adapter.path / EXTRACT_REPORT_FILE).read_text(encoding="utf-8"))
+        return float(report["summary"]["max_relative_error"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def adapter_hash(adapter: Adapter) -> str:
@@ -715,9 +752,10 @@ def _run(ckpt: Checkpoint, jobs: dict[TensorName, _Job], staging_dir: Path, *, w
     the read time.
     """
     inverse = report.operation == "unmerge"
-    total = sum(info.nbytes for info in ckpt.tensors.values())
-    largest = max((info.nbytes for name, info in ckpt.tensors.items() if dtype is not None or name in jobs),
-                  default=0)
+    total = sum(info.nbytes for file in ckpt.files for info in ckpt.header(file).tensors.values())
+    fp8 = _Fp8Weights(ckpt, jobs, dtype, report)
+    largest = max((info.nbytes for name, info in ckpt.tensors.items()
+                   if info.scale is None and (dtype is not None or name in jobs)), default=0)
     buffers = [torch.empty(largest, dtype=torch.uint8) for _ in range(2)]
     with _one_cpu_thread(device), ThreadPoolExecutor(max_workers=1) as pool, ExitStack() as sinks, \
             tqdm(total=total, unit="B", unit_scale=True, desc=report.operation, disable=not progress,
@@ -732,13 +770,19 @@ def _run(ckpt: Checkpoint, jobs: dict[TensorName, _Job], staging_dir: Path, *, w
                     sink = sinks.enter_context(_MirroredShard(shard_path, out_path, header))
                 else:
                     specs = [(name, _out_dtype(info, dtype), tuple(info.shape))
-                             for name, info in header.tensors.items()]
+                             for name, info in header.tensors.items() if name not in fp8.owner]
                     sink = sinks.enter_context(SafetensorsWriter(out_path, specs, header.metadata))
                 with open(shard_path, "rb", buffering=0) as shard:
                     for name, info in header.tensors.items():
                         done += 1
                         bar.update(info.nbytes)
                         bar.set_postfix_str(f"{done}/{len(ckpt)} tensors", refresh=False)
+                        if fp8.is_fp8(name):
+                            result = fp8.result(name, lambda job, w: _transform(
+                                job, w, torch.float32, weights, device, adapters, receipt_writer, receipt, inverse))
+                            if result is not None:
+                                writes.submit(sink.write, name, result)
+                            continue
                         job = jobs.get(name)
                         if job is None and dtype is None:
                             report.unchanged += 1  # the sink copies it
@@ -759,6 +803,62 @@ def _run(ckpt: Checkpoint, jobs: dict[TensorName, _Job], staging_dir: Path, *, w
         finally:
             writes.wait()  # a sink is discarded (on error) only when nothing is in flight
     report.bytes_written += sum((staging_dir / name).stat().st_size for name in report.weight_files)
+
+
+class _Fp8Weights:
+    """The FP8 block-scaled weights of a merge's input (io/fp8.py), each two stored tensors: codes and scales.
+
+    A changed weight is dequantized to fp32, transformed, and requantized with fresh block scales (blocks left
+    as they were keep their bytes); with a ``dtype`` it is written plain and its scales are dropped. Both stored
+    tensors are computed when the first of them comes up in file order; the other waits in ``pending`` (codes
+    are one byte per element) until its own turn. The requantization error of each changed weight is reported:
+    ‖Q(W') − W'‖ against ‖ΔW‖ = ‖W' − W‖, the change it was asked to keep, and against ‖W'‖.
+    """
+
+    def __init__(self, ckpt: Checkpoint, jobs: dict[TensorName, _Job], dtype: torch.dtype | None,
+                 report: MergeReport) -> None:
+        self.ckpt, self.jobs, self.dtype, self.report = ckpt, jobs, dtype, report
+        self.owner = {info.scale: name for name, info in ckpt.tensors.items() if info.scale is not None}
+        self.pending: dict[TensorName, torch.Tensor] = {}
+
+    def is_fp8(self, name: TensorName) -> bool:
+        return name in self.owner or (name in self.ckpt and self.ckpt.info(name).scale is not None)
+
+    def result(self, name: TensorName, transform: Callable[[_Job, torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+        """What to write under the stored name ``name``; None: nothing (the sink copies it, or it is dropped)."""
+        weight = self.owner.get(name, name)
+        job = self.jobs.get(weight)
+        if name in self.pending:
+            return self.pending.pop(name)
+        if self.dtype is None and job is None:
+            self.report.unchanged += name == weight  # copied byte for byte with its scales
+            return None
+        if self.dtype is not None and name != weight:
+            return None  # a plain output has no scales
+        scale = self.ckpt.info(weight).scale
+        codes, scale_inv = self.ckpt.get_stored(weight), self.ckpt.get_stored(scale)
+        merged = dequantize(codes, scale_inv, self.ckpt.fp8)  # (out, in) fp32
+        if job is None:
+            self.report.unchanged += 1
+        else:
+            merged = transform(job, merged)
+        if self.dtype is not None:
+            return merged.to(self.dtype)
+        new_codes, new_scale = quantize(merged, self.ckpt.fp8, previous=(codes, scale_inv))
+        before = dequantize(codes, scale_inv, self.ckpt.fp8)
+        delta_norm = float(torch.linalg.vector_norm(merged - before, dtype=torch.float64))
+        del before
+        error = float(torch.linalg.vector_norm(dequantize(new_codes, new_scale, self.ckpt.fp8) - merged,
+                                               dtype=torch.float64))
+        weight_norm = float(torch.linalg.vector_norm(merged, dtype=torch.float64))
+        self.report.requantized.append(RequantizedTensor(
+            weight, delta_norm, error / delta_norm if delta_norm > 0 else 0.0,
+            error / weight_norm if weight_norm > 0 else 0.0))
+        if name == weight:
+            self.pending[scale] = new_scale
+            return new_codes
+        self.pending[weight] = new_codes
+        return new_scale
 
 
 def _read_raw(shard, info: TensorInfo, buffer: torch.Tensor) -> torch.Tensor:
@@ -875,6 +975,8 @@ def merge(
     report = MergeReport("merge", str(base), [str(a) for a in adapters], weights, str(out_dir), dry_run=dry_run,
                          command=command_line(), notes=notes)
     report.changed = _changes(jobs, ckpt, reverse=False)
+    if ckpt.fp8 is not None:
+        report.adapter_errors = [_own_error(a) for a in opened]
     if (ckpt.files[0].parent / RECEIPT_DIR).is_dir():
         report.notes.append(f"the base holds the {RECEIPT_DIR}/ of an earlier merge; it is not carried over, so "
                             "that merge can be undone only from the base as it is now")

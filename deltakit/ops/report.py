@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 
 from deltakit.names import ModuleName, TensorName
 
+EXTRACT_REPORT_FILE = "extract_report.json"  # beside the adapter; merge reads the adapter's own error from it
+
 
 @dataclass
 class ModuleReport:
