@@ -122,3 +122,36 @@ def test_unmerge_from_fp8_gives_the_base_back_within_fp8_precision(fp8_pair, tmp
     name = "model.layers.0.mlp.gate_proj.weight"
     assert (back[name] - base[name]).norm() / base[name].norm() < 0.06
     assert torch.equal(back["model.norm.weight"], base["model.norm.weight"])
+
+
+def test_dora_merge_into_fp8_and_unmerge_with_its_receipt(fp8_pair, tmp_path):
+    """DoRA row norms go into the receipt in the order the merge meets the weights: an FP8 weight comes up with its
+    scales, which the file stores first (safetensors orders by dtype), before the bf16 norms the adapter replaces."""
+    pair, base_fp8, _ = fp8_pair
+    deltakit.extract(pair.ft_dir, pair.base_dir, tmp_path / "d", rank=8, dora=True)
+    deltakit.merge(base_fp8, [tmp_path / "d"], tmp_path / "merged")
+    deltakit.merge(base_fp8, [tmp_path / "d"], tmp_path / "plain", dtype="float32")
+    merged, plain = _dequantized(tmp_path / "merged"), load_file(tmp_path / "plain" / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert 0 < (merged[name] - plain[name]).norm() / plain[name].norm() < 0.04
+    deltakit.unmerge(tmp_path / "merged", [tmp_path / "d"], tmp_path / "unmerged")
+    base, back = _dequantized(base_fp8), _dequantized(tmp_path / "unmerged")
+    assert (back[name] - base[name]).norm() / base[name].norm() < 0.06
+    assert torch.equal(back["model.layers.0.input_layernorm.weight"], base["model.layers.0.input_layernorm.weight"])
+
+
+def test_scales_that_do_not_fit_the_block_size_are_a_one_line_error(fp8_pair, tmp_path):
+    from safetensors.torch import save_file
+
+    from deltakit.errors import CheckpointFormatError
+
+    _, base_fp8, _ = fp8_pair
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    config = json.loads((base_fp8 / "config.json").read_text())
+    config["quantization_config"]["weight_block_size"] = [16, 16]  # the scales were made for 8×16
+    (bad / "config.json").write_text(json.dumps(config))
+    save_file(load_file(base_fp8 / "model.safetensors"), bad / "model.safetensors")
+    with pytest.raises(CheckpointFormatError, match=r"weight_block_size \[16, 16\] needs float32") as caught:
+        deltakit.open_checkpoint(bad)
+    assert "_scale_inv" in str(caught.value) and "\n" not in str(caught.value)

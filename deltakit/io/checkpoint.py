@@ -291,11 +291,11 @@ def _dequantized_listing(stored: dict[TensorName, TensorInfo], layout: BlockFp8)
         if info.dtype != FP8_DTYPE or scale is None or len(info.shape) != 2:
             continue
         expected = layout.scale_shape(info.shape)
-        if tuple(scale.shape) != expected or not scale.dtype.is_floating_point:
+        if tuple(scale.shape) != expected or scale.dtype != torch.float32:
             raise CheckpointFormatError(
-                f"{scale.dtype} {list(scale.shape)} block scales for a {list(info.shape)} FP8 weight; "
-                f"weight_block_size {list(layout.block)} needs float {list(expected)}", path=scale.file,
-                tensor=scale.name)
+                f"{str(scale.dtype).removeprefix('torch.')} {list(scale.shape)} block scales for a "
+                f"{list(info.shape)} FP8 weight; weight_block_size {list(layout.block)} needs float32 "
+                f"{list(expected)}", path=scale.file, tensor=scale.name)
         listing[name] = TensorInfo(name, torch.float32, info.shape, info.file, info.start, info.end, scale.name)
         scales.add(scale.name)
     return {name: listing.get(name, info) for name, info in stored.items() if name not in scales}

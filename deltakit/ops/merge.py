@@ -606,10 +606,15 @@ def _base_key(tensor: TensorName) -> str:
     return f"base.{tensor}"
 
 
-def _receipt_specs(ckpt: Checkpoint, jobs: dict[TensorName, _Job]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-    """The receipt's tensors, in the order the merge produces them (checkpoint order, then step order)."""
+def _receipt_specs(ckpt: Checkpoint, jobs: dict[TensorName, _Job],
+                   is_plain: bool) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """The receipt's tensors, in the order the merge produces them (file order, then step order). An FP8 weight
+    comes up with the first of its codes and its scales when they are written again (``is_plain`` False), else
+    where its codes lie."""
     specs = []
-    for name in ckpt:
+    owner = {} if is_plain else {info.scale: name for name, info in ckpt.tensors.items() if info.scale is not None}
+    stored_order = (owner.get(name, name) for file in ckpt.files for name in ckpt.header(file).tensors)
+    for name in dict.fromkeys(stored_order):
         job = jobs.get(name)
         for step in job.steps if job else []:
             info = ckpt.info(name)
@@ -990,7 +995,7 @@ def merge(
     with staged_output(out_dir, overwrite=overwrite, inputs=inputs) as staging_dir:
         receipt_dir = staging_dir / RECEIPT_DIR
         receipt_dir.mkdir()
-        specs = _receipt_specs(ckpt, jobs)
+        specs = _receipt_specs(ckpt, jobs, is_plain=out_dtype is not None)
         with SafetensorsWriter(receipt_dir / RECEIPT_TENSORS, specs, {"format": "pt"}) as receipt_writer:
             _run(ckpt, jobs, staging_dir, weights=weights, dtype=out_dtype, device=math_device, adapters=opened,
                  report=report, receipt_writer=receipt_writer, receipt=None, progress=progress)
