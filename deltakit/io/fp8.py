@@ -161,3 +161,33 @@ def quantize(weight: torch.Tensor, layout: BlockFp8,
         is_rounding = (scale_inv - old_scale.to(scale_inv.device)).abs() <= 4 * torch.finfo(torch.float32).eps * old_scale.abs()
         scale_inv = torch.where(is_same_block & is_rounding, old_scale.to(scale_inv.device), scale_inv)
     return codes, scale_inv
+
+
+@dataclass(frozen=True)
+class Requantization:
+    """An FP8 weight changed in fp32 and stored as FP8 again: how much the rounding lost."""
+
+    tensor: TensorName
+    delta_norm: float  # ‖W' − W‖: the change made to the dequantized weight
+    relative_to_delta: float  # ‖Q(W') − W'‖ / ‖W' − W‖: the share of that change the requantization loses
+    relative_to_weight: float  # ‖Q(W') − W'‖ / ‖W'‖: FP8's own precision (e4m3: a few percent)
+
+
+def requantize(name: TensorName, changed: torch.Tensor, codes: torch.Tensor, scale_inv: torch.Tensor,
+               layout: BlockFp8) -> tuple[torch.Tensor, torch.Tensor, Requantization]:
+    """Store a changed weight as FP8 again (fresh block scales; unchanged blocks keep their bytes) and measure the
+    loss against the weight it came from, given as its (codes, scale_inv).
+
+    Returns:
+        (codes, scale_inv, the measurement).
+    """
+    new_codes, new_scale = quantize(changed, layout, previous=(codes, scale_inv))
+
+    def norm(tensor: torch.Tensor) -> float:
+        return float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
+
+    delta_norm = norm(changed - dequantize(codes, scale_inv, layout))
+    error = norm(dequantize(new_codes, new_scale, layout) - changed)
+    weight_norm = norm(changed)
+    return new_codes, new_scale, Requantization(name, delta_norm, error / delta_norm if delta_norm > 0 else 0.0,
+                                                error / weight_norm if weight_norm > 0 else 0.0)
