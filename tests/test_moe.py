@@ -66,10 +66,14 @@ def test_full_rank_moe_adapter_loads_in_peft_and_reproduces_the_finetune(pair_na
 
 @pytest.mark.parametrize("pair_name", PAIRS)
 def test_low_rank_moe_merge_and_unmerge_match_peft_merge_and_unload(pair_name, request, tmp_path):
-    """At rank 3 with alpha 5 (so a scaling error shows), deltakit's merge of the per-expert adapter writes what
-    PEFT's merge into the fused experts saves, tensor by tensor, and unmerge gives the base back."""
+    """At rank 6 with alpha 5 (so a scaling error shows; the 4-expert routers have rank 4 and are padded to 6 with
+    their scaling changed), deltakit's merge of the per-expert adapter writes what PEFT's merge into the fused
+    experts saves, tensor by tensor, and unmerge gives the base back."""
     pair = request.getfixturevalue(pair_name)
-    report = deltakit.extract(pair.ft_dir, pair.base_dir, tmp_path / "a", rank=3, alpha=5.0)
+    report = deltakit.extract(pair.ft_dir, pair.base_dir, tmp_path / "a", rank=6, alpha=5.0)
+    assert {m.rank for m in report.modules if m.module.endswith("gate")} == {4}
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["r"] == 6 and config["lora_alpha"] == 5.0 and not config["rank_pattern"]
     assert all(layer["max_relative_error"]["0"] > 0.1 for layer in report.experts)  # lossy: the test can tell
     peft_model = _peft_model(pair, tmp_path / "a")
     peft_logits = logits(peft_model, INPUT_IDS)

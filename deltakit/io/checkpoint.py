@@ -156,6 +156,7 @@ class Checkpoint:
         files: the weight files, in shard order.
         index_path: the ``*.index.json`` of a sharded checkpoint, else None.
         source: the Hub repository and commit ``path`` was fetched from, or None for a local path.
+        fp8: the FP8 block layout when some weights are stored as FP8 codes with block scales, else None.
     """
 
     def __init__(
