@@ -11,7 +11,7 @@ from builders import dequantize_fp8_by_hand
 from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize
 from transformers.utils.quantization_config import FineGrainedFP8Config
 
-from deltakit.errors import CheckpointFormatError
+from deltakit.errors import CheckpointFormatError, UnsupportedWeightsError
 from deltakit.io.fp8 import BlockFp8, block_fp8_layout, dequantize, quantize
 
 CONFIG = Path("config.json")
@@ -96,16 +96,21 @@ def test_requantizing_a_dequantized_weight_is_the_identity():
     ({"quant_method": "awq"}, "AWQ"),
     ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "bitsandbytes"),
     ({"quant_method": "compressed-tensors"}, "compressed-tensors"),
-    ({"quant_method": "something-new"}, "'something-new'"),
+    ({"quant_method": "something-new"}, r"\(something-new\): these"),
     ({"quant_method": "fp8"}, "one scale per tensor"),
+    ({"quant_method": "fbgemm_fp8"}, "fbgemm"),
     ({"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "static"}, "static"),
     ({"quant_method": "fp8", "weight_block_size": [128, 128], "scale_fmt": "ue8m0"}, "ue8m0"),
-    ({"quant_method": "fp8", "weight_block_size": [128, 0]}, "weight_block_size"),
 ])
 def test_other_quantizations_are_refused_naming_the_layout(quant, words):
-    with pytest.raises(CheckpointFormatError, match=words) as caught:
+    with pytest.raises(UnsupportedWeightsError, match=words) as caught:
         block_fp8_layout({"quantization_config": quant}, CONFIG)
     assert "\n" not in str(caught.value) and "config.json" in str(caught.value)
+
+
+def test_a_malformed_block_size_is_a_format_error():
+    with pytest.raises(CheckpointFormatError, match=r"weight_block_size \[128, 0\] is not two positive integers"):
+        block_fp8_layout({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 0]}}, CONFIG)
 
 
 def test_block_layout_from_config():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from deltakit.errors import CheckpointFormatError
+from deltakit.errors import CheckpointFormatError, UnsupportedWeightsError
 from deltakit.names import TensorName
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -71,7 +71,7 @@ def fp8_layout(config: dict | None) -> BlockFp8 | None:
     :func:`block_fp8_layout` explains)."""
     try:
         return block_fp8_layout(config, Path("config.json"))
-    except CheckpointFormatError:
+    except (CheckpointFormatError, UnsupportedWeightsError):
         return None
 
 
@@ -79,8 +79,9 @@ def block_fp8_layout(config: dict | None, config_path: Path) -> BlockFp8 | None:
     """The FP8 block layout ``config.json``'s ``quantization_config`` describes; None if it describes none.
 
     Raises:
-        CheckpointFormatError: any other quantization (named in the message), or an FP8 variant deltakit does
+        UnsupportedWeightsError: any other quantization (named in the message), or an FP8 variant deltakit does
             not read (per-tensor scales, static activation scales, power-of-two ``ue8m0`` scales, FP4 experts).
+        CheckpointFormatError: a quantization_config that is not an object, or a malformed block size.
     """
     quant = (config or {}).get("quantization_config")
     if quant is None:
@@ -88,28 +89,28 @@ def block_fp8_layout(config: dict | None, config_path: Path) -> BlockFp8 | None:
     if not isinstance(quant, dict):
         raise CheckpointFormatError("quantization_config is not a JSON object", path=config_path)
     method = quant.get("quant_method")
+
+    def refuse(what: str) -> UnsupportedWeightsError:
+        return UnsupportedWeightsError(
+            f"quantization_config ({method}): {what} quantized weights are not supported (only FP8 with block "
+            'scales: quant_method "fp8", weight_block_size, dynamic activations); use the unquantized '
+            "(bf16/fp16/fp32) release", path=config_path)
+
     if method != QUANT_METHOD:
-        layout = _OTHER_LAYOUTS.get(str(method), f"quant_method {method!r}")
-        raise CheckpointFormatError(f"{layout} quantized weights are not supported (only FP8 with block scales, "
-                                    'quant_method "fp8"); use a checkpoint in bf16/fp16/fp32', path=config_path)
-
-    def refuse(what: str) -> CheckpointFormatError:
-        return CheckpointFormatError(f"FP8 {what} is not supported (only weight_block_size scales with dynamic "
-                                     "activations)", path=config_path)
-
+        raise refuse(_OTHER_LAYOUTS.get(str(method), "these"))
     block = quant.get("weight_block_size")
     if block is None:
-        raise refuse("with one scale per tensor (no weight_block_size)")
+        raise refuse("FP8 with one scale per tensor (no weight_block_size):")
     if not (isinstance(block, list) and len(block) == 2
             and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
         raise CheckpointFormatError(f"quantization_config.weight_block_size {block!r} is not two positive integers",
                                     path=config_path)
     if str(quant.get("activation_scheme", "dynamic")).lower() != "dynamic":
-        raise refuse(f"activation_scheme {quant.get('activation_scheme')!r} (stored activation scales)")
+        raise refuse(f"FP8 with activation_scheme {quant.get('activation_scheme')!r} (stored activation scales):")
     if quant.get("scale_fmt", "float") != "float":
-        raise refuse(f"scale_fmt {quant.get('scale_fmt')!r}")
+        raise refuse(f"FP8 with scale_fmt {quant.get('scale_fmt')!r}:")
     if quant.get("expert_dtype", "fp8") != "fp8":
-        raise refuse(f"expert_dtype {quant.get('expert_dtype')!r}")
+        raise refuse(f"FP8 with expert_dtype {quant.get('expert_dtype')!r}:")
     return BlockFp8((block[0], block[1]))
 
 
