@@ -23,10 +23,17 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from deltakit.adapters.layers import WeightKind, out_in_shape, target_modules, transpose_embedding_factors
+from deltakit.adapters.layers import (
+    WeightKind,
+    out_in_shape,
+    target_modules,
+    transpose_embedding_factors,
+    weight_kind,
+)
+from deltakit.adapters.moe import conform_experts, expert_summary, moe_family, moe_weight
 from deltakit.adapters.peft_format import CarriedTensor, ModuleFactors, adapter_spec, task_type_for, write_adapter
 from deltakit.adapters.variants import DORA, LORA, AdapterVariant, Fit, FitSettings
-from deltakit.errors import InvalidOptionError, NothingToExtractError
+from deltakit.errors import InvalidOptionError, NothingToExtractError, shorten
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint, refuse_unsupported_weights
 from deltakit.io.dtypes import DTYPES, parse_dtype
 from deltakit.io.writer import save_tensors, staged_output, write_json, write_text
@@ -36,9 +43,16 @@ from deltakit.math.ranks import DEFAULT_RANK, ModelSize, ModuleSpectrum, RankPol
 from deltakit.names import ModuleName, split_tensor_name
 from deltakit.ops.delta import is_changed, read_delta
 from deltakit.ops.plan import ExtractPlan, ModuleFates, ModulePlan, module_fates, plan_extract, tied_bias_fates
-from deltakit.ops.report import ExtractReport, ModuleReport, TensorFate, command_line, model_card
+from deltakit.ops.report import (
+    EXTRACT_REPORT_FILE,
+    ExtractReport,
+    ModuleReport,
+    TensorFate,
+    command_line,
+    model_card,
+)
 
-REPORT_FILE = "extract_report.json"
+REPORT_FILE = EXTRACT_REPORT_FILE
 _SPILL_DIR = ".svd-spill"  # inside the staging directory, removed before it is renamed into place
 
 
@@ -253,6 +267,50 @@ def _factor_bytes_per_param(dtype: str | None, plan: ExtractPlan, base: Checkpoi
     return dtypes.most_common(1)[0][0].itemsize if dtypes else 4
 
 
+def _check_expert_options(plan: ExtractPlan, variant: AdapterVariant, use_rslora: bool) -> None:
+    """Refuse, from the headers, what PEFT cannot load for expert and router weights (adapters/moe.py)."""
+    family = moe_family(plan.model_type)
+    experts = [p.module for p in plan.modules
+               if p.weight is not None and p.is_selected and moe_weight(p.module, family) is not None]
+    if not experts:
+        return
+    if variant.expert_refusal:
+        option, why = f"--{variant.name}", variant.expert_refusal
+    elif use_rslora:
+        option, why = "--use-rslora", "with lora_alpha doubled for the fused gate/up, which changes rsLoRA's scaling by √2"
+    else:
+        return
+    raise InvalidOptionError(
+        f"{option}: PEFT 0.21 loads mixture-of-experts weights ({shorten(experts)}) as fused target_parameters, "
+        f"{why}; extract without it, or leave the experts and routers out with --exclude 'experts|gate$'")
+
+
+def _linear_out_in(base: Checkpoint, plan: ExtractPlan) -> dict[ModuleName, tuple[int, int]]:
+    """(out, in) of every Linear weight of the base, by module."""
+    return {split_tensor_name(name)[0]: out_in_shape(info.shape, WeightKind.LINEAR)
+            for name, info in base.tensors.items()
+            if weight_kind(name, info.shape, plan.model_type) is WeightKind.LINEAR}
+
+
+def _experts_summary(rows: list[ModuleReport], fates: list[TensorFate], plan: ExtractPlan, base: Checkpoint,
+                     zero_filled: list[ModuleName]) -> tuple[list[dict], list[str]]:
+    """Which experts changed, per MoE layer (with each one's worst relative error in the adapter, 1 where it is
+    not in it), and notes on what was done for PEFT's sake."""
+    family = moe_family(plan.model_type)
+    changed = [(m.module, m.relative_error) for m in rows]
+    changed += [(split_tensor_name(t.tensor)[0], 1.0) for t in fates if t.fate == "dropped"]
+    layers = expert_summary(changed, sorted({split_tensor_name(n)[0] for n in base.tensors}), family)
+    notes = []
+    if zero_filled:
+        notes.append(f"{len(zero_filled)} unchanged or excluded expert/router weight(s) get zero factors: PEFT "
+                     "targets every expert of every MoE layer once any is targeted, with one rank for all")
+    kept_whole = [m for m in plan.claimed_by_peft if any(t.tensor == f"{m}.weight" for t in fates)]
+    if kept_whole:
+        notes.append(f"{shorten(kept_whole)}: PEFT 0.21 reads LoRA targets named like these as the fused experts "
+                     f"of every {family.name}-family MoE layer, so they are not factorized (carried whole)")
+    return layers, notes
+
+
 def _input_name(given: str | Path, ckpt: Checkpoint) -> str:
     """How the report and the adapter config name an input: the path as given, or the bare Hub repo id."""
     return ckpt.source.repo_id if ckpt.source else str(given)
@@ -335,6 +393,7 @@ def extract(
     ft_ckpt, base_ckpt = open_checkpoint(finetuned), open_checkpoint(base)
     refuse_unsupported_weights(ft_ckpt), refuse_unsupported_weights(base_ckpt)
     plan = plan_extract(ft_ckpt, base_ckpt, include=include, exclude=exclude)
+    _check_expert_options(plan, variant, use_rslora)
     size = ModelSize(sum(math.prod(info.shape) for info in base_ckpt.tensors.values()),
                      _factor_bytes_per_param(dtype, plan, base_ckpt))
     policy.check_size(size)  # fail before work
@@ -361,21 +420,33 @@ def extract(
             "budget": budget, "avg_rank": avg_rank, "min_rank": min_rank, "max_rank": max_rank,
             "budget_weighting": budget_weighting if policy.defers else None, "dora": dora, "carry": carry,
         }
+        fates = [TensorFate(name, "only-in-base", "not in the fine-tuned checkpoint; left as in the base")
+                 for name in plan.only_in_base] + [fate for r in results.modules for fate in r.fates.fates]
+        notes = [note for r in results.modules for note in r.fates.notes]
+        spec_rank, spec_alpha, expert_layers = None, alpha, None
+        experts = conform_experts(factors, _linear_out_in(base_ckpt, plan), moe_family(plan.model_type), alpha,
+                                  use_rslora)
+        if experts is not None:
+            factors, spec_rank, spec_alpha = experts.factors, experts.rank, experts.alpha
+        if experts is not None or plan.claimed_by_peft:
+            expert_layers, expert_notes = _experts_summary(rows, fates, plan, base_ckpt,
+                                                           experts.zero_filled if experts else [])
+            notes += expert_notes
         report = ExtractReport(
             _input_name(finetuned, ft_ckpt), _input_name(base, base_ckpt), str(out_dir), options,
             finetuned_revision=ft_ckpt.source.commit_hash if ft_ckpt.source else None,
             base_revision=base_ckpt.source.commit_hash if base_ckpt.source else None,
             modules=rows,
-            tensors=[TensorFate(name, "only-in-base", "not in the fine-tuned checkpoint; left as in the base")
-                     for name in plan.only_in_base] + [fate for r in results.modules for fate in r.fates.fates],
+            tensors=fates,
             unchanged=sum(r.unchanged for r in results.modules),
             command=command_line(),
-            notes=[note for r in results.modules for note in r.fates.notes],
+            notes=notes,
             budget=budget_summary,
+            experts=expert_layers,
             variant=variant,
         )
         spec = adapter_spec(
-            factors, carried, default_rank=rank if isinstance(rank, int) else 1, alpha=alpha,
+            factors, carried, default_rank=rank if isinstance(rank, int) else 1, alpha=spec_alpha, rank=spec_rank,
             use_rslora=use_rslora,
             variant_config=variant.config(),
             base_model_name_or_path=report.base,
