@@ -59,11 +59,12 @@ class ReceiptWriter:
 
     As a context manager, an exception discards the tensors file (the staging directory goes anyway)."""
 
-    def __init__(self, out_dir: Path, ckpt: Checkpoint, plan: MergePlan) -> None:
+    def __init__(self, out_dir: Path, ckpt: Checkpoint, plan: MergePlan, order: list[TensorName]) -> None:
+        """``order``: the tensors in the order the merge meets them (:func:`~deltakit.io.mirror.mirror_order`)."""
         self.dir = out_dir / RECEIPT_DIR
         self.dir.mkdir()
-        self.specs = []  # in the order the merge produces them: checkpoint order, then step order
-        for name in ckpt:
+        self.specs = []  # in the order the merge produces them: ``order``, then step order
+        for name in order:
             job = plan.jobs.get(name)
             for step in job.steps if job else []:
                 if not isinstance(step, FactorStep):
@@ -73,6 +74,9 @@ class ReceiptWriter:
                     self.specs.append((_state_key(step.adapter, name), torch.float32, (step.factors.b.shape[0],)))
         self._tensors = SafetensorsWriter(self.dir / RECEIPT_TENSORS, self.specs, {"format": "pt"})
         self.written: dict[TensorName, str] = {}  # SHA-256 of each tensor the merge wrote, as stored
+        # An FP8 weight is written requantized (its codes, not the transform's values) and read back dequantized:
+        # no hash of the transform's output would match it, so those go unbound.
+        self._requantized = {name for name, info in ckpt.tensors.items() if info.scale is not None}
 
     def __enter__(self) -> ReceiptWriter:
         return self
@@ -88,7 +92,8 @@ class ReceiptWriter:
 
     def bind(self, tensor: TensorName, written: torch.Tensor) -> None:
         """Record the bytes the merge writes for ``tensor``, which unmerge will check before undoing it."""
-        self.written[tensor] = tensor_hash(written)
+        if tensor not in self._requantized:
+            self.written[tensor] = tensor_hash(written)
 
     def finish(self, base: str, adapter_paths: list[str], adapters: list[Adapter], weights: list[float],
                dtype: str | None) -> str:
@@ -120,7 +125,7 @@ class Receipt:
 
     def check_written(self, tensor: TensorName, stored: torch.Tensor, where: Path) -> None:
         """Raise ReceiptMismatchError unless ``stored`` holds the bytes the merge wrote for ``tensor``."""
-        if self.written is not None and self.written.get(tensor) != tensor_hash(stored):
+        if self.written is not None and tensor in self.written and self.written[tensor] != tensor_hash(stored):
             raise ReceiptMismatchError("differs from what the merge wrote (the receipt's SHA-256): the checkpoint "
                                        "changed after the merge, or the receipt belongs to another merge; unmerge "
                                        "cannot restore its base", path=where, tensor=tensor)
