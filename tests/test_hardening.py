@@ -627,7 +627,6 @@ def test_inspect_onto_an_existing_directory_is_refused_before_any_math(tmp_path:
         deltakit.inspect(ft_dir, base_dir, out=tmp_path / "report")
 
 
-@_pending(13)
 def test_a_budget_too_small_for_rank_1_says_the_smallest_that_works(tmp_path: Path) -> None:
     base_dir, ft_dir = _poisoned_pair(tmp_path)
     with pytest.raises(InvalidOptionError) as caught:

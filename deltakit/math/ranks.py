@@ -40,6 +40,7 @@ class ModelSize:
 
     params: int
     bytes_per_param: int
+    out_ins: tuple[tuple[int, int], ...] = ()  # (out, in) of every module that may be factorized, from headers
 
 
 class RankPolicy(Protocol):
@@ -384,7 +385,8 @@ class BudgetRanks:
         if floor_params > self.params:
             raise InvalidOptionError(
                 f"a budget of {self.params:,} parameters cannot pay for rank {self.min_rank} in each of the "
-                f"{len(spectra)} modules ({floor_params:,} parameters); raise the budget or lower --min-rank")
+                f"{len(spectra)} modules ({floor_params:,} parameters): give at least {floor_params}params"
+                + _lower_min_rank(self.min_rank))
         gains = [_weighted_energies(spectrum, self.weighting)[floor:cap]
                  for spectrum, floor, cap in zip(spectra, floors, caps)]
         # Past what every remaining triplet costs, more budget changes nothing.
@@ -394,6 +396,10 @@ class BudgetRanks:
         extra = _allocate_exact(gains, costs, budget, unit) if cells <= _EXACT_MAX_CELLS \
             else _allocate_greedy(gains, costs, budget)
         return [f + e for f, e in zip(floors, extra)]
+
+
+def _lower_min_rank(min_rank: int) -> str:
+    return ", or lower --min-rank" if min_rank > 1 else ""
 
 
 def _weighted_energies(spectrum: ModuleSpectrum, weighting: Weighting) -> np.ndarray:
@@ -610,8 +616,17 @@ class Budget:
         return False
 
     def check_size(self, size: ModelSize) -> None:
-        if self.text is not None:
-            parse_budget(self.text, model_params=size.params, bytes_per_param=size.bytes_per_param)
+        """Refuse a budget that cannot pay for ``min_rank`` in every module that may be factorized (its floor),
+        saying the smallest that can; only the headers are known, so every such module is assumed to change."""
+        if self.text is None:
+            return
+        params = parse_budget(self.text, model_params=size.params, bytes_per_param=size.bytes_per_param)
+        floor = sum(min(self.min_rank, self.max_rank, *out_in) * sum(out_in) for out_in in size.out_ins)
+        if floor > params:
+            raise InvalidOptionError(
+                f"--budget {self.text} = {params:,} factor parameters cannot pay for rank {self.min_rank} in each of "
+                f"the {len(size.out_ins)} modules that may change ({floor:,} parameters): give at least "
+                f"{floor * size.bytes_per_param}B ({floor}params)" + _lower_min_rank(self.min_rank))
 
     def finish(self, spectra: list[ModuleSpectrum], size: ModelSize) -> tuple[list[int], dict | None]:
         out_ins = [s.out_in for s in spectra]

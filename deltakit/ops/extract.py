@@ -419,7 +419,9 @@ def extract(
     _check_rank_patterns(rank_pattern, plan)
     _check_expert_options(plan, variant, use_rslora)
     size = ModelSize(sum(math.prod(info.shape) for info in base_ckpt.tensors.values()),
-                     _factor_bytes_per_param(dtype, plan, base_ckpt))
+                     _factor_bytes_per_param(dtype, plan, base_ckpt),
+                     tuple(out_in_shape(ft_ckpt.info(p.weight).shape, p.kind) for p in plan.modules
+                           if p.weight is not None and p.is_selected))
     policy.check_size(size)  # fail before work
     run = _Run(ft_ckpt, base_ckpt, plan, policy, variant,
                FitSettings(alpha, use_rslora, SvdOptions(svd, oversample, niter, seed), math_device),
