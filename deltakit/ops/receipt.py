@@ -144,7 +144,11 @@ def tensor_hash(tensor: torch.Tensor) -> str:
 
 
 def _seal(content: dict, tensors_path: Path) -> str:
-    digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode("utf-8"))
+    """SHA-256 of what the receipt says (but the paths, which only name the inputs: a merge in another folder
+    gives the same seal) and of its tensors."""
+    sealed = {**content, "adapters": [{k: v for k, v in entry.items() if k != "path"} for entry in content["adapters"]]}
+    sealed.pop("base", None)
+    digest = hashlib.sha256(json.dumps(sealed, sort_keys=True).encode("utf-8"))
     with open(tensors_path, "rb") as file:
         while chunk := file.read(1 << 22):
             digest.update(chunk)
