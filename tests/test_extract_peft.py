@@ -88,7 +88,7 @@ def test_low_rank_peft_output_equals_direct_application(pair_name, request, tmp_
     """alpha ≠ r and rsLoRA so that a wrong scaling anywhere shows."""
     pair = request.getfixturevalue(pair_name)
     deltakit.extract(pair.ft_dir, pair.base_dir, tmp_path / "adapter", rank=3, alpha=5.0, use_rslora=True,
-                     rank_pattern=[(r"mlp\..*", 5)])
+                     rank_pattern=[(r"(mlp|intermediate)\..*", 5)])  # every arch has such modules
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 3 and config["lora_alpha"] == 5.0 and config["use_rslora"] is True
     got = logits(_peft_model(pair, tmp_path / "adapter"), INPUT_IDS)
