@@ -15,7 +15,7 @@ import math
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -70,18 +70,30 @@ class _Run:
     carry: bool
 
 
+@dataclass(frozen=True)
+class _Spilled:
+    """A module's SVD whose rank the policy decides at the end: the singular values in memory, the vectors on
+    disk."""
+
+    path: Path
+    spectrum: ModuleSpectrum
+    method: str
+    residual_energy: float | None
+
+
 @dataclass
 class _Factorized:
-    """One module's weight, fitted; ``fit.pending`` when the rank policy decides its rank at the end."""
+    """One module's weight, fitted, or (its rank left to the policy's second phase) spilled."""
 
     module: ModuleName
     kind: WeightKind
     shape: tuple[int, ...]  # as stored
     dtype: torch.dtype
-    fit: Fit
+    fit: Fit  # without ``pending`` once spilled
     seconds: float
     note: str | None  # e.g. a clamped rank
     tied_head: ModuleName | None = None  # a tied output head that gets these factors too, transposed
+    spilled: _Spilled | None = None
 
 
 @dataclass
@@ -154,17 +166,25 @@ class _Spill:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.paths: dict[ModuleName, Path] = {}
+        self.count = 0
 
-    def put(self, module: ModuleName, svd: TruncatedSVD) -> None:
+    def put(self, factorized: _Factorized) -> _Factorized:
+        """The module with its pending SVD moved to disk."""
+        svd = factorized.fit.pending
         self.directory.mkdir(exist_ok=True)
-        path = self.paths[module] = self.directory / f"{len(self.paths):06d}.safetensors"
+        path = self.directory / f"{self.count:06d}.safetensors"
+        self.count += 1
         save_tensors(path, {"u": svd.u.cpu().contiguous(), "s": svd.s.cpu(), "vh": svd.vh.cpu().contiguous()})
+        spectrum = ModuleSpectrum(factorized.module, out_in_shape(factorized.shape, factorized.kind), svd.s.cpu(),
+                                  svd.total_energy)
+        return replace(factorized, fit=replace(factorized.fit, pending=None),
+                       spilled=_Spilled(path, spectrum, svd.method, svd.residual_energy))
 
-    def take(self, module: ModuleName, spectrum: ModuleSpectrum, method: str,
-             residual_energy: float | None) -> TruncatedSVD:
-        tensors = load_file(self.paths[module])
-        return TruncatedSVD(tensors["u"], tensors["s"], tensors["vh"], spectrum.total_energy, method, residual_energy)
+    @staticmethod
+    def take(spilled: _Spilled) -> TruncatedSVD:
+        tensors = load_file(spilled.path)
+        return TruncatedSVD(tensors["u"], tensors["s"], tensors["vh"], spilled.spectrum.total_energy, spilled.method,
+                            spilled.residual_energy)
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -189,7 +209,7 @@ def _extract_modules(run: _Run, spill: _Spill, progress: bool) -> _Results:
         for i, module_plan in enumerate(run.plan.modules):
             result = _extract_module(run, module_plan)
             if result.factorized is not None and result.factorized.fit.pending is not None:
-                spill.put(result.factorized.module, result.factorized.fit.pending)
+                result = replace(result, factorized=spill.put(result.factorized))
             results.modules.append(result)
             bar.update(sum(run.finetuned.info(n).nbytes for n in module_plan.tensors))
             bar.set_postfix_str(f"{i + 1}/{len(run.plan.modules)} modules", refresh=False)
@@ -223,14 +243,12 @@ def _finish_ranks(run: _Run, factorized: list[_Factorized], spill: _Spill,
     """Phase 2 of the rank policy: the ranks it deferred, decided from the spectra at once, and each deferred
     module's factors cut from its stored SVD (no second SVD). Returns them by module (factors, metrics, seconds
     spent) and the policy's part of the report."""
-    pending = [f for f in factorized if f.fit.pending is not None]
-    spectra = [ModuleSpectrum(f.module, out_in_shape(f.shape, f.kind), f.fit.pending.s.cpu(),
-                              f.fit.pending.total_energy) for f in pending]
-    ranks, summary = run.policy.finish(spectra, size)
+    pending = [f for f in factorized if f.spilled is not None]
+    ranks, summary = run.policy.finish([f.spilled.spectrum for f in pending], size)
     done = {}
-    for f, spectrum, rank in zip(pending, spectra, ranks):
+    for f, rank in zip(pending, ranks):
         started = time.perf_counter()
-        svd = spill.take(f.module, spectrum, f.fit.pending.method, f.fit.pending.residual_energy)
+        svd = spill.take(f.spilled)
         factors, metrics = run.variant.complete(svd, rank, f.module, f.kind, f.dtype, run.fit)
         done[f.module] = factors, metrics, time.perf_counter() - started
     return done, summary
