@@ -250,6 +250,10 @@ def model_card(report: ExtractReport) -> str:
         lines += [f"- `{t.tensor}`: {t.reason}" for t in report.fates("dropped")]
         lines.append("")
     lines += [f"Note: {n}" for n in report.notes]
+    if report.experts:
+        lines += ["", "Mixture-of-experts layers (changed experts with their worst relative error of ΔW):", ""]
+        lines += [f"- {line}" for line in experts_lines(report.experts)]
+        lines.append("")
     lines.append("Per-module ranks and errors are in `extract_report.json`.")
     return "\n".join(lines) + "\n"
 
