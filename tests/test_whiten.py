@@ -1,0 +1,145 @@
+"""Whitened fits against brute force: optimal for E‖(ΔW − BA)x‖², plain SVD when E[xxᵀ] = I, errors exact."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from deltakit.errors import InvalidOptionError
+from deltakit.math.factorize import truncated_svd
+from deltakit.math.whiten import error_curve, whitened_svd, whitening
+
+EXACT = functools.partial(truncated_svd, method="exact", device="cpu")
+
+
+def _problem(out: int = 14, inp: int = 10, tokens: int = 200, seed: int = 0,
+             rank_x: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ΔW, inputs X (tokens, in) with very unequal scales per direction, and C = XᵀX / tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    delta = torch.randn(out, inp, generator=generator, dtype=torch.float64)
+    width = rank_x or inp
+    mix = torch.randn(width, inp, generator=generator, dtype=torch.float64)
+    scales = torch.logspace(1, -1, width, dtype=torch.float64)
+    x = (torch.randn(tokens, width, generator=generator, dtype=torch.float64) * scales) @ mix
+    return delta.float(), x.float(), (x.T @ x / tokens).float()
+
+
+def _objective(delta: torch.Tensor, fit: torch.Tensor, x: torch.Tensor) -> float:
+    """E‖(ΔW − M)x‖² over the rows of x, directly."""
+    return float(((x.double() @ (delta.double() - fit.double()).T) ** 2).sum(dim=1).mean())
+
+
+def _product(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    return b.double() @ a.double()
+
+
+def _descend(delta: torch.Tensor, x: torch.Tensor, rank: int, seed: int) -> float:
+    """Brute force: minimise the objective over B, A from a random start with L-BFGS."""
+    generator = torch.Generator().manual_seed(seed)
+    b = torch.randn(delta.shape[0], rank, generator=generator, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(rank, delta.shape[1], generator=generator, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([b, a], max_iter=2000, tolerance_grad=1e-12, tolerance_change=1e-15,
+                                  line_search_fn="strong_wolfe")
+    target, inputs = delta.double(), x.double()
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = ((inputs @ (target - b @ a).T) ** 2).sum(dim=1).mean()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return _objective(delta, (b @ a).detach(), x)
+
+
+@pytest.mark.parametrize("rank", [1, 3, 6])
+def test_whitened_fit_is_optimal_on_the_output_objective(rank: int) -> None:
+    """No rank-r fit found by descent from several random starts beats the closed form; plain SVD is worse."""
+    delta, x, moment = _problem()
+    fit = whitened_svd(delta, whitening(moment, damping=0.0), rank, EXACT)
+    ours = _objective(delta, _product(*fit.lora_factors(rank)), x)
+    plain = EXACT(delta, rank)
+    plain_objective = _objective(delta, _product(*plain.lora_factors(rank)), x)
+    assert ours < 0.9 * plain_objective
+    for seed in range(3):
+        assert ours <= _descend(delta, x, rank, seed) * (1 + 1e-4)
+    # The predicted output error is the objective itself.
+    assert fit.output_relative_error(rank) ** 2 * fit.total_energy == pytest.approx(ours, rel=1e-4)
+
+
+def test_identity_second_moment_gives_the_plain_svd() -> None:
+    delta, _, _ = _problem()
+    fit = whitened_svd(delta, whitening(torch.eye(delta.shape[1]), damping=0.0), 4, EXACT)
+    plain = EXACT(delta, 4)
+    torch.testing.assert_close(_product(*fit.lora_factors(4)), _product(*plain.lora_factors(4)), atol=1e-5, rtol=0)
+    assert fit.weight_relative_error(4) == pytest.approx(plain.relative_error(4), rel=1e-5)
+    assert fit.output_relative_error(4) == pytest.approx(plain.relative_error(4), rel=1e-5)
+
+
+def test_heavy_damping_tends_to_the_plain_svd() -> None:
+    delta, _, moment = _problem()
+    light = whitened_svd(delta, whitening(moment, damping=0.01), 3, EXACT)
+    heavy = whitened_svd(delta, whitening(moment, damping=1e4), 3, EXACT)
+    plain = EXACT(delta, 3)
+    assert heavy.weight_relative_error(3) == pytest.approx(plain.relative_error(3), rel=1e-3)
+    assert light.weight_relative_error(3) > 1.05 * plain.relative_error(3)
+
+
+def test_rank_deficient_inputs_fit_the_seen_directions_and_leave_the_rest_alone() -> None:
+    """With C of rank 4 < in and no damping: the optimum on the inputs, and zero on the directions never seen."""
+    delta, x, moment = _problem(rank_x=4)
+    found = whitening(moment, damping=0.0)
+    assert found.kind == "eigen" and found.width == 4
+    fit = whitened_svd(delta, found, 2, EXACT)
+    fitted = _product(*fit.lora_factors(2))
+    assert _objective(delta, fitted, x) <= _descend(delta, x, 2, seed=0) * (1 + 1e-4)
+    unseen = torch.linalg.svd(x.double(), full_matrices=True).Vh[4:]  # (in − 4, in): directions C never saw
+    assert float((fitted @ unseen.T).abs().max()) < 1e-4
+    # Damping makes the same C invertible again: Cholesky.
+    assert whitening(moment).kind == "cholesky"
+
+
+def test_diagonal_moment_matches_the_full_diagonal_matrix() -> None:
+    """Embeddings: token frequencies as a (vocab,) vector give the same fit as diag(freq) as a matrix."""
+    delta, _, _ = _problem(out=8, inp=12)
+    frequencies = torch.rand(12, generator=torch.Generator().manual_seed(3))
+    frequencies[5] = 0.0  # a token never seen
+    as_vector = whitened_svd(delta, whitening(frequencies), 3, EXACT)
+    as_matrix = whitened_svd(delta, whitening(torch.diag(frequencies)), 3, EXACT)
+    torch.testing.assert_close(_product(*as_vector.lora_factors(3)), _product(*as_matrix.lora_factors(3)),
+                               atol=1e-4, rtol=1e-4)
+    # Without damping the unseen token's column is left out of the fit entirely.
+    undamped = whitened_svd(delta, whitening(frequencies, damping=0.0), 3, EXACT)
+    assert float(_product(*undamped.lora_factors(3))[:, 5].abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["identity", "full", "diagonal"])
+def test_error_curve_matches_the_errors_computed_directly(kind: str) -> None:
+    delta, x, moment = _problem()
+    weights = {"identity": None, "full": moment, "diagonal": moment.diagonal().clone()}[kind]
+    for fit in (EXACT(delta, 6), whitened_svd(delta, whitening(moment), 6, EXACT)):
+        curve = error_curve(delta, fit.u, fit.s, fit.vh, weights)
+        for rank in range(7):
+            residual = delta.double() - _product(*fit.lora_factors(rank)) if rank else delta.double()
+            c = torch.eye(delta.shape[1]) if weights is None else weights if weights.ndim == 2 else torch.diag(weights)
+            expected = float(torch.trace(residual @ c.double() @ residual.T))
+            assert float(curve[rank]) == pytest.approx(expected, rel=1e-4, abs=1e-6 * float(curve[0]))
+
+
+def test_weight_error_of_the_whitened_fit_is_never_below_the_plain_svd() -> None:
+    delta, _, moment = _problem()
+    fit = whitened_svd(delta, whitening(moment), 8, EXACT)
+    plain = EXACT(delta, 8)
+    for rank in range(1, 9):
+        assert fit.weight_relative_error(rank) >= plain.relative_error(rank) * (1 - 1e-5)
+
+
+def test_bad_second_moments_are_refused() -> None:
+    with pytest.raises(InvalidOptionError, match="zero"):
+        whitening(torch.zeros(4, 4))
+    with pytest.raises(InvalidOptionError, match="damping"):
+        whitening(torch.eye(4), damping=-1.0)
+    with pytest.raises(InvalidOptionError, match="shape"):
+        whitening(torch.ones(3, 4))
