@@ -77,7 +77,7 @@ def test_modules_sharing_an_input_share_one_moment(llama_pair: ModelPair, tmp_pa
 
 def test_at_most_one_block_is_resident(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each block is dropped before the next is built, for collection and for sampling alike."""
-    pair = make_pair(tmp_path / "deep", "llama", num_hidden_layers=5)
+    pair = make_pair(tmp_path / "deep", "llama", steps=1, num_hidden_layers=4)
     ckpt = open_checkpoint(pair.ft_dir)
     model = BlockwiseModel(ckpt, CPU)
     built: list[weakref.ref] = []
@@ -96,7 +96,7 @@ def test_at_most_one_block_is_resident(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(BlockwiseModel, "load", counting_load)
     collect_moments(model, ckpt, _ids(), tmp_path / "moments")
     sample_sequences(model, ckpt, sequences=2, seq_len=4)
-    assert len(built) == 5 + 3 * 5
+    assert len(built) == 4 + 3 * 4
     assert most_alive == 0  # no block still referenced when the next one is built
 
 

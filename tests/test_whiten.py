@@ -9,7 +9,7 @@ import torch
 
 from deltakit.errors import InvalidOptionError
 from deltakit.math.factorize import truncated_svd
-from deltakit.math.whiten import error_curve, whitened_svd, whitening
+from deltakit.math.whiten import ErrorMeter, output_aware_fit, whitened_svd, whitening
 
 EXACT = functools.partial(truncated_svd, method="exact", device="cpu")
 
@@ -36,22 +36,15 @@ def _product(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 
 def _descend(delta: torch.Tensor, x: torch.Tensor, rank: int, seed: int) -> float:
-    """Brute force: minimise the objective over B, A from a random start with L-BFGS."""
+    """Brute force, without whitening: alternating least squares on B and A from a random start (each step
+    minimises the objective exactly over one factor, so the objective never rises)."""
     generator = torch.Generator().manual_seed(seed)
-    b = torch.randn(delta.shape[0], rank, generator=generator, dtype=torch.float64, requires_grad=True)
-    a = torch.randn(rank, delta.shape[1], generator=generator, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([b, a], max_iter=2000, tolerance_grad=1e-12, tolerance_change=1e-15,
-                                  line_search_fn="strong_wolfe")
-    target, inputs = delta.double(), x.double()
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = ((inputs @ (target - b @ a).T) ** 2).sum(dim=1).mean()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return _objective(delta, (b @ a).detach(), x)
+    target, c = delta.double(), (x.double().T @ x.double()) / x.shape[0]
+    a = torch.randn(rank, delta.shape[1], generator=generator, dtype=torch.float64)
+    for _ in range(500):
+        b = target @ c @ a.T @ torch.linalg.pinv(a @ c @ a.T)  # (out, r)
+        a = torch.linalg.pinv(b) @ target  # (r, in); optimal for any C ≻ 0
+    return _objective(delta, b @ a, x)
 
 
 @pytest.mark.parametrize("rank", [1, 3, 6])
@@ -116,11 +109,11 @@ def test_diagonal_moment_matches_the_full_diagonal_matrix() -> None:
 
 
 @pytest.mark.parametrize("kind", ["identity", "full", "diagonal"])
-def test_error_curve_matches_the_errors_computed_directly(kind: str) -> None:
+def test_error_meter_matches_the_errors_computed_directly(kind: str) -> None:
     delta, x, moment = _problem()
     weights = {"identity": None, "full": moment, "diagonal": moment.diagonal().clone()}[kind]
     for fit in (EXACT(delta, 6), whitened_svd(delta, whitening(moment), 6, EXACT)):
-        curve = error_curve(delta, fit.u, fit.s, fit.vh, weights)
+        curve = ErrorMeter(delta, weights).curve(fit.u, fit.s, fit.vh)
         for rank in range(7):
             residual = delta.double() - _product(*fit.lora_factors(rank)) if rank else delta.double()
             c = torch.eye(delta.shape[1]) if weights is None else weights if weights.ndim == 2 else torch.diag(weights)
@@ -143,3 +136,31 @@ def test_bad_second_moments_are_refused() -> None:
         whitening(torch.eye(4), damping=-1.0)
     with pytest.raises(InvalidOptionError, match="shape"):
         whitening(torch.ones(3, 4))
+
+
+def test_output_aware_fit_whitens_when_the_held_out_half_agrees() -> None:
+    delta, x, moment = _problem(tokens=2000)
+    halves = (x[0::2].T @ x[0::2] / 1000, x[1::2].T @ x[1::2] / 1000)
+    fit = output_aware_fit(delta, moment, halves, 3, EXACT)
+    assert fit.route == "whitened" and fit.heldout_relative_errors[0] < fit.heldout_relative_errors[1]
+    assert fit.output_relative_error < 0.9 * fit.plain_output_relative_error
+    assert fit.weight_relative_error > EXACT(delta, 3).relative_error(3)
+    ours = _objective(delta, _product(*fit.svd.lora_factors(3)), x)
+    assert fit.output_relative_error ** 2 == pytest.approx(ours / _objective(delta, torch.zeros_like(delta), x),
+                                                           rel=1e-3)
+
+
+def test_output_aware_fit_falls_back_to_the_plain_svd_where_whitening_does_not_generalize() -> None:
+    """Each half of the calibration inputs excites other directions: a fit whitened on one half neglects what
+    the other half needs, so the held-out check keeps the plain SVD."""
+    delta, _, _ = _problem()
+    generator = torch.Generator().manual_seed(4)
+    first = torch.zeros(500, 10)
+    first[:, :5] = torch.randn(500, 5, generator=generator)
+    second = torch.zeros(500, 10)
+    second[:, 5:] = torch.randn(500, 5, generator=generator)
+    halves = (first.T @ first / 500, second.T @ second / 500)
+    fit = output_aware_fit(delta, (halves[0] + halves[1]) / 2, halves, 3, EXACT)
+    assert fit.route == "plain" and fit.heldout_relative_errors[0] > fit.heldout_relative_errors[1]
+    assert fit.weight_relative_error == pytest.approx(EXACT(delta, 3).relative_error(3))
+    assert fit.output_relative_error == fit.plain_output_relative_error

@@ -21,7 +21,7 @@ calibration text, and the whitening scales column t of ΔE (PEFT's (dim, vocab) 
 Error at every rank. A fit ΔW_r = U_r·diag(s_r)·Ṽ_r whose U has orthonormal columns (the plain SVD, and the
 whitened fit, whose Ṽ = Vᵀ·L⁻¹ is not orthonormal) has, under any second moment C,
 ‖(ΔW − ΔW_r)‖²_C = tr(ΔW C ΔWᵀ) − 2 Σ_{i≤r} s_i·u_iᵀ ΔW C ṽ_iᵀ + Σ_{i≤r} s_i²·ṽ_i C ṽ_iᵀ, because UᵀU = I
-removes the cross terms. :func:`error_curve` evaluates that for r = 0..k in one pass: the weight-space error
+removes the cross terms. :class:`ErrorMeter` evaluates that for r = 0..k in one pass: the weight-space error
 of a whitened fit (C = I), the output error of a plain fit, or either under held-out statistics.
 """
 
@@ -36,7 +36,8 @@ import torch
 from deltakit.errors import FactorizationError, InvalidOptionError
 from deltakit.math.factorize import TruncatedSVD
 
-__all__ = ["DEFAULT_DAMPING", "WhitenedSVD", "Whitening", "error_curve", "whitened_svd", "whitening"]
+__all__ = ["DEFAULT_DAMPING", "ErrorMeter", "OutputAwareFit", "WhitenedSVD", "Whitening", "output_aware_fit",
+           "whitened_svd", "whitening"]
 
 # λ of C + λ·mean(diag C)·I; GPTQ's default percdamp, see the README's calibration section for the measurement.
 DEFAULT_DAMPING = 0.01
@@ -198,37 +199,116 @@ def whitened_svd(delta: torch.Tensor, whitening: Whitening, rank: int,
     """
     whitened = svd(whitening.whiten(delta), rank)
     vh = whitening.unwhiten_rows(whitened.vh.to(delta.device)).cpu()
-    weight_errors = error_curve(delta, whitened.u, whitened.s, vh, None)
+    weight_errors = ErrorMeter(delta).curve(whitened.u, whitened.s, vh)
     return WhitenedSVD(whitened, vh, float(weight_errors[0]), weight_errors)
 
 
-def error_curve(delta: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor,
-                moment: torch.Tensor | None) -> torch.Tensor:
-    """‖ΔW − u_r·diag(s_r)·vh_r‖²_C for r = 0..k, where ‖E‖²_C = tr(E·C·Eᵀ) (C = I when ``moment`` is None).
+class ErrorMeter:
+    """‖ΔW − u_r·diag(s_r)·vh_r‖²_C for r = 0..k, where ‖E‖²_C = tr(E·C·Eᵀ), for any fits of one ΔW under one C.
 
-    Needs orthonormal columns in ``u`` (see the module docstring); ``vh`` may be anything. The large products
-    run in ``delta``'s dtype on its device, the sums in fp64. Each value is a difference of terms of the size of
-    tr(ΔW C ΔWᵀ), so errors below ~1e-6 of it are rounding noise in fp32.
+    Needs orthonormal columns in ``u`` (see the module docstring); ``vh`` may be anything. ΔW·C is formed once
+    (the only (out, in) × (in, in) product), in ``delta``'s dtype on its device; the sums run in fp64. Each value
+    is a difference of terms of the size of tr(ΔW C ΔWᵀ), so errors below ~1e-6 of it are rounding noise in fp32.
 
     Args:
         delta: ΔW, (out, in).
-        u: (out, k) orthonormal columns; s: (k,); vh: (k, in).
-        moment: C, (in, in) or (in,) diagonal; None for the plain Frobenius norm.
+        moment: C, (in, in) or (in,) diagonal; None for the plain Frobenius norm (C = I).
+    """
+
+    def __init__(self, delta: torch.Tensor, moment: torch.Tensor | None = None) -> None:
+        self.delta = delta
+        self.moment = None if moment is None else moment.to(delta.device, delta.dtype)
+        self.weighted = delta if self.moment is None else self._weigh(delta)  # ΔW·C, (out, in)
+        self.total = float((self.weighted.double() * delta.double()).sum())  # tr(ΔW C ΔWᵀ)
+
+    def _weigh(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.moment is None:
+            return rows
+        return rows * self.moment if self.moment.ndim == 1 else rows @ self.moment
+
+    def curve(self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
+        """(k + 1,) fp64 on the CPU: entry r the error of the leading r triplets (entry 0: tr(ΔW C ΔWᵀ))."""
+        device, dtype = self.delta.device, self.delta.dtype
+        u, s, vh = u.to(device, dtype), s.to(device, torch.float64), vh.to(device, dtype)
+        cross = ((u.T @ self.weighted) * vh).double().sum(dim=1)  # u_iᵀ ΔW C ṽ_iᵀ, (k,)
+        own = (self._weigh(vh) * vh).double().sum(dim=1)  # ṽ_i C ṽ_iᵀ, (k,)
+        steps = s.square() * own - 2 * s * cross
+        total = torch.tensor([self.total], dtype=torch.float64, device=device)
+        return torch.cat([total, total + torch.cumsum(steps, dim=0)]).clamp(min=0).cpu()
+
+    def relative(self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> float:
+        """√(error at ``rank`` / tr(ΔW C ΔWᵀ)); 0 for a ΔW the inputs do not see."""
+        if self.total <= 0:
+            return 0.0
+        return math.sqrt(min(float(self.curve(u[:, :rank], s[:rank], vh[:rank])[rank]) / self.total, 1.0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One module's calibrated fit
+
+
+@dataclass
+class OutputAwareFit:
+    """What a calibrated module was fitted with, and both candidates' errors at its rank.
+
+    The fit is whitened unless the held-out check says otherwise: the whitened fit made from one half of the
+    calibration sequences and the plain SVD are both scored on the *other* half's second moment at the module's
+    rank, and the plain SVD is kept where it predicts the lower output error there (too few tokens for the
+    module's input dimension, or inputs that shift between sequences: the whitened fit then fits noise).
+
+    Attributes:
+        svd: what the factors are cut from (:class:`WhitenedSVD` or the plain :class:`TruncatedSVD`).
+        route: ``whitened`` or ``plain``.
+        rank: the rank chosen.
+        weight_relative_error: ‖ΔW − ΔW_r‖ / ‖ΔW‖ of the fit kept.
+        output_relative_error: √(E‖(ΔW − ΔW_r)x‖² / E‖ΔW x‖²) of the fit kept, over all calibration inputs.
+        plain_output_relative_error: the same for the plain SVD (what the peers store), for comparison.
+        heldout_relative_errors: (whitened, plain) output errors on the held-out half that decided the route.
+    """
+
+    svd: TruncatedSVD | WhitenedSVD
+    route: Literal["whitened", "plain"]
+    rank: int
+    weight_relative_error: float
+    output_relative_error: float
+    plain_output_relative_error: float
+    heldout_relative_errors: tuple[float, float]
+
+    def metrics(self) -> dict:
+        """Per-module report fields."""
+        return {"fit": self.route, "weight_relative_error": self.weight_relative_error,
+                "output_relative_error": self.output_relative_error,
+                "plain_output_relative_error": self.plain_output_relative_error,
+                "heldout_output_relative_errors": list(self.heldout_relative_errors)}
+
+
+def output_aware_fit(delta: torch.Tensor, moment: torch.Tensor, halves: tuple[torch.Tensor, torch.Tensor],
+                     rank: int, svd: Callable[[torch.Tensor, int], TruncatedSVD],
+                     damping: float = DEFAULT_DAMPING) -> OutputAwareFit:
+    """Fit ΔW at ``rank`` for E‖(ΔW − BA)x‖² over the calibration inputs, falling back to the plain SVD where the
+    held-out check (see :class:`OutputAwareFit`) says whitening would be worse.
+
+    Args:
+        delta: ΔW, (out, in) fp32 on the math device.
+        moment: E[xxᵀ] over all calibration inputs, (in, in) or (in,) diagonal.
+        halves: E[xxᵀ] over each half of the calibration sequences (fit on the first, check on the second).
+        rank: the rank to fit (at most min(out, in)).
+        svd: the truncated SVD to run, as for :func:`whitened_svd`.
+        damping: λ of :func:`whitening`.
 
     Returns:
-        (k + 1,) fp64 on the CPU, entry r the error of the leading r triplets (entry 0: tr(ΔW C ΔWᵀ)).
+        The :class:`OutputAwareFit`.
     """
-    device = delta.device
-    u, s, vh = u.to(device, delta.dtype), s.to(device, torch.float64), vh.to(device, delta.dtype)
-    if moment is None:
-        weighted_delta, weighted_vh = delta, vh
-    else:
-        moment = moment.to(device, delta.dtype)
-        weighted_delta = delta * moment if moment.ndim == 1 else delta @ moment  # ΔW·C, (out, in)
-        weighted_vh = vh * moment if moment.ndim == 1 else vh @ moment  # Ṽ·C, (k, in)
-    total = (weighted_delta.double() * delta.double()).sum()
-    cross = ((u.T @ weighted_delta) * vh).double().sum(dim=1)  # u_iᵀ ΔW C ṽ_iᵀ, (k,)
-    own = (weighted_vh * vh).double().sum(dim=1)  # ṽ_i C ṽ_iᵀ, (k,)
-    steps = s.square() * own - 2 * s * cross
-    curve = torch.cat([total[None], total + torch.cumsum(steps, dim=0)])
-    return curve.clamp(min=0).cpu()
+    plain = svd(delta, rank)
+    fit_half, check_half = halves
+    trial = whitened_svd(delta, whitening(fit_half, damping), rank, svd)
+    check = ErrorMeter(delta, check_half)
+    heldout = (check.relative(trial.u, trial.s, trial.vh, rank), check.relative(plain.u, plain.s, plain.vh, rank))
+    del trial, check
+    meter = ErrorMeter(delta, moment)
+    plain_output = meter.relative(plain.u, plain.s, plain.vh, rank)
+    if heldout[0] >= heldout[1]:
+        return OutputAwareFit(plain, "plain", rank, plain.relative_error(rank), plain_output, plain_output, heldout)
+    whitened = whitened_svd(delta, whitening(moment, damping), rank, svd)
+    return OutputAwareFit(whitened, "whitened", rank, whitened.weight_relative_error(rank),
+                          meter.relative(whitened.u, whitened.s, whitened.vh, rank), plain_output, heldout)
