@@ -13,6 +13,7 @@ import sys
 import click
 
 from deltakit.ops.batch import run_batch
+from deltakit.ops.calibrate import CALIB_SEQ_LEN, CALIB_TOKENS
 from deltakit.errors import DeltakitError
 from deltakit.io.dtypes import DTYPES
 from deltakit.ops.extract import extract
@@ -95,6 +96,12 @@ _DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N."
               show_default=True, help="Minimise the total squared error of ΔW (absolute) or the sum of each "
               "module's squared relative error (relative).")
 @click.option("--dora", is_flag=True, help="Extract a DoRA adapter (per-row magnitude + low-rank direction).")
+@click.option("--calib", metavar="SOURCE", help="Fit each module to its outputs on calibration text: a text file, "
+              "a .jsonl file (\"text\" fields), or 'self' (sampled from FINETUNED). Needs deltakit[calib].")
+@click.option("--calib-tokens", type=click.IntRange(min=2), default=CALIB_TOKENS, show_default=True,
+              help="Calibration tokens.")
+@click.option("--calib-seq-len", type=click.IntRange(min=2), default=CALIB_SEQ_LEN, show_default=True,
+              help="Length of each calibration sequence.")
 @click.option("--carry/--no-carry", default=True, show_default=True,
               help="Store changed biases, norms and heads exactly in the adapter, or drop them (reported).")
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
@@ -110,6 +117,7 @@ def extract_command(finetuned: str, base: str, out: str | None, rank_patterns: t
       deltakit extract ./llama-ft ./llama-base -r 16 -o ./llama-ft-lora-r16
       deltakit extract ft/ base/ --energy 0.9 --max-rank 128
       deltakit extract ft/ base/ --budget 50MB
+      deltakit extract ft/ base/ -r 16 --calib self
     """
     ctx = click.get_current_context()
     allocated = [name for name in ("energy", "budget", "avg_rank") if options[name] is not None]

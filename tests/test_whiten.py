@@ -141,7 +141,7 @@ def test_bad_second_moments_are_refused() -> None:
 def test_output_aware_fit_whitens_when_the_held_out_half_agrees() -> None:
     delta, x, moment = _problem(tokens=2000)
     halves = (x[0::2].T @ x[0::2] / 1000, x[1::2].T @ x[1::2] / 1000)
-    fit = output_aware_fit(delta, moment, halves, 3, EXACT)
+    fit = output_aware_fit(delta, moment, halves, 10, lambda s, total: 3, EXACT)
     assert fit.route == "whitened" and fit.heldout_relative_errors[0] < fit.heldout_relative_errors[1]
     assert fit.output_relative_error < 0.9 * fit.plain_output_relative_error
     assert fit.weight_relative_error > EXACT(delta, 3).relative_error(3)
@@ -160,7 +160,7 @@ def test_output_aware_fit_falls_back_to_the_plain_svd_where_whitening_does_not_g
     second = torch.zeros(500, 10)
     second[:, 5:] = torch.randn(500, 5, generator=generator)
     halves = (first.T @ first / 500, second.T @ second / 500)
-    fit = output_aware_fit(delta, (halves[0] + halves[1]) / 2, halves, 3, EXACT)
+    fit = output_aware_fit(delta, (halves[0] + halves[1]) / 2, halves, 3, lambda s, total: 3, EXACT)
     assert fit.route == "plain" and fit.heldout_relative_errors[0] > fit.heldout_relative_errors[1]
     assert fit.weight_relative_error == pytest.approx(EXACT(delta, 3).relative_error(3))
     assert fit.output_relative_error == fit.plain_output_relative_error

@@ -276,29 +276,32 @@ class OutputAwareFit:
 
     def metrics(self) -> dict:
         """Per-module report fields."""
-        return {"fit": self.route, "weight_relative_error": self.weight_relative_error,
-                "output_relative_error": self.output_relative_error,
+        return {"fit": self.route, "output_relative_error": self.output_relative_error,
                 "plain_output_relative_error": self.plain_output_relative_error,
                 "heldout_output_relative_errors": list(self.heldout_relative_errors)}
 
 
 def output_aware_fit(delta: torch.Tensor, moment: torch.Tensor, halves: tuple[torch.Tensor, torch.Tensor],
-                     rank: int, svd: Callable[[torch.Tensor, int], TruncatedSVD],
+                     compute_rank: int, choose: Callable[[torch.Tensor, float], int],
+                     svd: Callable[[torch.Tensor, int], TruncatedSVD],
                      damping: float = DEFAULT_DAMPING) -> OutputAwareFit:
-    """Fit ΔW at ``rank`` for E‖(ΔW − BA)x‖² over the calibration inputs, falling back to the plain SVD where the
-    held-out check (see :class:`OutputAwareFit`) says whitening would be worse.
+    """Fit ΔW for E‖(ΔW − BA)x‖² over the calibration inputs, falling back to the plain SVD where the held-out
+    check (see :class:`OutputAwareFit`) says whitening would be worse at the rank chosen.
 
     Args:
         delta: ΔW, (out, in) fp32 on the math device.
         moment: E[xxᵀ] over all calibration inputs, (in, in) or (in,) diagonal.
         halves: E[xxᵀ] over each half of the calibration sequences (fit on the first, check on the second).
-        rank: the rank to fit (at most min(out, in)).
+        compute_rank: how many whitened triplets to compute (at most min(out, in)).
+        choose: the rank, from the whitened (output) singular values and the total output energy.
         svd: the truncated SVD to run, as for :func:`whitened_svd`.
         damping: λ of :func:`whitening`.
 
     Returns:
         The :class:`OutputAwareFit`.
     """
+    whitened = whitened_svd(delta, whitening(moment, damping), compute_rank, svd)
+    rank = min(max(1, choose(whitened.s, whitened.total_energy)), whitened.rank)
     plain = svd(delta, rank)
     fit_half, check_half = halves
     trial = whitened_svd(delta, whitening(fit_half, damping), rank, svd)
@@ -309,6 +312,5 @@ def output_aware_fit(delta: torch.Tensor, moment: torch.Tensor, halves: tuple[to
     plain_output = meter.relative(plain.u, plain.s, plain.vh, rank)
     if heldout[0] >= heldout[1]:
         return OutputAwareFit(plain, "plain", rank, plain.relative_error(rank), plain_output, plain_output, heldout)
-    whitened = whitened_svd(delta, whitening(moment, damping), rank, svd)
     return OutputAwareFit(whitened, "whitened", rank, whitened.weight_relative_error(rank),
                           meter.relative(whitened.u, whitened.s, whitened.vh, rank), plain_output, heldout)

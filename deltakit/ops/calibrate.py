@@ -47,8 +47,8 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = [
-    "CALIB_SEQ_LEN", "CALIB_TOKENS", "SELF", "Calibration", "InputMoments", "calibrate", "collect_moments",
-    "sample_sequences", "tokenize_source",
+    "CALIB_SEQ_LEN", "CALIB_TOKENS", "SELF", "BlockwiseModel", "Calibration", "InputMoments", "calibrate",
+    "check_calibration", "collect_moments", "sample_sequences", "tokenize_source",
 ]
 
 # Defaults of --calib-tokens and --calib-seq-len (the library signatures use these; the CLI repeats nothing).
@@ -500,6 +500,22 @@ def sample_sequences(model: BlockwiseModel, weights: Checkpoint, *, sequences: i
         probabilities = torch.softmax(logits.double(), dim=-1).cpu()
         ids[:, position + 1] = torch.multinomial(probabilities, 1, generator=generator)[:, 0]
     return ids
+
+
+def check_calibration(source: str | Path, finetuned: Checkpoint, *, tokens: int = CALIB_TOKENS,
+                      seq_len: int = CALIB_SEQ_LEN) -> None:
+    """Everything :func:`calibrate` would refuse that can be checked without running the model: the sizes, the
+    source file, transformers, the architecture, and (for a file) the tokenizer.
+
+    Raises:
+        CalibrationError, ExtraMissingError, InvalidOptionError.
+    """
+    _check_sizes(tokens, seq_len)
+    if str(source) != SELF and not Path(source).is_file():
+        raise CalibrationError("no such calibration file; give a text file, a .jsonl file or 'self'", path=source)
+    BlockwiseModel(finetuned, torch.device("cpu"))
+    if str(source) != SELF:
+        load_tokenizer(finetuned.files[0].parent)
 
 
 def calibrate(source: str | Path, finetuned: Checkpoint, base: Checkpoint, spill_dir: Path, *,
