@@ -54,12 +54,8 @@ def _deltas(ft, base) -> dict[str, tuple[str, object, torch.Tensor]]:
 
 def _fit(delta: torch.Tensor, rank: int, moment: torch.Tensor | None, damping: float) -> torch.Tensor:
     rank = min(rank, *delta.shape)
-    if moment is None:
-        svd = EXACT(delta, rank)
-        b, a = svd.lora_factors(rank)
-    else:
-        b, a = whitened_svd(delta, whitening(moment, damping), rank, EXACT).lora_factors(rank)
-    return b @ a
+    fit = EXACT(delta, rank) if moment is None else whitened_svd(delta, whitening(moment, damping), rank, EXACT)
+    return (fit.u * fit.s) @ fit.vh
 
 
 def _adapted_state(ft, base, deltas, fits) -> dict[str, torch.Tensor]:

@@ -234,6 +234,12 @@ def stack_command(adapters: tuple[str, ...], weights: tuple[float, ...], quiet: 
 @click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
 @click.option("--include", multiple=True, help="Regex on module names to include (repeatable).")
 @click.option("--exclude", multiple=True, help="Regex on module names to exclude (repeatable).")
+@click.option("--calib", metavar="SOURCE", help="Also show each module's whitened spectrum on calibration text "
+              "(as extract --calib): a text file, a .jsonl file, or 'self'.")
+@click.option("--calib-tokens", type=click.IntRange(min=2), default=CALIB_TOKENS, show_default=True,
+              help="Calibration tokens.")
+@click.option("--calib-seq-len", type=click.IntRange(min=2), default=CALIB_SEQ_LEN, show_default=True,
+              help="Length of each calibration sequence.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout instead of the table.")
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")

@@ -138,3 +138,25 @@ def test_calibration_errors_are_one_line(llama_pair: ModelPair, bert_pair: Model
     empty.write_text("\n\n")
     code, _, stderr = _run(capsys, "extract", ft, base, "--calib", empty, "-o", out)
     assert code == 1 and "the calibration text is empty" in stderr and not out.exists()
+
+
+def test_inspect_shows_the_whitened_spectra(llama_pair: ModelPair, capsys: pytest.CaptureFixture[str],
+                                            tmp_path: Path) -> None:
+    ft, base = _with_tokenizer(llama_pair, tmp_path)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT)
+    code, stdout, stderr = _run(capsys, "inspect", ft, base, "--ranks", "4,16,64", "--calib", calib,
+                                "--calib-tokens", 512, "--calib-seq-len", 32, "--json", "-q")
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    assert report["calibration"]["sha256"] == __import__("hashlib").sha256(calib.read_bytes()).hexdigest()
+    for m in report["modules"]:
+        kept = [m["output_energy_retained"][r] for r in ("4", "16", "64")]
+        assert 0.0 < kept[0] <= kept[1] <= kept[2] == pytest.approx(1.0)
+        assert len(m["output_singular_values"]) == min(m["out_in"])
+    # Whitening concentrates the output energy: rank 4 keeps more of it than of ‖ΔW‖², module by module.
+    assert sum(m["output_energy_retained"]["4"] > m["energy_retained"]["4"] for m in report["modules"]) >= 0.8 * len(
+        report["modules"])
+    code, _, table = _run(capsys, "inspect", ft, base, "--ranks", "4,16", "--calib", calib, "--calib-tokens", 512,
+                          "--calib-seq-len", 32, "-q")
+    assert code == 0 and "O@4" in table and "output energy" in table

@@ -31,8 +31,9 @@ def _objective(delta: torch.Tensor, fit: torch.Tensor, x: torch.Tensor) -> float
     return float(((x.double() @ (delta.double() - fit.double()).T) ** 2).sum(dim=1).mean())
 
 
-def _product(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    return b.double() @ a.double()
+def _truncation(fit, rank: int) -> torch.Tensor:
+    """u_r·diag(s_r)·vh_r of a plain or whitened SVD, in fp64."""
+    return (fit.u[:, :rank].double() * fit.s[:rank].double()) @ fit.vh[:rank].double()
 
 
 def _descend(delta: torch.Tensor, x: torch.Tensor, rank: int, seed: int) -> float:
@@ -52,9 +53,9 @@ def test_whitened_fit_is_optimal_on_the_output_objective(rank: int) -> None:
     """No rank-r fit found by descent from several random starts beats the closed form; plain SVD is worse."""
     delta, x, moment = _problem()
     fit = whitened_svd(delta, whitening(moment, damping=0.0), rank, EXACT)
-    ours = _objective(delta, _product(*fit.lora_factors(rank)), x)
+    ours = _objective(delta, _truncation(fit, rank), x)
     plain = EXACT(delta, rank)
-    plain_objective = _objective(delta, _product(*plain.lora_factors(rank)), x)
+    plain_objective = _objective(delta, _truncation(plain, rank), x)
     assert ours < 0.9 * plain_objective
     for seed in range(3):
         assert ours <= _descend(delta, x, rank, seed) * (1 + 1e-4)
@@ -66,7 +67,7 @@ def test_identity_second_moment_gives_the_plain_svd() -> None:
     delta, _, _ = _problem()
     fit = whitened_svd(delta, whitening(torch.eye(delta.shape[1]), damping=0.0), 4, EXACT)
     plain = EXACT(delta, 4)
-    torch.testing.assert_close(_product(*fit.lora_factors(4)), _product(*plain.lora_factors(4)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(_truncation(fit, 4), _truncation(plain, 4), atol=1e-5, rtol=0)
     assert fit.weight_relative_error(4) == pytest.approx(plain.relative_error(4), rel=1e-5)
     assert fit.output_relative_error(4) == pytest.approx(plain.relative_error(4), rel=1e-5)
 
@@ -86,7 +87,7 @@ def test_rank_deficient_inputs_fit_the_seen_directions_and_leave_the_rest_alone(
     found = whitening(moment, damping=0.0)
     assert found.kind == "eigen" and found.width == 4
     fit = whitened_svd(delta, found, 2, EXACT)
-    fitted = _product(*fit.lora_factors(2))
+    fitted = _truncation(fit, 2)
     assert _objective(delta, fitted, x) <= _descend(delta, x, 2, seed=0) * (1 + 1e-4)
     unseen = torch.linalg.svd(x.double(), full_matrices=True).Vh[4:]  # (in − 4, in): directions C never saw
     assert float((fitted @ unseen.T).abs().max()) < 1e-4
@@ -101,11 +102,11 @@ def test_diagonal_moment_matches_the_full_diagonal_matrix() -> None:
     frequencies[5] = 0.0  # a token never seen
     as_vector = whitened_svd(delta, whitening(frequencies), 3, EXACT)
     as_matrix = whitened_svd(delta, whitening(torch.diag(frequencies)), 3, EXACT)
-    torch.testing.assert_close(_product(*as_vector.lora_factors(3)), _product(*as_matrix.lora_factors(3)),
+    torch.testing.assert_close(_truncation(as_vector, 3), _truncation(as_matrix, 3),
                                atol=1e-4, rtol=1e-4)
     # Without damping the unseen token's column is left out of the fit entirely.
     undamped = whitened_svd(delta, whitening(frequencies, damping=0.0), 3, EXACT)
-    assert float(_product(*undamped.lora_factors(3))[:, 5].abs().max()) < 1e-6
+    assert float(_truncation(undamped, 3)[:, 5].abs().max()) < 1e-6
 
 
 @pytest.mark.parametrize("kind", ["identity", "full", "diagonal"])
@@ -115,7 +116,7 @@ def test_error_meter_matches_the_errors_computed_directly(kind: str) -> None:
     for fit in (EXACT(delta, 6), whitened_svd(delta, whitening(moment), 6, EXACT)):
         curve = ErrorMeter(delta, weights).curve(fit.u, fit.s, fit.vh)
         for rank in range(7):
-            residual = delta.double() - _product(*fit.lora_factors(rank)) if rank else delta.double()
+            residual = delta.double() - _truncation(fit, rank) if rank else delta.double()
             c = torch.eye(delta.shape[1]) if weights is None else weights if weights.ndim == 2 else torch.diag(weights)
             expected = float(torch.trace(residual @ c.double() @ residual.T))
             assert float(curve[rank]) == pytest.approx(expected, rel=1e-4, abs=1e-6 * float(curve[0]))
@@ -145,7 +146,7 @@ def test_output_aware_fit_whitens_when_the_held_out_half_agrees() -> None:
     assert fit.route == "whitened" and fit.heldout_relative_errors[0] < fit.heldout_relative_errors[1]
     assert fit.output_relative_error < 0.9 * fit.plain_output_relative_error
     assert fit.weight_relative_error > EXACT(delta, 3).relative_error(3)
-    ours = _objective(delta, _product(*fit.svd.lora_factors(3)), x)
+    ours = _objective(delta, _truncation(fit.svd, 3), x)
     assert fit.output_relative_error ** 2 == pytest.approx(ours / _objective(delta, torch.zeros_like(delta), x),
                                                            rel=1e-3)
 

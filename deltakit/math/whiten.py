@@ -178,11 +178,6 @@ class WhitenedSVD:
             return 0.0
         return math.sqrt(min(max(float(self.weight_errors[rank]) / self.weight_energy, 0.0), 1.0))
 
-    def lora_factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """B (out, r) and A (r, in) with B @ A = ΔW_r, the singular values split evenly."""
-        root = self.s[:rank].sqrt()
-        return self.u[:, :rank] * root, root[:, None] * self.vh[:rank]
-
 
 def whitened_svd(delta: torch.Tensor, whitening: Whitening, rank: int,
                  svd: Callable[[torch.Tensor, int], TruncatedSVD]) -> WhitenedSVD:
