@@ -97,7 +97,8 @@ def _sequential_fits(model: BlockwiseModel, ft, base, deltas, ids, rank, damping
         moments = _block_moments(model, ft, index, hidden, block_dir)
         block = model.load(ft, prefix)
         for name, module in block.named_modules():
-            full = model.tensor_name(ft, f"{prefix}.{name}.weight").removesuffix(".weight") if name else None
+            found = model.tensor_name_or_none(ft, f"{prefix}.{name}.weight") if name else None
+            full = found.removesuffix(".weight") if found else None
             if full in deltas:
                 weight, kind, delta = deltas[full]
                 fits[full] = _fit(delta, rank, moments.moment(full), damping)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from deltakit.adapters.config_check import check_adapter_config
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
 from deltakit.errors import AdapterFormatError, CheckpointNotFoundError, InvalidOptionError
 from deltakit.io.hub import ResolvedRepo, local_path
@@ -294,6 +295,7 @@ def read_adapter(path: str | Path) -> Adapter:
     for required in ("r", "lora_alpha"):
         if required not in config:
             raise AdapterFormatError(f"missing {required!r}", path=config_path)
+    check_adapter_config(config_path, config)
     weights_path = adapter_dir / WEIGHTS_FILE
     if not weights_path.is_file():
         raise CheckpointNotFoundError(f"no {WEIGHTS_FILE} in the adapter directory", path=adapter_dir)

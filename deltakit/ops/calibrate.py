@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from deltakit.defaults import CALIB_SEQ_LEN, CALIB_TOKENS
 from deltakit.errors import CalibrationError, ExtraMissingError, InvalidOptionError
 from deltakit.io.checkpoint import Checkpoint
 from deltakit.io.writer import save_tensors
@@ -51,9 +52,6 @@ __all__ = [
     "check_calibration", "collect_moments", "sample_sequences", "tokenize_source",
 ]
 
-# Defaults of --calib-tokens and --calib-seq-len (the library signatures use these; the CLI repeats nothing).
-CALIB_TOKENS = 32768
-CALIB_SEQ_LEN = 256
 SELF = "self"
 Activations = Literal["finetuned", "base"]
 # Tokens per micro-batch inside a block: bounds the block's own temporaries (MLP width × this, in fp32).

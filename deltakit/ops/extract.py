@@ -28,7 +28,7 @@ from deltakit.adapters.output_aware import OutputAwareLora
 from deltakit.adapters.peft_format import CarriedTensor, ModuleFactors, adapter_spec, task_type_for, write_adapter
 from deltakit.adapters.variants import DORA, LORA, AdapterVariant, Fit, FitSettings
 from deltakit.errors import InvalidOptionError, NothingToExtractError
-from deltakit.io.checkpoint import Checkpoint, open_checkpoint
+from deltakit.io.checkpoint import Checkpoint, open_checkpoint, refuse_unsupported_weights
 from deltakit.io.dtypes import DTYPES, parse_dtype
 from deltakit.io.writer import save_tensors, staged_output, write_json, write_text
 from deltakit.math.factorize import SvdMethod, TruncatedSVD, resolve_device
@@ -159,6 +159,54 @@ class _Spill:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+@dataclass
+class _Results:
+    modules: list[_ModuleResult]  # in plan order, then the tied head's bias
+    spill: _Spill  # the SVDs of the modules whose rank the policy decides at the end
+
+    @property
+    def factorized(self) -> list[_Factorized]:
+        return [r.factorized for r in self.modules if r.factorized is not None]
+
+
+def _extract_modules(run: _Run, spill: _Spill, progress: bool) -> _Results:
+    """Phase 1: every module in turn."""
+    results = _Results([], spill)
+    total = sum(run.finetuned.info(n).nbytes for p in run.plan.modules for n in p.tensors)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="extract", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for i, module_plan in enumerate(run.plan.modules):
+            result = _extract_module(run, module_plan)
+            if result.factorized is not None and result.factorized.fit.pending is not None:
+                spill.put(result.factorized.module, result.factorized.fit.pending)
+            results.modules.append(result)
+            bar.update(sum(run.finetuned.info(n).nbytes for n in module_plan.tensors))
+            bar.set_postfix_str(f"{i + 1}/{len(run.plan.modules)} modules", refresh=False)
+        results.modules.append(_extract_tied_bias(run, any(f.tied_head for f in results.factorized)))
+    return results
+
+
+def _assemble(run: _Run, results: _Results, size: ModelSize) -> tuple[list[ModuleReport], list[ModuleFactors],
+                                                                       dict | None]:
+    """Phase 2, then every module's report row and factors (a tied head's after its embedding's), in plan
+    order, and the rank policy's part of the report."""
+    finished, summary = _finish_ranks(run, results.factorized, results.spill, size)
+    results.spill.remove()
+    rows, factors = [], []
+    for f in results.factorized:
+        if f.module in finished:
+            module_factors, metrics, seconds = finished[f.module]
+            seconds += f.seconds
+        else:
+            module_factors, metrics, seconds = f.fit.factors, f.fit.metrics, f.seconds
+        rows.append(ModuleReport(module=f.module, kind=f.kind.value, shape=f.shape, rank=module_factors.rank,
+                                 delta_norm=f.fit.delta_norm, seconds=seconds, note=f.note, **metrics))
+        factors.append(module_factors)
+        if f.tied_head is not None:
+            factors.append(_transposed_for_head(module_factors, f.tied_head))
+    return rows, factors, summary
+
+
 def _finish_ranks(run: _Run, factorized: list[_Factorized], spill: _Spill,
                   size: ModelSize) -> tuple[dict[ModuleName, tuple[ModuleFactors, dict, float]], dict | None]:
     """Phase 2 of the rank policy: the ranks it deferred, decided from the spectra at once, and each deferred
@@ -281,6 +329,7 @@ def extract(
             raise InvalidOptionError(refusal)
     math_device = resolve_device(device)
     ft_ckpt, base_ckpt = open_checkpoint(finetuned), open_checkpoint(base)
+    refuse_unsupported_weights(ft_ckpt), refuse_unsupported_weights(base_ckpt)
     plan = plan_extract(ft_ckpt, base_ckpt, include=include, exclude=exclude)
     size = ModelSize(sum(math.prod(info.shape) for info in base_ckpt.tensors.values()),
                      _factor_bytes_per_param(dtype, plan, base_ckpt))
@@ -299,39 +348,12 @@ def extract(
         run = _Run(ft_ckpt, base_ckpt, plan, policy, variant,
                    FitSettings(alpha, use_rslora, SvdOptions(svd, oversample, niter, seed), math_device),
                    factor_dtype, carry)
-        spill = _Spill(staging_dir / _SPILL_DIR)
-        results = []
-        total = sum(ft_ckpt.info(n).nbytes for p in plan.modules for n in p.tensors)
-        with tqdm(total=total, unit="B", unit_scale=True, desc="extract", disable=not progress,
-                  dynamic_ncols=True) as bar:
-            for i, module_plan in enumerate(plan.modules):
-                result = _extract_module(run, module_plan)
-                if result.factorized is not None and result.factorized.fit.pending is not None:
-                    spill.put(result.factorized.module, result.factorized.fit.pending)
-                results.append(result)
-                bar.update(sum(ft_ckpt.info(n).nbytes for n in module_plan.tensors))
-                bar.set_postfix_str(f"{i + 1}/{len(plan.modules)} modules", refresh=False)
-            factorized = [r.factorized for r in results if r.factorized is not None]
-            results.append(_extract_tied_bias(run, any(f.tied_head for f in factorized)))
-        finished, budget_summary = _finish_ranks(run, factorized, spill, size)
-        spill.remove()
+        results = _extract_modules(run, _Spill(staging_dir / _SPILL_DIR), progress)
         shutil.rmtree(staging_dir / _CALIB_DIR, ignore_errors=True)
-
-        rows, factors = [], []
-        for f in factorized:
-            if f.module in finished:
-                module_factors, metrics, seconds = finished[f.module]
-                seconds += f.seconds
-            else:
-                module_factors, metrics, seconds = f.fit.factors, f.fit.metrics, f.seconds
-            rows.append(ModuleReport(module=f.module, kind=f.kind.value, shape=f.shape, rank=module_factors.rank,
-                                     delta_norm=f.fit.delta_norm, seconds=seconds, note=f.note, **metrics))
-            factors.append(module_factors)
-            if f.tied_head is not None:
-                factors.append(_transposed_for_head(module_factors, f.tied_head))
+        rows, factors, budget_summary = _assemble(run, results, size)
         carried = [CarriedTensor(key, ft_ckpt.info(name).dtype, ft_ckpt.info(name).shape,
                                  lambda n=name: ft_ckpt.get(n))
-                   for r in results for name, key in r.fates.keys.items()]
+                   for r in results.modules for name, key in r.fates.keys.items()]
         if not factors and not carried:
             raise NothingToExtractError(
                 "the fine-tuned checkpoint is identical to its base"
@@ -354,10 +376,10 @@ def extract(
             base_revision=base_ckpt.source.commit_hash if base_ckpt.source else None,
             modules=rows,
             tensors=[TensorFate(name, "only-in-base", "not in the fine-tuned checkpoint; left as in the base")
-                     for name in plan.only_in_base] + [fate for r in results for fate in r.fates.fates],
-            unchanged=sum(r.unchanged for r in results),
+                     for name in plan.only_in_base] + [fate for r in results.modules for fate in r.fates.fates],
+            unchanged=sum(r.unchanged for r in results.modules),
             command=command_line(),
-            notes=[note for r in results for note in r.fates.notes],
+            notes=[note for r in results.modules for note in r.fates.notes],
             budget=budget_summary,
             variant=variant,
             calibration=calibration,
@@ -369,7 +391,7 @@ def extract(
             base_model_name_or_path=report.base,
             revision=report.base_revision,
             task_type=task_type_for((ft_ckpt.config or {}).get("architectures")),
-            modules_to_save=[p.module for p, r in zip(plan.modules, results) if r.fates.saves_module],
+            modules_to_save=[p.module for p, r in zip(plan.modules, results.modules) if r.fates.saves_module],
             ensure_weight_tying=plan.tied is not None and plan.tied.head == "lm_head"
             and any(f.module == "lm_head" for f in factors),
             target_modules=target_modules([f.module for f in factors],
