@@ -75,6 +75,7 @@ def _kl(ref, got) -> dict[str, float]:
     return {d: float((ref[d].exp() * (ref[d] - got[d])).sum(-1).mean()) for d in ref}
 
 
+@torch.no_grad()
 def _sequential_fits(model: BlockwiseModel, ft, base, deltas, ids, rank, damping, spill: Path):
     """GPTQ-style: fit block i on the inputs that the adapted blocks before it produce."""
     fits = {}
@@ -112,6 +113,7 @@ def _sequential_fits(model: BlockwiseModel, ft, base, deltas, ids, rank, damping
     return fits
 
 
+@torch.no_grad()
 def _block_moments(model: BlockwiseModel, weights, index: int, hidden: torch.Tensor, spill: Path):
     """Collect one block's input moments from given hidden states (collect_moments with the embedding skipped)."""
     from deltakit.ops import calibrate
