@@ -194,3 +194,10 @@ def test_transformers_missing_gives_one_line(llama_pair: ModelPair, monkeypatch:
     monkeypatch.setattr(builtins, "__import__", no_transformers)
     with pytest.raises(calib.ExtraMissingError, match=r"pip install 'deltakit\[calib\]'"):
         BlockwiseModel(open_checkpoint(llama_pair.ft_dir), CPU)
+
+
+def test_sequences_never_exceed_the_models_positions(gpt2_pair: ModelPair, tmp_path: Path) -> None:
+    """GPT-2 has 64 learned positions here: a longer --calib-seq-len is cut to 64, and the report says so."""
+    ft, base = open_checkpoint(gpt2_pair.ft_dir), open_checkpoint(gpt2_pair.base_dir)
+    calibration, _ = calibrate("self", ft, base, tmp_path, tokens=128, seq_len=256)
+    assert calibration.token_ids.shape == (2, 64) and calibration.describe()["seq_len"] == 64

@@ -233,6 +233,7 @@ class BlockwiseModel:
         with torch.device("meta"):
             self.skeleton = transformers.AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
         self.num_blocks = len(self.skeleton.get_submodule(self.layout.blocks))
+        self.max_positions = getattr(self.config, "max_position_embeddings", None) or self.config.n_positions
         self.rotary = None
         if self.layout.rotary is not None:  # its buffers are computed at construction, not stored
             self.rotary = type(self.skeleton.get_submodule(self.layout.rotary))(config=self.config).to(device)
@@ -508,10 +509,10 @@ def check_calibration(source: str | Path, finetuned: Checkpoint, *, tokens: int 
     Raises:
         CalibrationError, ExtraMissingError, InvalidOptionError.
     """
-    _check_sizes(tokens, seq_len)
     if str(source) != SELF and not Path(source).is_file():
         raise CalibrationError("no such calibration file; give a text file, a .jsonl file or 'self'", path=source)
-    BlockwiseModel(finetuned, torch.device("cpu"))
+    model = BlockwiseModel(finetuned, torch.device("cpu"))
+    _check_sizes(tokens, min(seq_len, model.max_positions))
     if str(source) != SELF:
         load_tokenizer(finetuned.files[0].parent)
 
@@ -526,7 +527,8 @@ def calibrate(source: str | Path, finetuned: Checkpoint, base: Checkpoint, spill
         source: a text file, a JSONL file, or ``"self"``.
         finetuned, base: the checkpoints (FT gives the config, the tokenizer and, for ``self``, the samples).
         spill_dir: an existing directory for the moments.
-        tokens, seq_len: how many calibration tokens, in sequences of this length.
+        tokens, seq_len: how many calibration tokens, in sequences of this length (at most the model's
+            ``max_position_embeddings``; the report records the length used).
         activations: whose inputs each module sees: the fine-tuned model's or the base's.
         device: where the blocks run.
         seed: of the ``self`` samples.
@@ -538,8 +540,9 @@ def calibrate(source: str | Path, finetuned: Checkpoint, base: Checkpoint, spill
     """
     if activations not in ("finetuned", "base"):
         raise InvalidOptionError(f"calibration activations must be 'finetuned' or 'base', got {activations!r}")
-    _check_sizes(tokens, seq_len)
     model = BlockwiseModel(finetuned, device)
+    seq_len = min(seq_len, model.max_positions)  # longer sequences would leave the positions it was trained on
+    _check_sizes(tokens, seq_len)
     if str(source) == SELF:
         ids = sample_sequences(model, finetuned, sequences=tokens // seq_len, seq_len=seq_len, seed=seed,
                                progress=progress)
