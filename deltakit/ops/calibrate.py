@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from tqdm import tqdm
 
 from deltakit.defaults import CALIB_SEQ_LEN, CALIB_TOKENS
@@ -334,9 +334,9 @@ class InputMoments:
         if module not in self.sites:
             return None
         file, key = self.sites[module]
-        sums = load_file(self.spill_dir / file)
+        sum_a, sum_b = self._sums(file, key)
         n_a, n_b = self.counts[(file, key)]
-        return sums[f"{key}.a"] / max(n_a, 1), sums[f"{key}.b"] / max(n_b, 1)
+        return sum_a / max(n_a, 1), sum_b / max(n_b, 1)
 
     def moment(self, module: ModuleName) -> torch.Tensor | None:
         """E[xxᵀ] over all calibration tokens; None for a module without statistics."""
@@ -346,9 +346,14 @@ class InputMoments:
         if module not in self.sites:
             return None
         file, key = self.sites[module]
-        sums = load_file(self.spill_dir / file)
+        sum_a, sum_b = self._sums(file, key)
         n_a, n_b = self.counts[(file, key)]
-        return (sums[f"{key}.a"] + sums[f"{key}.b"]) / max(n_a + n_b, 1)
+        return (sum_a + sum_b) / max(n_a + n_b, 1)
+
+    def _sums(self, file: str, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One site's two sums, read alone from its block's file."""
+        with safe_open(self.spill_dir / file, framework="pt") as sums:
+            return sums.get_tensor(f"{key}.a"), sums.get_tensor(f"{key}.b")
 
 
 class _MomentSums:
