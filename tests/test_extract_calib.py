@@ -51,7 +51,10 @@ def _peft_logits(base_dir: Path, adapter_dir: Path) -> torch.Tensor:
     return logits(model, INPUT_IDS)
 
 
-@pytest.mark.parametrize("fixture, source", [("llama_pair", "text"), ("gpt2_pair", "jsonl"), ("qwen2_pair", "self")])
+@pytest.mark.parametrize("fixture, source", [
+    ("llama_pair", "text"), ("gpt2_pair", "jsonl"),
+    pytest.param("qwen2_pair", "self", marks=pytest.mark.slow),  # sampling: one block-wise pass per position
+])
 def test_calibrated_extract_from_the_cli(fixture: str, source: str, request: pytest.FixtureRequest,
                                          capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     pair: ModelPair = request.getfixturevalue(fixture)
