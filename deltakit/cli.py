@@ -17,7 +17,9 @@ from pathlib import Path
 
 import click
 
-from deltakit.defaults import DEFAULT_INSPECT_RANKS, DEFAULT_MAX_RANK, DEFAULT_RANK, STORED_DTYPES
+from deltakit.defaults import (
+    CALIB_SEQ_LEN, CALIB_TOKENS, DEFAULT_INSPECT_RANKS, DEFAULT_MAX_RANK, DEFAULT_RANK, STORED_DTYPES,
+)
 from deltakit.errors import DeltakitError
 
 
@@ -104,6 +106,12 @@ _DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N."
               show_default=True, help="Minimise the total squared error of ΔW (absolute) or the sum of each "
               "module's squared relative error (relative).")
 @click.option("--dora", is_flag=True, help="Extract a DoRA adapter (per-row magnitude + low-rank direction).")
+@click.option("--calib", metavar="SOURCE", help="Fit each module to its outputs on calibration text: a text file, "
+              "a .jsonl file (\"text\" fields), or 'self' (sampled from FINETUNED). Needs deltakit[calib].")
+@click.option("--calib-tokens", type=click.IntRange(min=2), default=CALIB_TOKENS, show_default=True,
+              help="Calibration tokens.")
+@click.option("--calib-seq-len", type=click.IntRange(min=2), default=CALIB_SEQ_LEN, show_default=True,
+              help="Length of each calibration sequence.")
 @click.option("--carry/--no-carry", default=True, show_default=True,
               help="Store changed biases, norms and heads exactly in the adapter, or drop them (reported).")
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
@@ -119,6 +127,7 @@ def extract_command(finetuned: str, base: str, out: str | None, rank_patterns: t
       deltakit extract ./llama-ft ./llama-base -r 16 -o ./llama-ft-lora-r16
       deltakit extract ft/ base/ --energy 0.9 --max-rank 128
       deltakit extract ft/ base/ --budget 50MB
+      deltakit extract ft/ base/ -r 16 --calib self
     """
     from deltakit.math.ranks import parse_rank_pattern, rank_policy
     from deltakit.ops.extract import extract
@@ -249,6 +258,12 @@ def stack_command(adapters: tuple[str, ...], weights: tuple[float, ...], quiet: 
 @click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
 @click.option("--include", multiple=True, help="Regex on module names to include (repeatable).")
 @click.option("--exclude", multiple=True, help="Regex on module names to exclude (repeatable).")
+@click.option("--calib", metavar="SOURCE", help="Also show each module's whitened spectrum on calibration text "
+              "(as extract --calib): a text file, a .jsonl file, or 'self'.")
+@click.option("--calib-tokens", type=click.IntRange(min=2), default=CALIB_TOKENS, show_default=True,
+              help="Calibration tokens.")
+@click.option("--calib-seq-len", type=click.IntRange(min=2), default=CALIB_SEQ_LEN, show_default=True,
+              help="Length of each calibration sequence.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout instead of the table.")
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")

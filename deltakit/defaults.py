@@ -11,3 +11,7 @@ DEFAULT_INSPECT_RANKS = (8, 16, 32, 64, 128, 256)  # inspect's energy-at-rank co
 # torch attribute (io.dtypes.DTYPES holds the torch dtypes).
 STORED_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
                  "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+# --calib: how many calibration tokens, in sequences of this length (extract and inspect).
+CALIB_TOKENS = 32768
+CALIB_SEQ_LEN = 256

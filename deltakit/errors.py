@@ -97,6 +97,17 @@ class OutputWriteError(DeltakitError, OSError):
     """
 
 
+class CalibrationError(DeltakitError):
+    """Calibration input that cannot be used: a missing or empty text, a bad JSONL line, no tokenizer in the
+    fine-tuned checkpoint, an architecture the block-wise calibration pass does not support."""
+
+
+class ExtraMissingError(DeltakitError):
+    """A feature needs an optional extra that is not installed (e.g. ``--calib`` needs ``deltakit[calib]``)."""
+
+    exit_code = 3
+
+
 class FactorizationError(DeltakitError):
     """Every SVD route (drivers, fp64) failed for a tensor."""
 

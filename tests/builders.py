@@ -482,6 +482,29 @@ def signal_plus_noise(shape: tuple[int, int], rank: int, snr: float, sigma: floa
 
 
 
+def save_char_tokenizer(model_dir: Path) -> Path:
+    """Save a character-level tokenizer that fits the tiny models' 128-token vocabulary into ``model_dir``.
+
+    Ids: 0 ``<unk>`` (any character not below), 1 ``<s>`` (prepended to every text, like Llama's BOS), 2 ``</s>``,
+    3 newline, 4.. the printable ASCII characters (98 in all). Loads with ``AutoTokenizer.from_pretrained``.
+
+    Returns:
+        ``model_dir``.
+    """
+    import tokenizers
+    from tokenizers import Regex, models, pre_tokenizers, processors
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "\n": 3}
+    vocab.update({chr(code): 4 + i for i, code in enumerate(range(32, 127))})
+    tokenizer = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>")
+    fast.save_pretrained(model_dir)
+    return Path(model_dir)
+
+
 # --- mixture-of-experts ---------------------------------------------------------------------------------------------
 #
 # Facts measured with transformers 5.24 / peft 0.21.2 (they decide how deltakit writes MoE adapters; README

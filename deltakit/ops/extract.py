@@ -31,6 +31,7 @@ from deltakit.adapters.layers import (
     weight_kind,
 )
 from deltakit.adapters.moe import conform_experts, expert_summary, moe_family, moe_weight
+from deltakit.adapters.output_aware import OutputAwareLora
 from deltakit.adapters.peft_format import CarriedTensor, ModuleFactors, adapter_spec, task_type_for, write_adapter
 from deltakit.adapters.variants import DORA, LORA, AdapterVariant, Fit, FitSettings
 from deltakit.errors import InvalidOptionError, NothingToExtractError, shorten
@@ -41,6 +42,7 @@ from deltakit.math.factorize import SvdMethod, TruncatedSVD, resolve_device
 from deltakit.math.lowrank import SvdOptions
 from deltakit.math.ranks import DEFAULT_RANK, ModelSize, ModuleSpectrum, RankPolicy, Weighting, rank_policy
 from deltakit.names import ModuleName, matches_peft_pattern, split_tensor_name
+from deltakit.ops.calibrate import CALIB_SEQ_LEN, CALIB_TOKENS, calibrate, check_calibration
 from deltakit.ops.delta import is_changed, read_delta
 from deltakit.ops.plan import ExtractPlan, ModuleFates, ModulePlan, module_fates, plan_extract, tied_bias_fates
 from deltakit.ops.report import (
@@ -54,6 +56,7 @@ from deltakit.ops.report import (
 
 REPORT_FILE = EXTRACT_REPORT_FILE
 _SPILL_DIR = ".svd-spill"  # inside the staging directory, removed before it is renamed into place
+_CALIB_DIR = ".calib-moments"  # likewise: the input moments of --calib, one file per block
 
 
 @dataclass(frozen=True)
@@ -363,6 +366,9 @@ def extract(
     max_rank: int | None = None,
     budget_weighting: Weighting = "absolute",
     dora: bool = False,
+    calib: str | Path | None = None,
+    calib_tokens: int = CALIB_TOKENS,
+    calib_seq_len: int = CALIB_SEQ_LEN,
     carry: bool = True,
     overwrite: bool = False,
     progress: bool = False,
@@ -392,6 +398,11 @@ def extract(
         budget_weighting: ``absolute`` (total squared error of ΔW) or ``relative`` (sum of each module's squared
             relative error).
         dora: extract a DoRA adapter (magnitude + low-rank direction, PEFT's ``use_dora``) instead of LoRA.
+        calib: fit each module to its outputs instead of its weights (:mod:`deltakit.adapters.output_aware`):
+            a text file, a JSONL file (``"text"`` fields), or ``"self"`` (sequences sampled from the fine-tuned
+            model); the inputs are collected block by block (:mod:`deltakit.ops.calibrate`). Needs the ``calib``
+            extra (transformers).
+        calib_tokens, calib_seq_len: how many calibration tokens, in sequences of this length.
         carry: store changed tensors that are not factorized (biases, norms, heads) exactly; False drops them
             (each is listed in the report either way).
         overwrite: replace ``out`` if it exists.
@@ -410,8 +421,11 @@ def extract(
     policy = rank_policy(rank, energy=energy, budget=budget, avg_rank=avg_rank, min_rank=min_rank,
                          max_rank=max_rank, budget_weighting=budget_weighting, rank_pattern=rank_pattern)
     variant = DORA if dora else LORA
-    if policy.defers and variant.budget_refusal:
-        raise InvalidOptionError(variant.budget_refusal)
+    if calib is not None and dora:
+        raise InvalidOptionError("--calib with --dora is not supported: the output-aware fit is LoRA's; drop one")
+    for refusal in (variant.budget_refusal, OutputAwareLora.budget_refusal if calib is not None else None):
+        if policy.defers and refusal:
+            raise InvalidOptionError(refusal)
     math_device = resolve_device(device)
     ft_ckpt, base_ckpt = open_checkpoint(finetuned), open_checkpoint(base)
     refuse_unsupported_weights(ft_ckpt), refuse_unsupported_weights(base_ckpt)
@@ -423,12 +437,22 @@ def extract(
                      tuple(out_in_shape(ft_ckpt.info(p.weight).shape, p.kind) for p in plan.modules
                            if p.weight is not None and p.is_selected))
     policy.check_size(size)  # fail before work
-    run = _Run(ft_ckpt, base_ckpt, plan, policy, variant,
-               FitSettings(alpha, use_rslora, SvdOptions(svd, oversample, niter, seed), math_device),
-               factor_dtype, carry)
+    if calib is not None:
+        check_calibration(calib, ft_ckpt, tokens=calib_tokens, seq_len=calib_seq_len)
 
     with staged_output(out_dir, overwrite=overwrite, inputs=[ft_ckpt.path, base_ckpt.path]) as staging_dir:
+        calibration = None
+        if calib is not None:
+            (staging_dir / _CALIB_DIR).mkdir()
+            found, moments = calibrate(calib, ft_ckpt, base_ckpt, staging_dir / _CALIB_DIR, tokens=calib_tokens,
+                                       seq_len=calib_seq_len, device=math_device, seed=seed, progress=progress)
+            variant = OutputAwareLora(moments)
+            calibration = {**found.describe(), "activations": "finetuned", "damping": variant.damping}
+        run = _Run(ft_ckpt, base_ckpt, plan, policy, variant,
+                   FitSettings(alpha, use_rslora, SvdOptions(svd, oversample, niter, seed), math_device),
+                   factor_dtype, carry)
         results = _extract_modules(run, _Spill(staging_dir / _SPILL_DIR), progress)
+        shutil.rmtree(staging_dir / _CALIB_DIR, ignore_errors=True)
         rows, factors, budget_summary = _assemble(run, results, size)
         carried = [CarriedTensor(key, ft_ckpt.info(name).dtype, ft_ckpt.info(name).shape,
                                  lambda n=name: ft_ckpt.get(n))
@@ -445,6 +469,9 @@ def extract(
             "exclude": exclude, "rank_pattern": [list(p) for p in rank_pattern or []], "energy": energy,
             "budget": budget, "avg_rank": avg_rank, "min_rank": min_rank, "max_rank": max_rank,
             "budget_weighting": budget_weighting if policy.defers else None, "dora": dora, "carry": carry,
+            "calib": str(calib) if calib is not None else None,
+            "calib_tokens": calib_tokens if calib is not None else None,
+            "calib_seq_len": calib_seq_len if calib is not None else None,
         }
         fates = [TensorFate(name, "only-in-base", "not in the fine-tuned checkpoint; left as in the base")
                  for name in plan.only_in_base] + [fate for r in results.modules for fate in r.fates.fates]
@@ -470,6 +497,7 @@ def extract(
             budget=budget_summary,
             experts=expert_layers,
             variant=variant,
+            calibration=calibration,
         )
         spec = adapter_spec(
             factors, carried, default_rank=rank if isinstance(rank, int) else 1, alpha=spec_alpha, rank=spec_rank,

@@ -35,6 +35,38 @@ class ModuleReport:
     # With --dora, relative_error is ‖W_ft − W_dora‖ / ‖ΔW‖; these are plain LoRA's on the same ΔW:
     lora_relative_error: float | None = None  # at the same rank
     lora_relative_error_same_params: float | None = None  # at rank + 1, at least DoRA's parameter count
+    # With --calib: the fit kept ("whitened" or "plain"), its predicted output error √(E‖(ΔW − ΔW_r)x‖² / E‖ΔW x‖²)
+    # over the calibration inputs, the plain SVD's at the same rank, and the held-out (whitened, plain) output
+    # errors that chose between them:
+    fit: str | None = None
+    output_relative_error: float | None = None
+    plain_output_relative_error: float | None = None
+    heldout_output_relative_errors: list[float] | None = None
+
+
+def _calibration_card(report: ExtractReport) -> list[str]:
+    c = report.calibration
+    lines = [
+        "## Output-aware fit",
+        "",
+        "Each module's factors minimise its predicted output error E‖(ΔW − BA)x‖² over calibration inputs x "
+        "(truncated SVD of ΔW·L with L·Lᵀ = E[xxᵀ] + damping, mapped back), except where a held-out half of the "
+        "calibration text predicted a lower error for the plain SVD of ΔW, which is then kept.",
+        "",
+        f"- calibration source: `{c['source']}` (sha256 `{c['sha256']}`), {c['tokens']:,} tokens in "
+        f"{c['sequences']} sequences of {c['seq_len']}" + (f", sampled with seed {c['seed']}" if c.get("seed") is not
+                                                          None else ""),
+        f"- inputs taken from the {c['activations']} model; damping {c['damping']:g}",
+        f"- summary: {calibration_text(report)}",
+        "",
+        "| module | rank | fit | relative error of ΔW | predicted output error | plain SVD's output error |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in report.modules:
+        output = f"{m.output_relative_error:.4f}" if m.output_relative_error is not None else "–"
+        plain = f"{m.plain_output_relative_error:.4f}" if m.plain_output_relative_error is not None else "–"
+        lines.append(f"| `{m.module}` | {m.rank} | {m.fit or 'plain'} | {m.relative_error:.4f} | {output} | {plain} |")
+    return lines + [""]
 
 
 @dataclass
@@ -64,6 +96,7 @@ class ExtractReport:
     budget: dict | None = None  # under --budget/--avg-rank: asked, allowed, used, predicted error
     experts: list[dict] | None = None  # mixture-of-experts layers: which experts changed, per-expert error
     variant: AdapterVariant = LORA  # what kind of adapter was written (not in the JSON: its options say)
+    calibration: dict | None = None  # with --calib: the source, its sha256, the tokens, whose activations
 
     def fates(self, fate: str) -> list[TensorFate]:
         return [t for t in self.tensors if t.fate == fate]
@@ -117,6 +150,7 @@ class ExtractReport:
                 **self.error_summary(),
             },
             "budget": self.budget,
+            "calibration": self.calibration,
             "experts": self.experts,
             "notes": self.notes,
             "modules": [asdict(m) for m in self.modules],
@@ -133,6 +167,7 @@ class ExtractReport:
             f"  modules factorized : {len(self.modules)}  rank {rank_text}",
             f"  adapter size       : {format_bytes(self.adapter_bytes)}",
             *([f"  budget             : {budget_text(self.budget)}"] if self.budget else []),
+            *([f"  calibrated fit     : {calibration_text(self)}"] if self.calibration else []),
             f"  relative error     : mean {s['mean_relative_error']:.4f}, worst {s['max_relative_error']:.4f}"
             + (f" ({s['max_relative_error_module']})" if self.modules else ""),
             f"  energy retained    : {s['energy_retained']:.4f}",
@@ -184,6 +219,21 @@ def budget_text(budget: dict) -> str:
     return (f"{budget['requested']} = {budget['params']:,} factor parameters, {budget['params_used']:,} used "
             f"({budget['weighting']} error, ranks {budget['min_rank']}–{budget['max_rank']}); predicted total "
             f"relative error {budget['predicted_relative_error']:.4f}")
+
+
+def calibration_text(report: ExtractReport) -> str:
+    """One line: how many modules were whitened, and the output error predicted against plain SVD's."""
+    fitted = [m for m in report.modules if m.output_relative_error is not None]
+    whitened = sum(m.fit == "whitened" for m in fitted)
+    total = sum(m.delta_norm**2 for m in fitted)
+
+    def mean(errors: list[float]) -> float:  # weighted by ‖ΔW‖², like the energy retained
+        return sum(e * m.delta_norm**2 for e, m in zip(errors, fitted)) / total if total > 0 else 0.0
+
+    c = report.calibration
+    return (f"{whitened}/{len(report.modules)} modules whitened on {c['tokens']:,} tokens of {c['source']} "
+            f"(sha256 {c['sha256'][:12]}); predicted output error {mean([m.output_relative_error for m in fitted]):.4f} "
+            f"vs plain SVD {mean([m.plain_output_relative_error for m in fitted]):.4f}")
 
 
 def format_bytes(n: float) -> str:
@@ -249,6 +299,8 @@ def model_card(report: ExtractReport) -> str:
         lines += ["Dropped tensors (not in the adapter):", ""]
         lines += [f"- `{t.tensor}`: {t.reason}" for t in report.fates("dropped")]
         lines.append("")
+    if report.calibration:
+        lines += _calibration_card(report)
     lines += [f"Note: {n}" for n in report.notes]
     if report.experts:
         lines += ["", "Mixture-of-experts layers (changed experts with their worst relative error of ΔW):", ""]
