@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from deltakit.adapters.profiles import ExportProfile, Target, export_profile
 from deltakit.adapters.peft_format import (
     AdapterSpec,
     CarriedTensor,
@@ -32,6 +33,7 @@ from deltakit.io.dtypes import DTYPES
 from deltakit.errors import InvalidOptionError, NonFiniteError, NothingToExtractError
 from deltakit.math.dora import apply_dora, fit_magnitude, projection_scales
 from deltakit.math.factorize import SvdMethod, TruncatedSVD, resolve_device, truncated_svd
+from deltakit.math.norm_fold import NotFoldableError, change_norms, fold_into_consumer, scale_ratio
 from deltakit.adapters.layers import (
     TiedHead,
     WeightKind,
@@ -43,7 +45,7 @@ from deltakit.adapters.layers import (
     transpose_embedding_factors,
 )
 from deltakit.names import split_tensor_name
-from deltakit.ops.plan import ExtractPlan, ModulePlan, plan_extract
+from deltakit.ops.plan import ExtractPlan, ModulePlan, NormFold, plan_extract, plan_norm_folds
 from deltakit.math.ranks import (
     BudgetRanks,
     EnergyRank,
@@ -189,6 +191,7 @@ class _Options:
     dtype: torch.dtype | None  # of the stored factors; None: the base tensor's
     carry: bool
     dora: bool
+    profile: ExportProfile
 
 
 class _Extraction:
@@ -199,7 +202,10 @@ class _Extraction:
         self.finetuned, self.base, self.plan, self.report = finetuned, base, plan, report
         self.policy, self.svd, self.device = options.policy, options.svd, options.device
         self.alpha, self.use_rslora, self.dtype = options.alpha, options.use_rslora, options.dtype
-        self.carry, self.dora = options.carry, options.dora
+        self.carry, self.dora, self.profile = options.carry, options.dora, options.profile
+        self.fold_ratios: dict[str, torch.Tensor] = {}  # reader module → g'/g of the norm it reads
+        self.folded: dict[str, NormFold] = {}  # norm weight → its fold
+        self.unfoldable: dict[str, str] = {}  # norm weight → why its change cannot be folded
         self.factors: list[ModuleFactors | _Deferred] = []
         self.spill_dir: Path | None = None  # under a budget: where phase 1 keeps each module's SVD
         self.carried: list[CarriedTensor] = []
@@ -214,6 +220,32 @@ class _Extraction:
     def _is_changed(self, name: str) -> bool:
         return not same_values(*self._load_pair(name))
 
+    def _fate(self, name: str, fate: str, reason: str) -> TensorFate:
+        """A tensor left out of the factors (dropped, or folded into other modules), with the size of its change."""
+        if name not in self.base or self.base.info(name).shape != self.finetuned.info(name).shape:
+            return TensorFate(name, fate, reason)
+        change, scale = change_norms(*self._load_pair(name))
+        return TensorFate(name, fate, reason, change, change / scale if scale > 0 else None)
+
+    def _drop(self, name: str, reason: str) -> None:
+        self.report.tensors.append(self._fate(name, "dropped", reason))
+
+    def prepare_folds(self, folds: list[NormFold], unfoldable: dict[str, str]) -> None:
+        """Read each foldable norm's two scales (small 1-D tensors) and keep g'/g for its readers; a changed norm
+        whose base scale cannot be divided by joins the unfoldable ones."""
+        self.unfoldable.update(unfoldable)
+        for fold in folds:
+            base_scale, ft_scale = self._load_pair(fold.weight)
+            if same_values(base_scale, ft_scale):
+                continue
+            try:
+                ratio = scale_ratio(base_scale, ft_scale)
+            except NotFoldableError as e:
+                self.unfoldable[fold.weight] = str(e)
+                continue
+            self.fold_ratios.update(dict.fromkeys(fold.readers, ratio))
+            self.folded[fold.weight] = fold
+
     def _carry_tensor(self, name: str, key: str, reason: str) -> None:
         info = self.finetuned.info(name)
         self.carried.append(CarriedTensor(key, info.dtype, info.shape, lambda n=name: self.finetuned.get(n)))
@@ -223,13 +255,16 @@ class _Extraction:
         """Factorize the module's weight; False if it did not change."""
         started = time.perf_counter()
         base_w, ft_w = self.base.get(weight), self.finetuned.get(weight)
-        if same_values(base_w, ft_w) and all_finite(base_w):
+        ratio = self.fold_ratios.get(plan.module)  # a changed norm feeds this module: its ΔW takes the change
+        if ratio is None and same_values(base_w, ft_w) and all_finite(base_w):
             return False
         # Memory: the stored pair, then base and ΔW in fp32 (and ft for DoRA), never more.
         base_m = to_out_in(base_w.to(self.device, torch.float32), plan.kind)  # (out, in)
         del base_w
         delta = to_out_in(ft_w.to(self.device, torch.float32), plan.kind)
         del ft_w
+        if ratio is not None:
+            fold_into_consumer(delta, ratio)  # W_ft·diag(g'/g): the fine-tune in the base norm's frame
         ft_m = delta.clone() if self.dora else None
         delta.sub_(base_m)
         if not all_finite(delta):
@@ -243,6 +278,8 @@ class _Extraction:
         asked = isinstance(self.policy, FixedRank) or isinstance(self.policy, PatternRanks) and (
             self.policy.override(plan.module) is not None or isinstance(self.policy.default, FixedRank))
         note = f"rank {wanted} > min(out, in) = {min(out_in)}: clamped" if asked and wanted > min(out_in) else None
+        if ratio is not None:
+            note = "; ".join(filter(None, [note, "ΔW includes the scale change of the norm it reads"]))
         dtype = self.dtype or self.base.info(weight).dtype
         if self.dora:
             delta_norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
@@ -370,58 +407,79 @@ class _Extraction:
             self.report.unchanged += int(tied is not None and tied.bias is not None)
             return
         if not self.carry:
-            self.report.tensors.append(TensorFate(tied.bias, "dropped", "changed and not factorizable; --no-carry"))
+            self._drop(tied.bias, "changed and not factorizable; --no-carry")
+        elif (why := self.profile.carry_refusal(is_bias=True)) is not None:
+            self._drop(tied.bias, why)
         elif any(f.module == tied.head for f in self.factors):
             self._carry_tensor(tied.bias, base_bias_key(tied.head), f"bias of the tied head {tied.head}")
         else:
-            self.report.tensors.append(TensorFate(tied.bias, "dropped", (
-                f"the bias of the tied head {tied.head}, which is not factorized; PEFT can only carry it as "
-                "the base_layer bias of a targeted head")))
+            self._drop(tied.bias, f"the bias of the tied head {tied.head}, which is not factorized; PEFT can only "
+                                  "carry it as the base_layer bias of a targeted head")
 
     def run_module(self, plan: ModulePlan) -> None:
-        """Decide and do what becomes of one module: factorized, carried whole, partly carried, or dropped."""
+        """Decide and do what becomes of one module: factorized, carried whole, partly carried, folded into the
+        modules that read it (a norm), or dropped."""
         factorized = False
         compared = set(plan.new_in_finetuned) | set(plan.resized)
         tied = self.plan.tied if self.plan.tied and self.plan.tied.embedding == plan.module else None
+        # Why a changed tensor that cannot be carried is dropped, where there is more to say than the profile's rule.
+        reasons: dict[str, str] = {}
+        refusal = (self.profile.lora_refusal(plan.module, plan.kind)
+                   if plan.weight is not None and plan.is_selected else None)
         if tied is not None and self.dora and plan.weight is not None:
-            self.report.tensors.append(TensorFate(plan.weight, "dropped", (
-                f"input embedding tied to {tied.head}: PEFT cannot tie DoRA magnitudes across the two; "
-                "extract without --dora to keep it")))
+            self._drop(plan.weight, f"input embedding tied to {tied.head}: PEFT cannot tie DoRA magnitudes across "
+                                    "the two; extract without --dora to keep it")
             compared.add(plan.weight)
+        elif refusal is not None:
+            reasons[plan.weight] = refusal
         elif plan.weight is not None and plan.is_selected:
             factorized = self._factorize(plan, plan.weight)
             compared.add(plan.weight)
             if factorized and tied is not None:
                 self._tied_head_factors(self.factors[-1], tied)
+        folded = [n for n in plan.tensors if n in self.folded]
+        for name in folded:
+            readers = ", ".join(r.rpartition(".")[2] for r in self.folded[name].readers)
+            self.report.tensors.append(self._fate(name, "folded", f"scale change folded into {readers}"))
+        compared.update(folded)
+        reasons.update((n, f"not folded: {self.unfoldable[n]}") for n in plan.tensors if n in self.unfoldable)
+        reasons.update((n, f"vocabulary resized {before[0]} → {after[0]}") for n, (before, after) in plan.resized.items())
         changed = [n for n in plan.tensors if n not in compared and self._is_changed(n)]
         changed += plan.new_in_finetuned + list(plan.resized)
+        handled = (1 if factorized else 0) + len(folded)
         if not changed:
-            self.report.unchanged += len(plan.tensors) - (1 if factorized else 0)
+            self.report.unchanged += len(plan.tensors) - handled
             return
-        self.report.unchanged += len(plan.tensors) - (1 if factorized else 0) - len(changed)
+        self.report.unchanged += len(plan.tensors) - handled - len(changed)
         if not plan.is_selected:
             for n in changed:
-                self.report.tensors.append(TensorFate(n, "dropped", "changed, but excluded by --include/--exclude"))
+                self._drop(n, "changed, but excluded by --include/--exclude")
             return
         if not self.carry:
             for n in changed:
-                self.report.tensors.append(TensorFate(n, "dropped", "changed and not factorizable; --no-carry"))
+                self._drop(n, "changed and not factorizable; --no-carry")
             return
         if factorized and changed == [plan.bias]:
+            if (why := self.profile.carry_refusal(is_bias=True)) is not None:
+                self._drop(plan.bias, why)
+                return
             # PEFT's bias="lora_only" loads a targeted module's bias from `<module>.base_layer.bias`.
             self._carry_tensor(plan.bias, base_bias_key(plan.module), "bias of a factorized module")
             return
         if factorized:
             # A factorized module with other changed params cannot also be a modules_to_save module.
             for n in changed:
-                self.report.tensors.append(TensorFate(
-                    n, "dropped", "changed param of a factorized module that PEFT cannot carry"))
+                self._drop(n, "changed param of a factorized module that PEFT cannot carry")
             return
         if not plan.module or plan.module in self.plan.parents:
             for n in changed:
-                self.report.tensors.append(TensorFate(n, "dropped", (
+                self._drop(n, (
                     "a parameter of a module with submodules; PEFT's modules_to_save would replace the whole subtree"
-                    if plan.module else "a top-level parameter; PEFT's modules_to_save needs a module")))
+                    if plan.module else "a top-level parameter; PEFT's modules_to_save needs a module"))
+            return
+        if (why := self.profile.carry_refusal(is_bias=False)) is not None:
+            for n in changed:
+                self._drop(n, "; ".join(filter(None, [reasons.get(n), why])))
             return
         # modules_to_save replaces the whole module, so every param of it is stored, changed or not.
         self.modules_to_save.append(plan.module)
@@ -475,6 +533,7 @@ def extract(
     budget_weighting: Weighting = "absolute",
     dora: bool = False,
     carry: bool = True,
+    target: Target = "peft",
     overwrite: bool = False,
     progress: bool = False,
 ) -> ExtractReport:
@@ -505,6 +564,10 @@ def extract(
         dora: extract a DoRA adapter (magnitude + low-rank direction, PEFT's ``use_dora``) instead of LoRA.
         carry: store changed tensors that are not factorized (biases, norms, heads) exactly; False drops them
             (each is listed in the report either way).
+        target: who loads the adapter (:mod:`deltakit.adapters.profiles`). ``peft``: everything above. ``vllm``:
+            only what vLLM's loader accepts: changed norms folded into the Linear layers that read them (for the
+            architectures in :mod:`deltakit.adapters.architectures`), one scaling right for every module, no
+            ``modules_to_save``, biases or DoRA; what cannot be written is dropped and reported with its size.
         overwrite: replace ``out`` if it exists.
         progress: show a progress bar on stderr.
 
@@ -527,6 +590,7 @@ def extract(
     math_device = resolve_device(device)
     ft_ckpt, base_ckpt = open_checkpoint(finetuned), open_checkpoint(base)
     plan = plan_extract(ft_ckpt, base_ckpt, include=include, exclude=exclude)
+    profile = export_profile(target, model_type=plan.model_type, dora=dora)
     model_params = sum(math.prod(info.shape) for info in base_ckpt.tensors.values())
     bytes_per_param = _factor_bytes_per_param(dtype, plan, base_ckpt)
     if isinstance(policy, BudgetRequest) and policy.budget is not None:
@@ -538,7 +602,7 @@ def extract(
         "exclude": exclude, "rank_pattern": [list(p) for p in rank_pattern or []], "energy": energy,
         "budget": budget, "avg_rank": avg_rank, "min_rank": min_rank, "max_rank": max_rank,
         "budget_weighting": budget_weighting if isinstance(policy, BudgetRequest) else None, "dora": dora,
-        "carry": carry,
+        "carry": carry, "target": target,
     }
     report = ExtractReport(
         _input_name(finetuned, ft_ckpt), _input_name(base, base_ckpt), str(out_dir), options, command=command_line(),
@@ -548,7 +612,8 @@ def extract(
         report.tensors.append(TensorFate(name, "only-in-base", "not in the fine-tuned checkpoint; left as in the base"))
     run = _Extraction(ft_ckpt, base_ckpt, plan, report, _Options(
         policy, SvdOptions(svd, oversample, niter, seed), math_device, alpha, use_rslora,
-        DTYPES[dtype] if dtype else None, carry, dora))
+        DTYPES[dtype] if dtype else None, carry, dora, profile))
+    run.prepare_folds(*plan_norm_folds(plan, profile))
 
     with staged_output(out_dir, overwrite=overwrite, inputs=[ft_ckpt.path, base_ckpt.path]) as staging_dir:
         if isinstance(policy, BudgetRequest):
@@ -571,11 +636,11 @@ def extract(
                 + (" for the selected modules" if include or exclude else ""),
                 path=ft_ckpt.path,
             )
-        ranks = Counter(f.rank for f in run.factors)
-        spec_rank = ranks.most_common(1)[0][0] if ranks else rank if isinstance(rank, int) else 1
+        spec_rank, spec_alpha = profile.config_rank_alpha(run.factors, alpha, use_rslora,
+                                                          rank if isinstance(rank, int) else 1)
         spec = AdapterSpec(
             rank=spec_rank,
-            alpha=float(alpha if alpha is not None else spec_rank),
+            alpha=spec_alpha,
             use_rslora=use_rslora,
             use_dora=dora,
             base_model_name_or_path=report.base,

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from deltakit.io.checkpoint import Checkpoint
 from deltakit.errors import InvalidOptionError, TensorMismatchError, shorten
 from deltakit.names import ModuleName, TensorName, split_tensor_name
+from deltakit.adapters.architectures import norm_readers
 from deltakit.adapters.layers import TiedHead, WeightKind, find_tied_head, weight_kind
+from deltakit.adapters.profiles import ExportProfile
 
 
 @dataclass
@@ -118,3 +120,49 @@ def plan_extract(
         tied=tied,
         parents=parents,
     )
+
+
+@dataclass(frozen=True)
+class NormFold:
+    """A norm whose scale change is to be folded into the Linear modules that read its output."""
+
+    norm: ModuleName
+    weight: TensorName
+    readers: tuple[ModuleName, ...]
+
+
+def plan_norm_folds(plan: ExtractPlan, profile: ExportProfile) -> tuple[list[NormFold], dict[TensorName, str]]:
+    """The norms the profile wants folded whose readers can all take the fold (every reader a selected Linear
+    that the profile lets have LoRA, none a tied head), and, for each norm that cannot, why. Headers only: whether
+    a norm changed, and whether its scale can be divided by, is known once its values are read.
+    """
+    arch = profile.architecture
+    if arch is None:
+        return [], {}
+    modules = {m.module: m for m in plan.modules}
+    folds: list[NormFold] = []
+    unfoldable: dict[TensorName, str] = {}
+    for norm, readers in norm_readers(arch, modules).items():
+        weight = f"{norm}.weight"
+        norm_plan = modules[norm]
+        if weight not in norm_plan.tensors or weight in norm_plan.new_in_finetuned or weight in norm_plan.resized:
+            continue
+        problem = None
+        for reader in readers:
+            reader_plan = modules.get(reader)
+            if plan.tied is not None and plan.tied.head == reader:
+                # The head's weight is the embedding's: scaling its columns would scale the input side too.
+                problem = f"its reader {reader} is tied to {plan.tied.embedding}, which the fold would change too"
+            elif reader_plan is None or reader_plan.weight is None or reader_plan.kind is not WeightKind.LINEAR:
+                problem = f"its reader {reader} has no Linear weight in both checkpoints"
+            elif not reader_plan.is_selected:
+                problem = f"its reader {reader} is excluded by --include/--exclude"
+            elif (refusal := profile.lora_refusal(reader, reader_plan.kind)) is not None:
+                problem = f"its reader {reader} cannot be in the adapter ({refusal})"
+            if problem is not None:
+                break
+        if problem is None:
+            folds.append(NormFold(norm, weight, readers))
+        else:
+            unfoldable[weight] = problem
+    return folds, unfoldable
