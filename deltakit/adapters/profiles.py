@@ -34,7 +34,6 @@ needs nothing from them). Changed norms are folded into the Linear layers that r
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 from typing import Literal
 
 from deltakit.adapters.architectures import Architecture, architecture
@@ -47,16 +46,12 @@ Target = Literal["peft", "vllm"]
 TARGETS: tuple[Target, ...] = ("peft", "vllm")
 
 
-@dataclass(frozen=True)
 class ExportProfile:
     """PEFT's profile: everything goes in. :class:`VllmProfile` narrows it."""
 
     name: Target = "peft"
-
-    @property
-    def architecture(self) -> Architecture | None:
-        """The architecture whose changed norms are folded into their readers; None: norms are not folded."""
-        return None
+    # The architecture whose changed norms are folded into the modules reading them; None: norms are not folded.
+    architecture: Architecture | None = None
 
     def lora_refusal(self, module: ModuleName, kind: WeightKind) -> str | None:
         """Why this module may not have LoRA factors in the adapter, or None if it may."""
@@ -76,22 +71,19 @@ class ExportProfile:
         return rank, float(alpha if alpha is not None else rank)
 
 
-@dataclass(frozen=True)
 class VllmProfile(ExportProfile):
-    """vLLM's loader (rules 1-6 above)."""
+    """vLLM's loader (rules 1-6 above), for one architecture."""
 
     name: Target = "vllm"
-    arch: Architecture | None = None
 
-    @property
-    def architecture(self) -> Architecture:
-        return self.arch
+    def __init__(self, arch: Architecture) -> None:
+        self.architecture = arch
 
     def lora_refusal(self, module: ModuleName, kind: WeightKind) -> str | None:
         leaf = module.rpartition(".")[2]
-        if (kind is WeightKind.EMBEDDING or leaf == "lm_head") and leaf not in self.arch.vllm_lora_embeddings:
+        if (kind is WeightKind.EMBEDDING or leaf == "lm_head") and leaf not in self.architecture.vllm_lora_embeddings:
             # rule 6: vLLM's class for this architecture lists no such module in embedding_modules
-            return f"vLLM takes no LoRA on {leaf} for {self.arch.model_type} (not in its embedding_modules)"
+            return f"vLLM takes no LoRA on {leaf} for {self.architecture.model_type} (not in its embedding_modules)"
         return None
 
     def carry_refusal(self, is_bias: bool) -> str | None:
@@ -131,4 +123,4 @@ def export_profile(target: str, *, model_type: str | None, dora: bool) -> Export
     if dora:
         raise InvalidOptionError("--dora with --for vllm: vLLM does not load DoRA adapters "
                                  "(PEFTHelper._validate_features); drop one of the two")
-    return VllmProfile(arch=architecture(model_type, "--for vllm (which cannot carry norms)"))
+    return VllmProfile(architecture(model_type, "--for vllm (which cannot carry norms)"))

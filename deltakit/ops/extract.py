@@ -443,7 +443,8 @@ class _Extraction:
             self.report.tensors.append(self._fate(name, "folded", f"scale change folded into {readers}"))
         compared.update(folded)
         reasons.update((n, f"not folded: {self.unfoldable[n]}") for n in plan.tensors if n in self.unfoldable)
-        reasons.update((n, f"vocabulary resized {before[0]} → {after[0]}") for n, (before, after) in plan.resized.items())
+        reasons.update((n, f"vocabulary resized {before[0]} → {after[0]}")
+                       for n, (before, after) in plan.resized.items())
         changed = [n for n in plan.tensors if n not in compared and self._is_changed(n)]
         changed += plan.new_in_finetuned + list(plan.resized)
         handled = (1 if factorized else 0) + len(folded)
