@@ -1,10 +1,11 @@
 """``extract --for vllm``: adapters that vLLM's loader accepts, that PEFT loads exactly, and that reproduce a full
 fine-tune (norms included) without ``modules_to_save``.
 
-vLLM is not installed here (no GPU, no network), so its loader's rules are encoded below in ``vllm_violations``,
-as read in vLLM's source (``vllm/lora/peft_helper.py``, ``lora_model.py``, ``utils.py``; the citations are in
-``deltakit/adapters/profiles.py``), and ``_apply_as_vllm`` applies an adapter the way vLLM does: one scaling for
-every module, from the top-level ``lora_alpha``/``r``, patterns ignored.
+vLLM is not a test dependency (it needs a GPU build), so its loader's rules are encoded below in
+``vllm_violations``, as read in vLLM 0.33's source (``vllm/lora/peft_helper.py``, ``lora_model.py``, ``utils.py``;
+the citations are in ``deltakit/adapters/profiles.py``), and ``_apply_as_vllm`` applies an adapter the way vLLM
+versions without pattern support do: one scaling for every module, from the top-level ``lora_alpha``/``r``.
+(``benchmarks/vllm_loader.py`` loads the same adapters through vLLM's own loader code.)
 """
 
 from __future__ import annotations
@@ -29,10 +30,9 @@ from deltakit.math.norm_fold import NotFoldableError, change_norms, fold_into_co
 
 # vllm/config/lora.py: the largest --max-lora-rank (MaxLoRARanks).
 VLLM_MAX_LORA_RANK = 512
-# The embedding_modules of vLLM's model class per model_type (LlamaForCausalLM, which also serves Mistral;
-# Qwen2ForCausalLM lists none): the only non-Linear modules its LoRA manager wraps.
-VLLM_EMBEDDING_MODULES = {"llama": {"embed_tokens", "lm_head"}, "mistral": {"embed_tokens", "lm_head"},
-                          "qwen2": set()}
+# The embedding_modules of vLLM's model class per model_type (LlamaForCausalLM; MistralForCausalLM and
+# Qwen2ForCausalLM list none): the only non-Linear modules its LoRA manager wraps.
+VLLM_EMBEDDING_MODULES = {"llama": {"embed_tokens", "lm_head"}, "mistral": set(), "qwen2": set()}
 # vllm/lora/utils.py::parse_fine_tuned_lora_name: the only keys it parses.
 _VLLM_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|"
                        r"lora_embedding_A|lora_embedding_B)")
@@ -70,20 +70,24 @@ def vllm_violations(adapter_dir: Path, model: nn.Module) -> list[str]:
             found.append(f"{key}: vocabulary {tensor.shape[1]} != {model.config.vocab_size}")
         if kind in ("lora_A.weight", "lora_embedding_A"):
             ranks[module] = tensor.shape[0]
-    # PEFTHelper.__post_init__: one scaling; it must be what PEFT computes for every module (patterns included).
+    # PEFTHelper: vLLM 0.33 resolves each module's rank and scaling with PEFT's own pattern rule, so it agrees with
+    # PEFT by construction; earlier versions drop the patterns and give every module lora_alpha/r. That must be
+    # what PEFT computes for every module, and the ranks the patterns give must fit --max-lora-rank too.
     adapter = deltakit.read_adapter(adapter_dir)
     vllm_scaling = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
+    if max([config["r"], *(config.get("rank_pattern") or {}).values()]) > VLLM_MAX_LORA_RANK:
+        found.append(f"a rank_pattern rank > {VLLM_MAX_LORA_RANK}")
     for module, rank in ranks.items():
         if rank > config["r"]:
             found.append(f"{module}: rank {rank} > r {config['r']}")
         if not math.isclose(adapter.scaling(module), vllm_scaling, rel_tol=1e-6):
-            found.append(f"{module}: PEFT scaling {adapter.scaling(module)} != vLLM's {vllm_scaling}")
+            found.append(f"{module}: PEFT scaling {adapter.scaling(module)} != older vLLM's {vllm_scaling}")
     return found
 
 
 def _apply_as_vllm(pair: ModelPair, adapter_dir: Path) -> nn.Module:
-    """The untied base plus the adapter as vLLM computes it: W + s·B@A (embeddings (B@A)ᵀ), one s for all
-    modules."""
+    """The untied base plus the adapter as a vLLM without pattern support computes it: W + s·B@A (embeddings
+    (B@A)ᵀ), one s for all modules."""
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     scaling = config["lora_alpha"] / (math.sqrt(config["r"]) if config["use_rslora"] else config["r"])
     weights = load_file(adapter_dir / "adapter_model.safetensors")
@@ -113,7 +117,7 @@ def test_validator_rejects_default_peft_adapter(llama_pair, qwen2_pair, tmp_path
     deltakit.extract(qwen2_pair.ft_dir, qwen2_pair.base_dir, tmp_path / "qwen2", avg_rank=3, alpha=3.0)
     found = vllm_violations(tmp_path / "qwen2", load_model(qwen2_pair.base_dir))
     assert "bias 'lora_only'" in found and any("base_layer.bias" in v for v in found), found
-    assert any("PEFT scaling" in v for v in found), found  # alpha_pattern-free per-module ranks: wrong under vLLM
+    assert any("PEFT scaling" in v for v in found), found  # per-module ranks, one alpha: wrong under older vLLM
 
 
 # --- full rank: the fine-tune, norms included, with no modules_to_save ---------------------------------------
@@ -181,7 +185,7 @@ def test_qwen2_full_finetune_drops_what_vllm_cannot_load_and_says_what_it_costs(
 
 def test_per_module_ranks_and_alpha_are_right_under_one_scaling(llama_pair, tmp_path):
     """A budget gives each module its own rank; with alpha ≠ r and rsLoRA each module's own scaling would differ.
-    vLLM applies one scaling from lora_alpha/r and ignores the patterns: its result must equal PEFT's."""
+    A vLLM that ignores the patterns applies one scaling from lora_alpha/r: its result must equal PEFT's."""
     report = deltakit.extract(llama_pair.ft_dir, llama_pair.base_dir, tmp_path / "a", avg_rank=3, alpha=5.0,
                               use_rslora=True, target="vllm")
     ranks = {m.rank for m in report.modules}

@@ -54,14 +54,15 @@ _PRE_NORM_DECODER = (
     NormReaders(r"model\.norm", ("lm_head",)),
 )
 
-# vLLM: LlamaForCausalLM declares embedding_modules {embed_tokens, lm_head} (MistralForCausalLM is served by
-# the same class); Qwen2ForCausalLM declares none, so an adapter with LoRA on either is refused there
+# vLLM 0.33 (vllm/model_executor/models/): LlamaForCausalLM declares embedding_modules {embed_tokens, lm_head};
+# MistralForCausalLM (mistral.py) overrides it with {} ("We don't support LoRA on the embedding layers") and
+# Qwen2ForCausalLM keeps SupportsLoRA's {}: an adapter with LoRA on either is refused there
 # (vllm/lora/lora_model.py::LoRAModel.from_local_checkpoint, check_unexpected_modules).
 ARCHITECTURES: dict[str, Architecture] = {
     arch.model_type: arch
     for arch in (
         Architecture("llama", _PRE_NORM_DECODER, frozenset({"embed_tokens", "lm_head"})),
-        Architecture("mistral", _PRE_NORM_DECODER, frozenset({"embed_tokens", "lm_head"})),
+        Architecture("mistral", _PRE_NORM_DECODER, frozenset()),
         Architecture("qwen2", _PRE_NORM_DECODER, frozenset()),
     )
 }

@@ -2,33 +2,35 @@
 
 PEFT loads everything deltakit writes: per-module ranks and alphas through ``rank_pattern``/``alpha_pattern``,
 changed biases as ``base_layer.bias``, and any other changed module whole through ``modules_to_save``. vLLM's
-loader takes a subset. Its rules, as read in vLLM's source (vllm-project/vllm, ``vllm/lora/``):
+loader takes a subset. Its rules, as read in vLLM 0.33.0's source (``vllm/lora/``; earlier versions differ where
+noted):
 
-1. ``peft_helper.py::PEFTHelper._validate_features`` (called from ``validate_legal``): ``modules_to_save`` must be
-   empty and ``use_dora`` false, or the adapter is refused; ``lora_model.py::LoRAModel.from_lora_tensors`` raises
-   NotImplementedError on ``use_dora`` and on ``lora_magnitude_vector`` keys.
-2. ``PEFTHelper.validate_legal``: ``bias`` must be ``"none"`` (any other value needs ``bias_enabled``, which later
-   versions removed); ``r`` must not exceed the server's ``--max-lora-rank``.
-3. ``PEFTHelper.__post_init__``: one scaling for every module, ``lora_alpha / r`` (``/ √r`` with ``use_rslora``),
-   from the top-level fields; ``LoRALayerWeights.from_config`` gives that scaling to each module.
-4. ``PEFTHelper.from_dict`` keeps only its own fields (``r``, ``lora_alpha``, ``target_modules``, ``bias``,
-   ``modules_to_save``, ``use_rslora``, ``use_dora``, ...): ``rank_pattern``, ``alpha_pattern`` and
-   ``fan_in_fan_out`` are dropped without a word. Per-module ranks still load (each factor is copied by its own
-   shape, ``set_lora``), but every module gets rule 3's scaling.
-5. ``utils.py::parse_fine_tuned_lora_name``: the only keys are ``<module>.lora_A.weight``, ``.lora_B.weight``,
-   ``.lora_embedding_A`` and ``.lora_embedding_B``; any other key (``base_layer.bias``, a saved norm) raises
-   "is unsupported LoRA weight" (``utils.py::is_base_embedding_weights`` skips only
+1. ``peft_helper.py::PEFTHelper._validate_features`` (called by ``validate_legal``): ``modules_to_save`` may only
+   name a classifier head (``classifier``/``score``); ``use_dora`` and ``lora_bias`` are refused. A
+   ``lora_magnitude_vector`` key is not a key vLLM parses (rule 4).
+2. ``PEFTHelper.validate_legal``: ``bias`` must be ``"none"`` ("Adapter bias is not supported"); the largest of
+   ``r`` and the ``rank_pattern`` ranks must not exceed the server's ``--max-lora-rank`` (``config/lora.py``:
+   one of 1, 8, 16, 32, 64, 128, 256, 320, 512).
+3. ``PEFTHelper.__post_init__`` / ``get_rank_and_scaling`` and ``lora_weights.py::LoRALayerWeights.from_config``:
+   each module's scaling is ``lora_alpha / r`` (``/ √r`` with ``use_rslora``), with ``rank_pattern`` and
+   ``alpha_pattern`` resolved by PEFT's own first-match rule. Earlier versions, whose ``PEFTHelper`` has no
+   ``rank_pattern`` field, keep only its declared fields in ``from_dict``, drop both patterns without a word, and
+   give every module the top-level ``lora_alpha / r``.
+4. ``utils.py::parse_fine_tuned_lora_name``: the keys it parses are ``<module>.lora_A.weight``, ``.lora_B.weight``,
+   ``.lora_embedding_A`` and ``.lora_embedding_B`` (plus a classifier head's weight/bias); any other key
+   (``base_layer.bias``, a saved norm) raises "is unsupported LoRA weight" (``is_base_embedding_weights`` skips only
    ``embed_tokens/lm_head.base_layer.weight``).
-6. ``lora_model.py::LoRAModel.from_local_checkpoint`` (``check_unexpected_modules``): each module's last name must
-   be one vLLM's model class supports (its Linear layers, through ``packed_modules_mapping``, plus its
-   ``embedding_modules``); and ``from_lora_tensors``: ``lora_embedding_A`` must span exactly the base's vocabulary
-   (vLLM removed LoRA extra vocabulary, so a resized embedding cannot load).
+5. ``lora_model.py::LoRAModel.from_local_checkpoint`` (``check_unexpected_modules``): each module's last name must
+   be one vLLM's model class supports (``utils.py::get_supported_lora_modules``: its Linear layers, plus the names
+   in its ``embedding_modules``); ``LoRAModel.from_lora_tensors``: ``lora_embedding_A`` must span exactly the base's
+   vocabulary (vLLM no longer has LoRA extra vocabulary, so a resized embedding cannot load).
 
 So ``vllm`` writes: no ``modules_to_save``, ``bias: "none"``, no DoRA, ``r`` = the largest module rank, and every
-module's factors rescaled so that the one top-level scaling is right for all of them (``rank_pattern`` and a
-matching ``alpha_pattern`` are still written for PEFT, which needs them to size each module; vLLM ignores them and
-needs nothing from them). Changed norms are folded into the Linear layers that read them (see
-:mod:`deltakit.adapters.architectures`); what still cannot be written is dropped and reported with its size.
+module's factors rescaled so that the one top-level scaling is right for all of them. ``rank_pattern`` and a
+matching ``alpha_pattern`` are still written (PEFT needs them to size each module); they restate that same scaling,
+so a vLLM that reads them (0.33) and one that ignores them (older) compute the same thing. Changed norms are folded
+into the Linear layers that read them (see :mod:`deltakit.adapters.architectures`); what still cannot be written is
+dropped and reported with the size of its change.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ class ExportProfile:
 
 
 class VllmProfile(ExportProfile):
-    """vLLM's loader (rules 1-6 above), for one architecture."""
+    """vLLM's loader (rules 1-5 above), for one architecture."""
 
     name: Target = "vllm"
 
@@ -82,20 +84,21 @@ class VllmProfile(ExportProfile):
     def lora_refusal(self, module: ModuleName, kind: WeightKind) -> str | None:
         leaf = module.rpartition(".")[2]
         if (kind is WeightKind.EMBEDDING or leaf == "lm_head") and leaf not in self.architecture.vllm_lora_embeddings:
-            # rule 6: vLLM's class for this architecture lists no such module in embedding_modules
+            # rule 5: vLLM's class for this architecture lists no such module in embedding_modules
             return f"vLLM takes no LoRA on {leaf} for {self.architecture.model_type} (not in its embedding_modules)"
         return None
 
     def carry_refusal(self, is_bias: bool) -> str | None:
-        if is_bias:
+        if is_bias:  # rules 2 and 4
             return "vLLM loads no biases (PEFTHelper.validate_legal wants bias 'none'; no base_layer.bias key)"
-        return "vLLM refuses modules_to_save (PEFTHelper._validate_features)"
+        return "vLLM refuses modules_to_save (PEFTHelper._validate_features)"  # rule 1
 
     def config_rank_alpha(self, factors: list[ModuleFactors], alpha: float | None, use_rslora: bool,
                           fallback_rank: int) -> tuple[int, float]:
         """``r`` = the largest rank, so ``--max-lora-rank r`` admits every module (rule 2); each module's own
-        scaling is folded into its B so that rule 3's single scaling reproduces it, and its alpha is restated so
-        that PEFT, sizing the module from ``rank_pattern``, computes that same scaling."""
+        scaling is folded into its B so that the top-level scaling reproduces it (rule 3, older vLLM), and its
+        alpha is restated so that PEFT and vLLM 0.33, sizing the module from ``rank_pattern``, compute that same
+        scaling. (The factors are rescaled in place.)"""
         rank = max((f.rank for f in factors), default=fallback_rank)
         config_alpha = float(alpha if alpha is not None else rank)
         scaling = lora_scaling(config_alpha, rank, use_rslora)
@@ -113,8 +116,8 @@ def export_profile(target: str, *, model_type: str | None, dora: bool) -> Export
     """The profile for ``--for`` (``target``), checked against the model and the other options (headers only).
 
     Raises:
-        InvalidOptionError: an unknown target; DoRA for vLLM (rule 1); an architecture whose norm readers deltakit
-            does not know, for vLLM.
+        InvalidOptionError: an unknown target; DoRA for vLLM (rule 1); for vLLM, an architecture whose norm readers
+            deltakit does not know.
     """
     if target == "peft":
         return ExportProfile()
@@ -122,5 +125,5 @@ def export_profile(target: str, *, model_type: str | None, dora: bool) -> Export
         raise InvalidOptionError(f"--for {target!r}: choose one of {', '.join(TARGETS)}")
     if dora:
         raise InvalidOptionError("--dora with --for vllm: vLLM does not load DoRA adapters "
-                                 "(PEFTHelper._validate_features); drop one of the two")
+                                 "(PEFTHelper._validate_features); drop one of the two")  # rule 1
     return VllmProfile(architecture(model_type, "--for vllm (which cannot carry norms)"))
