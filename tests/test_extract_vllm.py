@@ -211,7 +211,7 @@ def test_tied_head_keeps_its_lora_and_reports_the_final_norm(llama_tied_pair, tm
 
 
 def test_dora_for_vllm_is_refused(llama_pair, tmp_path):
-    with pytest.raises(InvalidOptionError, match="vLLM does not load DoRA"):
+    with pytest.raises(InvalidOptionError, match="vLLM does not load adapters with use_dora"):
         deltakit.extract(llama_pair.ft_dir, llama_pair.base_dir, tmp_path / "a", dora=True, target="vllm")
     assert not (tmp_path / "a").exists()
 
@@ -234,7 +234,8 @@ def _exit_code(argv: list[str]) -> int:
 def test_cli_for_vllm(llama_pair, tmp_path, capsys):
     args = ["extract", str(llama_pair.ft_dir), str(llama_pair.base_dir), "--for", "vllm"]
     assert _exit_code([*args, "--dora", "-o", str(tmp_path / "x")]) == 2
-    assert capsys.readouterr().err.strip().startswith("deltakit: error: --dora with --for vllm")
+    assert capsys.readouterr().err.strip().startswith("deltakit: error: --for vllm: vLLM does not load adapters "
+                                                      "with use_dora")
     assert _exit_code([*args, "-r", "4", "-q", "-o", str(tmp_path / "a")]) == 0
     assert json.loads((tmp_path / "a" / "extract_report.json").read_text())["options"]["target"] == "vllm"
 
@@ -301,3 +302,15 @@ def test_table_names_every_reader_of_a_llama_norm(llama_pair):
     for norm in norms:
         assert all(isinstance(modules[r], nn.Linear) for r in arch.readers_of(norm))
     assert set(ARCHITECTURES) == set(VLLM_EMBEDDING_MODULES)
+
+
+def test_batch_manifest_takes_the_cli_name(tmp_path):
+    from deltakit.ops.batch import load_manifest
+
+    manifest = tmp_path / "jobs.toml"
+    manifest.write_text('[[jobs]]\nop = "extract"\nft = "ft"\nbase = "base"\nout = "a"\nfor = "vllm"\n\n'
+                        '[[jobs]]\nop = "extract"\nft = "ft"\nbase = "base"\nout = "b"\nfor = "sglang"\n')
+    with pytest.raises(InvalidOptionError, match="sglang"):
+        load_manifest(manifest)
+    manifest.write_text(manifest.read_text().split("\n\n")[0] + "\n")
+    assert load_manifest(manifest)[0].options["target"] == "vllm"

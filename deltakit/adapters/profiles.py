@@ -35,7 +35,6 @@ dropped and reported with the size of its change.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Literal
 
 from deltakit.adapters.architectures import Architecture, architecture
@@ -64,13 +63,12 @@ class ExportProfile:
         module through ``modules_to_save``), or None if it may."""
         return None
 
-    def config_rank_alpha(self, factors: list[ModuleFactors], alpha: float | None, use_rslora: bool,
-                          fallback_rank: int) -> tuple[int, float]:
-        """The config's ``r`` and ``lora_alpha``; modules that differ get ``rank_pattern``/``alpha_pattern`` entries.
-        PEFT: the commonest rank, and ``alpha`` (default: that rank)."""
-        ranks = Counter(f.rank for f in factors)
-        rank = ranks.most_common(1)[0][0] if ranks else fallback_rank
-        return rank, float(alpha if alpha is not None else rank)
+    def config_rank_alpha(self, factors: list[ModuleFactors], alpha: float | None,
+                          use_rslora: bool) -> dict[str, float | None]:
+        """``r`` and ``lora_alpha`` for :func:`~deltakit.adapters.peft_format.adapter_spec`; modules that differ get
+        ``rank_pattern``/``alpha_pattern`` entries. PEFT: ``adapter_spec``'s own choice (the commonest rank,
+        ``alpha`` defaulting to it)."""
+        return {"alpha": alpha}
 
 
 class VllmProfile(ExportProfile):
@@ -93,13 +91,15 @@ class VllmProfile(ExportProfile):
             return "vLLM loads no biases (PEFTHelper.validate_legal wants bias 'none'; no base_layer.bias key)"
         return "vLLM refuses modules_to_save (PEFTHelper._validate_features)"  # rule 1
 
-    def config_rank_alpha(self, factors: list[ModuleFactors], alpha: float | None, use_rslora: bool,
-                          fallback_rank: int) -> tuple[int, float]:
+    def config_rank_alpha(self, factors: list[ModuleFactors], alpha: float | None,
+                          use_rslora: bool) -> dict[str, float | None]:
         """``r`` = the largest rank, so ``--max-lora-rank r`` admits every module (rule 2); each module's own
         scaling is folded into its B so that the top-level scaling reproduces it (rule 3, older vLLM), and its
         alpha is restated so that PEFT and vLLM 0.33, sizing the module from ``rank_pattern``, compute that same
         scaling. (The factors are rescaled in place.)"""
-        rank = max((f.rank for f in factors), default=fallback_rank)
+        if not factors:
+            return {"alpha": alpha}
+        rank = max(f.rank for f in factors)
         config_alpha = float(alpha if alpha is not None else rank)
         scaling = lora_scaling(config_alpha, rank, use_rslora)
         for f in factors:
@@ -109,21 +109,26 @@ class VllmProfile(ExportProfile):
             f.alpha = scaling * (f.rank ** 0.5 if use_rslora else f.rank)
             if f.rank == rank:
                 f.alpha = config_alpha  # exactly, so the module needs no alpha_pattern entry
-        return rank, config_alpha
+        return {"rank": rank, "alpha": config_alpha}
 
 
-def export_profile(target: str, *, model_type: str | None, dora: bool) -> ExportProfile:
-    """The profile for ``--for`` (``target``), checked against the model and the other options (headers only).
+PEFT_PROFILE = ExportProfile()
+
+
+def export_profile(target: str, *, model_type: str | None, variant_config: dict) -> ExportProfile:
+    """The profile for ``--for`` (``target``), checked against the model and the variant's config keys (headers
+    and options only).
 
     Raises:
-        InvalidOptionError: an unknown target; DoRA for vLLM (rule 1); for vLLM, an architecture whose norm readers
-            deltakit does not know.
+        InvalidOptionError: an unknown target; for vLLM, a variant whose config keys it refuses (DoRA's
+            ``use_dora``, rule 1) or an architecture whose norm readers deltakit does not know.
     """
     if target == "peft":
-        return ExportProfile()
+        return PEFT_PROFILE
     if target != "vllm":
         raise InvalidOptionError(f"--for {target!r}: choose one of {', '.join(TARGETS)}")
-    if dora:
-        raise InvalidOptionError("--dora with --for vllm: vLLM does not load DoRA adapters "
-                                 "(PEFTHelper._validate_features); drop one of the two")  # rule 1
+    refused = [key for key in ("use_dora", "lora_bias") if variant_config.get(key)]
+    if refused:  # rule 1
+        raise InvalidOptionError(f"--for vllm: vLLM does not load adapters with {', '.join(refused)} "
+                                 "(PEFTHelper._validate_features); extract without --dora")
     return VllmProfile(architecture(model_type, "--for vllm (which cannot carry norms)"))

@@ -35,10 +35,11 @@ from deltakit.errors import (
     CheckpointLayoutError,
     CheckpointNotFoundError,
     TensorMissingError,
+    UnsupportedWeightsError,
     shorten,
 )
 from deltakit.io.hub import ResolvedRepo, local_path
-from deltakit.io.dtypes import SAFETENSORS_DTYPES
+from deltakit.io.dtypes import DTYPE_NAMES, SAFETENSORS_DTYPES
 from deltakit.names import TensorName
 
 
@@ -289,6 +290,58 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     headers = {shard_path: _read_listing(shard_path) for shard_path in shards}
     _check_index_matches_shards(index_path, weight_map, headers)
     return Checkpoint(ckpt_path, shards, index_path, headers, source)
+
+
+# Tensors beside FP8 weights that hold their per-block scales (DeepSeek-V3 and the FP8 releases built like it):
+# where they exist, the F8 tensor holds codes, and the weight is codes x scale.
+_FP8_SCALE_SUFFIXES = (".weight_scale_inv", ".weight_scale")
+_PARAM_NAMES = ("weight", "bias")
+
+
+def refuse_unsupported_weights(ckpt: Checkpoint) -> None:
+    """Refuse, from the headers and config.json, a checkpoint whose weights deltakit cannot compute on correctly.
+
+    Until quantized checkpoints are supported, an operation calls this on every checkpoint whose weights it will
+    subtract, factorize or merge into, before any math. Refused, one line each, naming the file and tensor:
+
+    - a ``quantization_config`` in config.json (GPTQ, AWQ, bitsandbytes, FP8...: the stored tensors are codes);
+    - FP8 block scales (``*.weight_scale_inv``): the F8 tensors are codes to multiply by the scales;
+    - float8 tensors (no arithmetic of their own; an upcast alone is right only without scales);
+    - complex tensors (their imaginary part would be dropped);
+    - integer or bool parameters (``*.weight``, ``*.bias``): a factor or a merged delta rounds to zero or wraps.
+
+    Integer buffers that are not parameters (``position_ids``) pass: they are only compared and copied.
+
+    Raises:
+        UnsupportedWeightsError: the first such layout or tensor found.
+    """
+    config = ckpt.config or {}
+    if "quantization_config" in config:
+        quant = config["quantization_config"]
+        method = quant.get("quant_method") if isinstance(quant, dict) else None
+        raise UnsupportedWeightsError(
+            f"quantization_config{f' ({method})' if method else ''}: quantized checkpoints are not supported yet; "
+            "use the unquantized (bf16/fp16/fp32) release", path=ckpt.files[0].parent / "config.json")
+    for name, info in ckpt.tensors.items():
+        if name.endswith(_FP8_SCALE_SUFFIXES):
+            raise UnsupportedWeightsError(
+                f"FP8 block-scaled weights (this tensor holds the scales of "
+                f"{name.rsplit('.', 1)[0]}.weight): quantized checkpoints are not supported yet; use the bf16 release",
+                path=info.file, tensor=name)
+    for name, info in ckpt.tensors.items():
+        dtype_name = DTYPE_NAMES[info.dtype]
+        if info.dtype.is_complex:
+            raise UnsupportedWeightsError(
+                f"dtype {dtype_name}: complex weights are not supported (the imaginary part would be lost)",
+                path=info.file, tensor=name)
+        if info.dtype.is_floating_point and info.dtype.itemsize == 1:
+            raise UnsupportedWeightsError(
+                f"dtype {dtype_name}: 8-bit float weights are not supported yet; use the bf16 release",
+                path=info.file, tensor=name)
+        if not info.dtype.is_floating_point and name.rsplit(".", 1)[-1] in _PARAM_NAMES:
+            raise UnsupportedWeightsError(
+                f"dtype {dtype_name}: integer weights (quantized codes?) cannot be factorized or merged exactly; "
+                "use the unquantized (bf16/fp16/fp32) release", path=info.file, tensor=name)
 
 
 def _find_weight_files(ckpt_dir: Path) -> tuple[Path | None, tuple[Path, ...]]:
