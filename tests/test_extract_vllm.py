@@ -314,3 +314,16 @@ def test_batch_manifest_takes_the_cli_name(tmp_path):
         load_manifest(manifest)
     manifest.write_text(manifest.read_text().split("\n\n")[0] + "\n")
     assert load_manifest(manifest)[0].options["target"] == "vllm"
+
+
+def test_norm_with_an_excluded_reader_is_not_folded(llama_pair, tmp_path):
+    """Folding into only some readers would leave the excluded one reading the base norm: the norm is dropped,
+    and the readers that are in keep their own ΔW."""
+    report = deltakit.extract(llama_pair.ft_dir, llama_pair.base_dir, tmp_path / "a", rank=4, target="vllm",
+                              exclude=[r"layers\.0\.self_attn\.q_proj"])
+    dropped = {t.tensor: t.reason for t in report.fates("dropped")}
+    assert "excluded" in dropped["model.layers.0.input_layernorm.weight"]
+    assert "model.layers.1.input_layernorm.weight" in {t.tensor for t in report.fates("folded")}
+    notes = {m.module: m.note or "" for m in report.modules}
+    assert "norm" not in notes["model.layers.0.self_attn.k_proj"]
+    assert "norm it reads" in notes["model.layers.1.self_attn.k_proj"]
