@@ -287,7 +287,11 @@ def inspect_command(finetuned: str, base: str, ranks: str, include: tuple[str, .
 @click.option("--push", is_flag=True, help="Upload every job's output to its push_repo on the Hub.")
 @click.option("--summary", help="JSON summary file. [default: <manifest stem>.summary.json beside the manifest]")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary table.")
-def batch_command(manifest: str, quiet: bool, **options) -> None:
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Run the jobs one at a time here, or as tasks on a Ray cluster (pip install 'deltakit[ray]').")
+@click.option("--address", help="With --executor ray: the cluster, `auto` (started by `ray start` on this machine) "
+              "or ray://HOST:PORT. [default: start Ray here for the run]")
+def batch_command(manifest: str, quiet: bool, executor: str, address: str | None, **options) -> None:
     """Run the extract/merge/unmerge jobs a MANIFEST (.toml or .json) lists, skipping those already done.
 
     A rerun after an interruption redoes only unfinished jobs; the exit code is non-zero if any job failed.
@@ -296,10 +300,18 @@ def batch_command(manifest: str, quiet: bool, **options) -> None:
     Example:
       deltakit batch jobs.toml
       deltakit batch jobs.toml --continue-on-error --push
+      deltakit batch jobs.toml --executor ray --address auto
     """
     from deltakit.ops.batch import run_batch
 
-    report = run_batch(manifest, progress=not quiet, **options)
+    if address is not None and executor != "ray":
+        raise click.UsageError("--address needs --executor ray")
+    runner = None
+    if executor == "ray":
+        from deltakit.ops.batch_ray import RayExecutor  # imports ray, which only this executor needs
+
+        runner = RayExecutor(address)
+    report = run_batch(manifest, progress=not quiet, executor=runner, **options)
     if not quiet or report.error is not None:
         _echo_lines(report.summary_lines())
     if report.error is not None:

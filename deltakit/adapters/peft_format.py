@@ -85,11 +85,12 @@ class AdapterSpec:
 
 def adapter_spec(factors: list[ModuleFactors], carried: list[CarriedTensor], *, default_rank: int,
                  alpha: float | None = None, rank: int | None = None, **fields: object) -> AdapterSpec:
-    """The spec of an adapter holding these tensors: ``r`` is ``rank``, default the commonest rank (the others go
-    to ``rank_pattern``), ``lora_alpha`` is ``alpha`` (default: ``r``), and the bias mode follows the carried
-    tensors. ``default_rank``: ``r`` when there are no factors."""
+    """The spec of an adapter holding these tensors: ``r`` is ``rank`` if given, else the commonest rank (the
+    others go to ``rank_pattern``), ``lora_alpha`` is ``alpha`` (default: that rank), and the bias mode follows
+    the carried tensors. ``default_rank``: ``r`` when there are no factors."""
     ranks = Counter(f.rank for f in factors)
-    rank = rank if rank is not None else ranks.most_common(1)[0][0] if ranks else default_rank
+    if rank is None:
+        rank = ranks.most_common(1)[0][0] if ranks else default_rank
     return AdapterSpec(rank=rank, alpha=float(alpha if alpha is not None else rank),
                        has_base_biases=any(c.key.endswith(".base_layer.bias") for c in carried), **fields)
 

@@ -53,13 +53,21 @@ from deltakit.adapters.variants import BlockStep
 from deltakit.errors import CheckpointFormatError, InvalidOptionError, NonFiniteError, ReceiptMissingError, shorten
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint, refuse_unsupported_weights
 from deltakit.io.dtypes import parse_dtype
-from deltakit.io.mirror import MirrorResult, OtherFiles, Transform, copy_other_files, write_index, write_mirror
+from deltakit.io.mirror import (
+    MirrorResult,
+    OtherFiles,
+    Transform,
+    copy_other_files,
+    mirror_order,
+    write_index,
+    write_mirror,
+)
 from deltakit.io.writer import refuse_overlap, staged_output
 from deltakit.math.factorize import resolve_device
 from deltakit.names import TensorName
 from deltakit.ops.plan import FactorStep, MergePlan, TensorJob, plan_merge
 from deltakit.ops.receipt import RECEIPT_DIR, Receipt, ReceiptWriter, read_receipt
-from deltakit.ops.report import MergeReport, TensorChange, command_line
+from deltakit.ops.report import MergeReport, TensorChange, command_line, own_error
 
 __all__ = ["RECEIPT_DIR", "MergeReport", "merge", "unmerge"]
 
@@ -191,12 +199,13 @@ def _dry_run(ckpt: Checkpoint, plan: MergePlan, out_dir: Path, inputs: list[Path
 
 def _report(operation: str, checkpoint: str | Path, adapters: list[str], weights: list[float], out_dir: Path,
             changes: list[TensorChange], output: _Output, *, dry_run: bool, receipt: str, notes: list[str],
-            seconds: float = 0.0) -> MergeReport:
+            seconds: float = 0.0, adapter_errors: list[float | None] | None = None) -> MergeReport:
     return MergeReport(
         operation, str(checkpoint), adapters, weights, str(out_dir), dry_run=dry_run, changed=changes,
         unchanged=output.mirrored.unchanged, weight_files=output.mirrored.weight_files,
         other_files=output.files.copied, skipped_files=output.files.skipped, receipt=receipt,
-        bytes_written=output.mirrored.bytes_written, seconds=seconds, command=command_line(), notes=notes)
+        bytes_written=output.mirrored.bytes_written, seconds=seconds, command=command_line(), notes=notes,
+        requantized=output.mirrored.requantized, adapter_errors=adapter_errors or [])
 
 
 def _open_inputs(checkpoint: str | Path, adapters: list[str | Path]) -> tuple[Checkpoint, list[Adapter]]:
@@ -277,13 +286,15 @@ def merge(
                        notes=notes)
 
     with staged_output(out_dir, overwrite=overwrite, inputs=inputs) as staging_dir:
-        with ReceiptWriter(staging_dir, ckpt, plan) as receipt:
+        with ReceiptWriter(staging_dir, ckpt, plan, mirror_order(ckpt, out_dtype)) as receipt:
             output = _write(ckpt, plan, _Merge(plan, opened, weights, math_device, receipt), staging_dir,
                             operation="merge", dtype=out_dtype, device=math_device, progress=progress)
             receipt_line = receipt.finish(str(base), names, opened, weights, dtype)
         seconds = time.perf_counter() - started
+    # Beside the requantization error of an FP8 merge, each adapter's own error (from its extract report).
+    own = [own_error(a.path) for a in opened] if output.mirrored.requantized else None
     return _report("merge", base, names, weights, out_dir, changes, output, dry_run=False, receipt=receipt_line,
-                   notes=notes, seconds=seconds)
+                   notes=notes, seconds=seconds, adapter_errors=own)
 
 
 def unmerge(
