@@ -114,6 +114,9 @@ _DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N."
               help="Length of each calibration sequence.")
 @click.option("--carry/--no-carry", default=True, show_default=True,
               help="Store changed biases, norms and heads exactly in the adapter, or drop them (reported).")
+@click.option("--for", "target", type=click.Choice(["peft", "vllm"]), default="peft", show_default=True,
+              help="Who loads the adapter. vllm: only what vLLM's loader accepts (norm changes folded into the "
+              "Linear layers reading them, one scaling for all modules, no modules_to_save/biases/DoRA).")
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 def extract_command(finetuned: str, base: str, out: str | None, rank_patterns: tuple[str, ...],
@@ -128,6 +131,7 @@ def extract_command(finetuned: str, base: str, out: str | None, rank_patterns: t
       deltakit extract ft/ base/ --energy 0.9 --max-rank 128
       deltakit extract ft/ base/ --budget 50MB
       deltakit extract ft/ base/ -r 16 --calib self
+      deltakit extract ft/ base/ -r 64 --for vllm -o ft-vllm-r64
     """
     from deltakit.math.ranks import parse_rank_pattern, rank_policy
     from deltakit.ops.extract import extract

@@ -9,13 +9,17 @@ from deltakit.adapters.layers import WeightKind, to_out_in
 from deltakit.adapters.variants import DeltaPair
 from deltakit.errors import NonFiniteError
 from deltakit.io.checkpoint import Checkpoint
+from deltakit.math.norm_fold import fold_into_consumer
 from deltakit.math.values import all_finite, check_finite, same_values
 from deltakit.names import TensorName
 
 
 def read_delta(finetuned: Checkpoint, base: Checkpoint, weight: TensorName, kind: WeightKind, device: torch.device,
-               *, keep_finetuned: bool = False) -> DeltaPair | None:
+               *, keep_finetuned: bool = False, column_scale: torch.Tensor | None = None) -> DeltaPair | None:
     """W0 and ΔW = W_ft − W0 of one weight, fp32, (out, in), on ``device``; None if the two are equal.
+
+    ``column_scale``: the g'/g of a changed norm this module reads, folded in first (ΔW = W_ft·diag(g'/g) − W0,
+    :mod:`deltakit.math.norm_fold`); W_ft then means the folded weight, and equal weights still have a ΔW.
 
     Memory: the stored pair, then W0 and ΔW in fp32 (and W_ft with ``keep_finetuned``), never more.
 
@@ -23,12 +27,14 @@ def read_delta(finetuned: Checkpoint, base: Checkpoint, weight: TensorName, kind
         NonFiniteError: either input holds NaN or Inf (naming it), or ΔW overflows float32.
     """
     base_w, ft_w = base.get(weight), finetuned.get(weight)
-    if same_values(base_w, ft_w) and all_finite(base_w):
+    if column_scale is None and same_values(base_w, ft_w) and all_finite(base_w):
         return None
     base_m = to_out_in(base_w.to(device, torch.float32), kind)  # (out, in)
     del base_w
     delta = to_out_in(ft_w.to(device, torch.float32), kind)
     del ft_w
+    if column_scale is not None:
+        fold_into_consumer(delta, column_scale)
     ft_m = delta.clone() if keep_finetuned else None
     delta.sub_(base_m)
     if not all_finite(delta):

@@ -15,7 +15,7 @@ import math
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -33,6 +33,7 @@ from deltakit.adapters.layers import (
 from deltakit.adapters.moe import conform_experts, expert_summary, moe_family, moe_weight
 from deltakit.adapters.output_aware import OutputAwareLora
 from deltakit.adapters.peft_format import CarriedTensor, ModuleFactors, adapter_spec, task_type_for, write_adapter
+from deltakit.adapters.profiles import ExportProfile, Target, export_profile
 from deltakit.adapters.variants import DORA, LORA, AdapterVariant, Fit, FitSettings
 from deltakit.errors import InvalidOptionError, NothingToExtractError, shorten
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint, refuse_unsupported_weights
@@ -40,11 +41,21 @@ from deltakit.io.dtypes import DTYPES, parse_dtype
 from deltakit.io.writer import save_tensors, staged_output, write_json, write_text
 from deltakit.math.factorize import SvdMethod, TruncatedSVD, resolve_device
 from deltakit.math.lowrank import SvdOptions
+from deltakit.math.norm_fold import NotFoldableError, change_norms, scale_ratio
 from deltakit.math.ranks import DEFAULT_RANK, ModelSize, ModuleSpectrum, RankPolicy, Weighting, rank_policy
-from deltakit.names import ModuleName, matches_peft_pattern, split_tensor_name
+from deltakit.names import ModuleName, TensorName, matches_peft_pattern, split_tensor_name
 from deltakit.ops.calibrate import CALIB_SEQ_LEN, CALIB_TOKENS, calibrate, check_calibration
 from deltakit.ops.delta import is_changed, read_delta
-from deltakit.ops.plan import ExtractPlan, ModuleFates, ModulePlan, module_fates, plan_extract, tied_bias_fates
+from deltakit.ops.plan import (
+    ExtractPlan,
+    ModuleFates,
+    ModulePlan,
+    NormFold,
+    module_fates,
+    plan_extract,
+    plan_norm_folds,
+    tied_bias_fates,
+)
 from deltakit.ops.report import (
     EXTRACT_REPORT_FILE,
     ExtractReport,
@@ -59,6 +70,33 @@ _SPILL_DIR = ".svd-spill"  # inside the staging directory, removed before it is 
 _CALIB_DIR = ".calib-moments"  # likewise: the input moments of --calib, one file per block
 
 
+@dataclass
+class _Folds:
+    """The norms whose scale change goes into the modules reading them (the profile's choice, the plan's check,
+    and the values: a changed norm whose base scale can be divided by)."""
+
+    ratios: dict[ModuleName, torch.Tensor] = field(default_factory=dict)  # reader → g'/g of the norm it reads
+    folded: dict[TensorName, NormFold] = field(default_factory=dict)  # norm weight → its fold
+    unfoldable: dict[TensorName, str] = field(default_factory=dict)  # norm weight → why its change cannot fold
+
+
+def _read_folds(finetuned: Checkpoint, base: Checkpoint, folds: list[NormFold],
+                unfoldable: dict[TensorName, str]) -> _Folds:
+    """Each foldable norm's g'/g (two small 1-D reads per norm), for its readers."""
+    result = _Folds(unfoldable=dict(unfoldable))
+    for fold in folds:
+        if not is_changed(finetuned, base, fold.weight):
+            continue
+        try:
+            ratio = scale_ratio(base.get(fold.weight), finetuned.get(fold.weight))
+        except NotFoldableError as e:
+            result.unfoldable[fold.weight] = str(e)
+            continue
+        result.ratios.update(dict.fromkeys(fold.readers, ratio))
+        result.folded[fold.weight] = fold
+    return result
+
+
 @dataclass(frozen=True)
 class _Run:
     """What every module's step shares."""
@@ -71,6 +109,8 @@ class _Run:
     fit: FitSettings
     dtype: torch.dtype | None  # of the stored factors; None: the base tensor's
     carry: bool
+    profile: ExportProfile
+    folds: _Folds
 
 
 @dataclass(frozen=True)
@@ -112,8 +152,9 @@ class _ModuleResult:
 def _fit_weight(run: _Run, module: ModulePlan) -> _Factorized | None:
     """Fit the module's weight; None if it did not change."""
     started = time.perf_counter()
+    column_scale = run.folds.ratios.get(module.module)  # a changed norm feeds this module: its ΔW takes the change
     pair = read_delta(run.finetuned, run.base, module.weight, module.kind, run.fit.device,
-                      keep_finetuned=run.variant.needs_finetuned)
+                      keep_finetuned=run.variant.needs_finetuned, column_scale=column_scale)
     if pair is None:
         return None
     shape = tuple(run.finetuned.info(module.weight).shape)
@@ -121,6 +162,8 @@ def _fit_weight(run: _Run, module: ModulePlan) -> _Factorized | None:
     wanted = run.policy.compute_rank(module.module, out_in)
     note = (f"rank {wanted} > min(out, in) = {min(out_in)}: clamped"
             if run.policy.is_requested(module.module) and wanted > min(out_in) else None)
+    if column_scale is not None:
+        note = "; ".join(filter(None, [note, "ΔW includes the scale change of the norm it reads"]))
     dtype = run.dtype or run.base.info(module.weight).dtype
     base_norm = float(torch.linalg.vector_norm(pair.base, dtype=torch.float64))
     fit = run.variant.fit(pair, min(wanted, min(out_in)),
@@ -129,15 +172,32 @@ def _fit_weight(run: _Run, module: ModulePlan) -> _Factorized | None:
     return _Factorized(module.module, module.kind, shape, dtype, fit, time.perf_counter() - started, note, base_norm)
 
 
+def _measured(run: _Run, fate: TensorFate) -> TensorFate:
+    """A dropped or folded tensor with the size of its change: what leaving it out of the factors costs."""
+    name = fate.tensor
+    if name not in run.base or run.base.info(name).shape != run.finetuned.info(name).shape:
+        return fate
+    change, scale = change_norms(run.base.get(name), run.finetuned.get(name))
+    return replace(fate, change_norm=change, relative_change=change / scale if scale > 0 else None)
+
+
 def _extract_module(run: _Run, module: ModulePlan) -> _ModuleResult:
-    """Fit the module's weight and decide what becomes of its other changed tensors."""
+    """Fit the module's weight (unless the profile's reader cannot take LoRA on it), report the norms folded into
+    other modules, and decide what becomes of its other changed tensors."""
     factorized = None
     compared = set(module.new_in_finetuned) | set(module.resized)
     fates = ModuleFates()
     tied = run.plan.tied if run.plan.tied and run.plan.tied.embedding == module.module else None
+    # Why a changed tensor that the profile cannot carry was not factorized or folded either.
+    reasons = {n: f"vocabulary resized {before[0]} → {after[0]}" for n, (before, after) in module.resized.items()}
+    reasons.update((n, f"not folded: {why}") for n, why in run.folds.unfoldable.items() if n in module.tensors)
+    refusal = (run.profile.lora_refusal(module.module, module.kind)
+               if module.weight is not None and module.is_selected else None)
     if tied is not None and run.variant.tied_embedding_refusal and module.weight is not None:
         fates.drop([module.weight], f"input embedding tied to {tied.head}: {run.variant.tied_embedding_refusal}")
         compared.add(module.weight)
+    elif refusal is not None:
+        reasons[module.weight] = refusal  # left to the rules for changed tensors that are not factorized
     elif module.weight is not None and module.is_selected:
         factorized = _fit_weight(run, module)
         compared.add(module.weight)
@@ -147,14 +207,21 @@ def _extract_module(run: _Run, module: ModulePlan) -> _ModuleResult:
             factorized.tied_head = tied.head
             fates.notes.append(f"{tied.head} is tied to {tied.embedding}: the embedding's factors are stored for "
                                "it too, transposed")
+    folded = [n for n in module.tensors if n in run.folds.folded]
+    for name in folded:
+        readers = ", ".join(r.rpartition(".")[2] for r in run.folds.folded[name].readers)
+        fates.fates.append(TensorFate(name, "folded", f"scale change folded into {readers}"))
+    compared.update(folded)
     changed = [n for n in module.tensors if n not in compared and is_changed(run.finetuned, run.base, n)]
     changed += module.new_in_finetuned + list(module.resized)
-    rest = module_fates(run.plan, module, changed, factorized=factorized is not None, carry=run.carry)
-    fates.fates += rest.fates
+    rest = module_fates(run.plan, module, changed, factorized=factorized is not None, carry=run.carry,
+                        profile=run.profile, reasons=reasons)
+    fates.fates = [_measured(run, f) if f.fate in ("dropped", "folded") else f for f in fates.fates + rest.fates]
     fates.keys.update(rest.keys)
     fates.saves_module = rest.saves_module
     fates.notes += rest.notes
-    return _ModuleResult(factorized, fates, len(module.tensors) - (factorized is not None) - len(changed))
+    handled = (factorized is not None) + len(folded) + len(changed)
+    return _ModuleResult(factorized, fates, len(module.tensors) - handled)
 
 
 def _extract_tied_bias(run: _Run, head_factorized: bool) -> _ModuleResult:
@@ -162,7 +229,9 @@ def _extract_tied_bias(run: _Run, head_factorized: bool) -> _ModuleResult:
     tied = run.plan.tied
     if tied is None or tied.bias is None or not is_changed(run.finetuned, run.base, tied.bias):
         return _ModuleResult(None, ModuleFates(), int(tied is not None and tied.bias is not None))
-    return _ModuleResult(None, tied_bias_fates(tied, head_factorized=head_factorized, carry=run.carry), 0)
+    fates = tied_bias_fates(tied, head_factorized=head_factorized, carry=run.carry, profile=run.profile)
+    fates.fates = [_measured(run, f) if f.fate == "dropped" else f for f in fates.fates]
+    return _ModuleResult(None, fates, 0)
 
 
 class _Spill:
@@ -370,6 +439,7 @@ def extract(
     calib_tokens: int = CALIB_TOKENS,
     calib_seq_len: int = CALIB_SEQ_LEN,
     carry: bool = True,
+    target: Target = "peft",
     overwrite: bool = False,
     progress: bool = False,
 ) -> ExtractReport:
@@ -405,6 +475,10 @@ def extract(
         calib_tokens, calib_seq_len: how many calibration tokens, in sequences of this length.
         carry: store changed tensors that are not factorized (biases, norms, heads) exactly; False drops them
             (each is listed in the report either way).
+        target: who loads the adapter (:mod:`deltakit.adapters.profiles`). ``peft``: everything above. ``vllm``:
+            only what vLLM's loader accepts: changed norms folded into the Linear layers that read them (for the
+            architectures in :mod:`deltakit.adapters.architectures`), one scaling right for every module, no
+            ``modules_to_save``, biases or DoRA; what cannot be written is dropped and reported with its size.
         overwrite: replace ``out`` if it exists.
         progress: show a progress bar on stderr.
 
@@ -431,6 +505,7 @@ def extract(
     refuse_unsupported_weights(ft_ckpt), refuse_unsupported_weights(base_ckpt)
     plan = plan_extract(ft_ckpt, base_ckpt, include=include, exclude=exclude)
     _check_rank_patterns(rank_pattern, plan)
+    profile = export_profile(target, model_type=plan.model_type, variant_config=variant.config())
     _check_expert_options(plan, variant, use_rslora)
     size = ModelSize(sum(math.prod(info.shape) for info in base_ckpt.tensors.values()),
                      _factor_bytes_per_param(dtype, plan, base_ckpt),
@@ -439,6 +514,7 @@ def extract(
     policy.check_size(size)  # fail before work
     if calib is not None:
         check_calibration(calib, ft_ckpt, tokens=calib_tokens, seq_len=calib_seq_len)
+    folds = _read_folds(ft_ckpt, base_ckpt, *plan_norm_folds(plan, profile))
 
     with staged_output(out_dir, overwrite=overwrite, inputs=[ft_ckpt.path, base_ckpt.path]) as staging_dir:
         calibration = None
@@ -450,7 +526,7 @@ def extract(
             calibration = {**found.describe(), "activations": "finetuned", "damping": variant.damping}
         run = _Run(ft_ckpt, base_ckpt, plan, policy, variant,
                    FitSettings(alpha, use_rslora, SvdOptions(svd, oversample, niter, seed), math_device),
-                   factor_dtype, carry)
+                   factor_dtype, carry, profile, folds)
         results = _extract_modules(run, _Spill(staging_dir / _SPILL_DIR), progress)
         shutil.rmtree(staging_dir / _CALIB_DIR, ignore_errors=True)
         rows, factors, budget_summary = _assemble(run, results, size)
@@ -472,6 +548,7 @@ def extract(
             "calib": str(calib) if calib is not None else None,
             "calib_tokens": calib_tokens if calib is not None else None,
             "calib_seq_len": calib_seq_len if calib is not None else None,
+            "target": target,
         }
         fates = [TensorFate(name, "only-in-base", "not in the fine-tuned checkpoint; left as in the base")
                  for name in plan.only_in_base] + [fate for r in results.modules for fate in r.fates.fates]
@@ -500,7 +577,9 @@ def extract(
             calibration=calibration,
         )
         spec = adapter_spec(
-            factors, carried, default_rank=rank if isinstance(rank, int) else 1, alpha=spec_alpha, rank=spec_rank,
+            factors, carried, default_rank=rank if isinstance(rank, int) else 1,
+            **({"rank": spec_rank, "alpha": spec_alpha} if experts is not None
+               else profile.config_rank_alpha(factors, alpha, use_rslora)),
             use_rslora=use_rslora,
             variant_config=variant.config(),
             base_model_name_or_path=report.base,

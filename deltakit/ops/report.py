@@ -74,8 +74,19 @@ class TensorFate:
     """A tensor that was not factorized, and why: carried exactly, dropped, or only present on one side."""
 
     tensor: TensorName
-    fate: str  # "carried", "dropped", "only-in-base"
+    fate: str  # "carried", "folded" (a norm's scale, into the Linear layers reading it), "dropped", "only-in-base"
     reason: str
+    # Of a dropped or folded tensor, what leaving it out costs: ‖t_ft − t_base‖, and that over ‖t_base‖ (None for
+    # a zero base, e.g. a bias initialised to 0, or where the shapes differ).
+    change_norm: float | None = None
+    relative_change: float | None = None
+
+    def describe(self) -> str:
+        if self.relative_change is not None:
+            return f"{self.reason} (relative change {self.relative_change:.3g})"
+        if self.change_norm is not None:
+            return f"{self.reason} (‖Δ‖ = {self.change_norm:.3g}; the base is 0)"
+        return self.reason
 
 
 @dataclass
@@ -144,6 +155,7 @@ class ExtractReport:
                 "adapter_bytes": self.adapter_bytes,
                 "tensors_unchanged": self.unchanged,
                 "tensors_carried": len(self.fates("carried")),
+                "tensors_folded": len(self.fates("folded")),
                 "tensors_dropped": len(self.fates("dropped")),
                 "tensors_only_in_base": len(self.fates("only-in-base")),
                 "seconds": round(self.seconds, 3),
@@ -180,11 +192,12 @@ class ExtractReport:
             f"  wall time          : {self.seconds:.1f} s",
             *[f"  experts            : {line}" for line in experts_lines(self.experts or [])],
         ]
-        for fate, label in (("carried", "carried exactly"), ("dropped", "DROPPED"), ("only-in-base", "only in base")):
+        for fate, label in (("carried", "carried exactly"), ("folded", "folded into Linear"), ("dropped", "DROPPED"),
+                            ("only-in-base", "only in base")):
             items = self.fates(fate)
             if items:
                 lines.append(f"  {label:<19}: {len(items)}")
-                lines += [f"    {t.tensor}: {t.reason}" for t in items[:10]]
+                lines += [f"    {t.tensor}: {t.describe()}" for t in items[:10]]
                 if len(items) > 10:
                     lines.append(f"    ... {len(items) - 10} more in extract_report.json")
         noted = [m for m in self.modules if m.note]
@@ -252,6 +265,14 @@ def _at(revision: str | None) -> str:
     return f" (Hub commit `{revision}`)" if revision else ""
 
 
+# vllm/config/lora.py: max_lora_rank is one of these (MaxLoRARanks).
+_VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def _vllm_max_lora_rank(rank: int) -> int | str:
+    return next((r for r in _VLLM_MAX_LORA_RANKS if r >= rank), f"{rank} (above vLLM's largest, 512)")
+
+
 def model_card(report: ExtractReport) -> str:
     """A README.md for the adapter: how it was made and how well it reproduces the fine-tune."""
     s = report.error_summary()
@@ -278,6 +299,7 @@ def model_card(report: ExtractReport) -> str:
         f"| worst relative error of ΔW | {s['max_relative_error']:.4f} |",
         f"| energy of ΔW retained | {s['energy_retained']:.4f} |",
         f"| tensors carried exactly | {len(report.fates('carried'))} |",
+        *([f"| norms folded into Linear layers | {len(report.fates('folded'))} |"] if report.fates("folded") else []),
         f"| tensors dropped | {len(report.fates('dropped'))} |",
         "",
     ]
@@ -295,9 +317,24 @@ def model_card(report: ExtractReport) -> str:
         "```",
         "",
     ]
+    if report.options.get("target") == "vllm":
+        lines += [
+            "Written for vLLM (`--for vllm`: no modules_to_save, no biases, one scaling for every module). Serve it "
+            "with a `--max-lora-rank` of at least the config's `r` (vLLM accepts 1, 8, 16, 32, 64, 128, 256, 320, 512):",
+            "",
+            "```",
+            f"vllm serve {report.base} --enable-lora --lora-modules adapter={report.out} --max-lora-rank "
+            f"{_vllm_max_lora_rank(max(ranks, default=1))}",
+            "```",
+            "",
+        ]
+    if report.fates("folded"):
+        lines += ["Norms whose scale change is folded into the Linear layers reading them (exact at full rank):", ""]
+        lines += [f"- `{t.tensor}`: {t.describe()}" for t in report.fates("folded")]
+        lines.append("")
     if report.fates("dropped"):
-        lines += ["Dropped tensors (not in the adapter):", ""]
-        lines += [f"- `{t.tensor}`: {t.reason}" for t in report.fates("dropped")]
+        lines += ["Dropped tensors (not in the adapter; the relative change is what leaving each out costs):", ""]
+        lines += [f"- `{t.tensor}`: {t.describe()}" for t in report.fates("dropped")]
         lines.append("")
     if report.calibration:
         lines += _calibration_card(report)
