@@ -19,6 +19,7 @@ from deltakit.ops.extract import extract
 from deltakit.io.hub import is_hub_id
 from deltakit.ops.inspect import inspect
 from deltakit.ops.merge import merge, unmerge
+from deltakit.math.quantize import FACTOR_CODECS
 from deltakit.math.ranks import parse_rank, parse_rank_pattern, parse_ranks
 from deltakit.ops.stack import stack
 
@@ -77,6 +78,9 @@ _DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N."
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
 @click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), help="Dtype of the stored factors. [default: the base's]")
+@click.option("--factor-dtype", type=click.Choice(list(FACTOR_CODECS)),
+              help="How the factors are stored: int8 or float8_e4m3fn (8 bits, one scale per factor folded into "
+              "alpha_pattern), or a float dtype (as --dtype).")
 @click.option("--include", multiple=True, help="Regex on module names to include (repeatable).")
 @click.option("--exclude", multiple=True, help="Regex on module names to exclude (repeatable).")
 @click.option("--rank-pattern", "rank_patterns", multiple=True, metavar="REGEX=R",

@@ -23,6 +23,7 @@ from deltakit.io.hub import ResolvedRepo, local_path
 from deltakit.names import ModuleName, PeftKey, matches_peft_pattern
 from deltakit.adapters.layers import WeightKind, lora_keys, magnitude_key, module_pattern, parse_peft_key
 from deltakit.io.writer import SafetensorsWriter, write_json
+from deltakit.math.quantize import FactorCodec, product_distance
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -52,6 +53,22 @@ class ModuleFactors:
     def delta(self) -> torch.Tensor:
         """scaling · B @ A in fp32, (out, in)."""
         return self.scaling * (self.b.float() @ self.a.float())
+
+
+def encode_factors(factors: ModuleFactors, codec: FactorCodec) -> tuple[ModuleFactors, float]:
+    """The factors as ``codec`` stores them. An 8-bit codec's scales s_B·s_A multiply the module's ``lora_alpha``
+    (written to ``alpha_pattern``), so PEFT's scaling·B_q@A_q is the stored approximation of scaling·B@A and
+    PEFT loads the file as it is (it copies the stored values into its float parameters, exactly).
+
+    Returns:
+        The stored factors, and ‖ΔW_stored − ΔW‖_F: what the storage alone costs.
+    """
+    encoded = codec.encode(factors.b, factors.a)
+    error = abs(factors.scaling) * product_distance(factors.b, factors.a, encoded.b.float() * encoded.scale,
+                                                    encoded.a.float())
+    stored = ModuleFactors(factors.module, factors.kind, encoded.a, encoded.b, factors.alpha * encoded.scale,
+                           factors.scaling * encoded.scale, factors.magnitude)
+    return stored, error
 
 
 @dataclass

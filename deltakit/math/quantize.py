@@ -39,6 +39,7 @@ class EncodedFactors:
 class FactorCodec(Protocol):
     name: str
     dtype: torch.dtype  # of the stored factors
+    is_compact: bool  # stores scaled values (with a scale to fold into the scaling), not the factors themselves
 
     @property
     def itemsize(self) -> int: ...
@@ -52,6 +53,7 @@ class FloatFactors:
 
     name: str
     dtype: torch.dtype
+    is_compact = False
 
     @property
     def itemsize(self) -> int:
@@ -68,6 +70,7 @@ class ScaledFactors:
     name: str
     dtype: torch.dtype
     limit: float  # the largest magnitude the format holds (used in full)
+    is_compact = True
 
     @property
     def itemsize(self) -> int:
@@ -111,11 +114,6 @@ def factor_codec(name: str) -> FactorCodec:
     if name not in FACTOR_CODECS:
         raise InvalidOptionError(f"--factor-dtype {name!r}: choose one of {', '.join(FACTOR_CODECS)}")
     return FACTOR_CODECS[name]
-
-
-def is_compact(dtype: torch.dtype) -> bool:
-    """Whether factors of this dtype hold scaled values (an 8-bit codec's) rather than the factors themselves."""
-    return dtype in (torch.int8, torch.float8_e4m3fn)
 
 
 def product_distance(b1: torch.Tensor, a1: torch.Tensor, b2: torch.Tensor, a2: torch.Tensor) -> float:

@@ -457,23 +457,26 @@ _PARAMS = re.compile(rf"{_NUMBER}\s*([kmb]?)\s*params?", re.IGNORECASE)
 _BUDGET_EXAMPLES = "e.g. 50MB, 1.5GiB, 2%, 3Mparams or 1200000 (parameters)"
 
 
-def parse_budget(text: str, *, model_params: int, bytes_per_param: int) -> int:
+def parse_budget(text: str, *, model_params: int, bytes_per_param: int, carried_bytes: int = 0) -> int:
     """``--budget``: a size for the adapter's factors, as a number of parameters.
 
     Accepted forms (one unambiguous spelling each; a unit-less number is always a parameter count):
 
-    - bytes of stored factors: ``50MB``, ``1.5GB``, ``200KiB`` (B, KB, MB, GB, TB are powers of 1000; KiB, MiB,
-      GiB, TiB of 1024; case does not matter), divided by ``bytes_per_param``;
+    - bytes of the adapter's tensors: ``50MB``, ``1.5GB``, ``200KiB`` (B, KB, MB, GB, TB are powers of 1000;
+      KiB, MiB, GiB, TiB of 1024; case does not matter): what the tensors carried whole leave, divided by
+      ``bytes_per_param``;
     - a share of the model: ``2%`` of ``model_params``;
     - a parameter count: ``1200000``, or with a suffix and the word ``params``: ``3Mparams``, ``500k params``,
       ``1.5Bparams`` (k = 10³, M = 10⁶, B = 10⁹). A bare ``3M`` is refused: megabytes or millions?
 
-    Only the factors (A and B) count; tensors carried whole (norms, biases, heads) and DoRA magnitudes do not.
+    A percentage or parameter count sizes only the factors (A and B); a size in bytes is the adapter's real size,
+    so the tensors carried whole (norms, biases, heads: ``carried_bytes``) take their share of it first.
 
     Args:
         text: the option value.
         model_params: the model's parameter count, for percentages.
-        bytes_per_param: bytes per stored factor element (2 for float16/bfloat16, 4 for float32).
+        bytes_per_param: bytes per stored factor element (1 at 8 bits, 2 for float16/bfloat16, 4 for float32).
+        carried_bytes: bytes of the tensors the adapter carries whole.
 
     Returns:
         The budget in parameters, rounded down, at least 1.
@@ -483,7 +486,11 @@ def parse_budget(text: str, *, model_params: int, bytes_per_param: int) -> int:
     """
     value = text.strip()
     if match := _BYTES.fullmatch(value):
-        params = float(match[1]) * _BYTE_UNITS[match[2].lower()] / bytes_per_param
+        size = float(match[1]) * _BYTE_UNITS[match[2].lower()]
+        if carried_bytes and size - carried_bytes < bytes_per_param:
+            raise InvalidOptionError(f"--budget {text!r} leaves no room for factors after the {carried_bytes:,} bytes "
+                                     "of tensors carried exactly (norms, biases, ...); raise it, or use --no-carry")
+        params = (size - carried_bytes) / bytes_per_param
     elif match := _PERCENT.fullmatch(value):
         share = float(match[1])
         if not 0.0 < share <= 100.0:

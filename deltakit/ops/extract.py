@@ -23,6 +23,7 @@ from deltakit.adapters.peft_format import (
     AdapterSpec,
     CarriedTensor,
     ModuleFactors,
+    encode_factors,
     lora_scaling,
     task_type_for,
     write_adapter,
@@ -32,6 +33,7 @@ from deltakit.io.dtypes import DTYPES
 from deltakit.errors import InvalidOptionError, NonFiniteError, NothingToExtractError
 from deltakit.math.dora import apply_dora, fit_magnitude, projection_scales
 from deltakit.math.factorize import SvdMethod, TruncatedSVD, resolve_device, truncated_svd
+from deltakit.math.quantize import FactorCodec, FloatFactors, factor_codec
 from deltakit.adapters.layers import (
     TiedHead,
     WeightKind,
@@ -94,10 +96,12 @@ class BudgetRequest:
     def compute_rank(self, module: str, out_in: tuple[int, int]) -> int:
         return self.max_rank  # phase 1 computes this many triplets; the allocation picks from them
 
-    def params(self, model_params: int, bytes_per_param: int, out_ins: list[tuple[int, int]]) -> int:
+    def params(self, model_params: int, bytes_per_param: int, out_ins: list[tuple[int, int]],
+               carried_bytes: int) -> int:
         if self.avg_rank is not None:
             return budget_for_avg_rank(self.avg_rank, out_ins)
-        return parse_budget(self.budget, model_params=model_params, bytes_per_param=bytes_per_param)
+        return parse_budget(self.budget, model_params=model_params, bytes_per_param=bytes_per_param,
+                            carried_bytes=carried_bytes)
 
     def describe(self) -> str:
         return f"--avg-rank {self.avg_rank:g}" if self.avg_rank is not None else f"--budget {self.budget}"
@@ -138,10 +142,13 @@ def rank_policy(
 
 def _lora_factors(
     svd: TruncatedSVD, rank: int, alpha: float | None, use_rslora: bool, module: str, kind: WeightKind,
-    dtype: torch.dtype, row_scale: torch.Tensor | None = None,
-) -> ModuleFactors:
+    codec: FactorCodec, row_scale: torch.Tensor | None = None,
+) -> tuple[ModuleFactors, float]:
     """Split the kept singular values evenly between B and A, folding 1/scaling in, so scaling·B@A = ΔW_r
-    (times ``row_scale`` per output row, for DoRA's projected fit)."""
+    (times ``row_scale`` per output row, for DoRA's projected fit), stored by ``codec``.
+
+    Returns:
+        The stored factors and the error of storing them, ‖ΔW_stored − ΔW_r‖_F."""
     module_alpha = float(alpha if alpha is not None else rank)
     scaling = lora_scaling(module_alpha, rank, use_rslora)
     root = (svd.s[:rank] / scaling).sqrt()
@@ -149,7 +156,7 @@ def _lora_factors(
     if row_scale is not None:
         b = b * row_scale.to(b.device)[:, None]
     a = root[:, None] * svd.vh[:rank]  # (r, in)
-    return ModuleFactors(module, kind, a.to(dtype), b.to(dtype), module_alpha, scaling)
+    return encode_factors(ModuleFactors(module, kind, a, b, module_alpha, scaling), codec)
 
 
 @dataclass
@@ -187,6 +194,7 @@ class _Options:
     alpha: float | None
     use_rslora: bool
     dtype: torch.dtype | None  # of the stored factors; None: the base tensor's
+    codec: FactorCodec | None  # an 8-bit storage of the factors (--factor-dtype int8, ...), else None
     carry: bool
     dora: bool
 
@@ -200,10 +208,14 @@ class _Extraction:
         self.policy, self.svd, self.device = options.policy, options.svd, options.device
         self.alpha, self.use_rslora, self.dtype = options.alpha, options.use_rslora, options.dtype
         self.carry, self.dora = options.carry, options.dora
+        self.codec = options.codec
         self.factors: list[ModuleFactors | _Deferred] = []
         self.spill_dir: Path | None = None  # under a budget: where phase 1 keeps each module's SVD
         self.carried: list[CarriedTensor] = []
         self.modules_to_save: list[str] = []
+
+    def _codec(self, dtype: torch.dtype) -> FactorCodec:
+        return self.codec or FloatFactors(str(dtype).removeprefix("torch."), dtype)
 
     def _load_pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         base_w, ft_w = self.base.get(name), self.finetuned.get(name)
@@ -260,9 +272,11 @@ class _Extraction:
                 self.report.modules.append(row)
                 return True
             rank = max(1, self.policy.choose(plan.module, svd.s, svd.total_energy, out_in))
-            factors = _lora_factors(svd, rank, self.alpha, self.use_rslora, plan.module, plan.kind, dtype)
+            factors, stored_error = _lora_factors(svd, rank, self.alpha, self.use_rslora, plan.module, plan.kind,
+                                                  self._codec(dtype))
             metrics = {"relative_error": svd.relative_error(rank), "energy_retained": svd.energy_retained(rank),
-                       "method": svd.method}
+                       "method": svd.method,
+                       "quantization_error": stored_error / delta_norm if delta_norm > 0 else 0.0}
         self.factors.append(factors)
         self.report.modules.append(ModuleReport(
             module=plan.module, kind=plan.kind.value, shape=stored_shape, rank=factors.rank,
@@ -285,17 +299,19 @@ class _Extraction:
         request: BudgetRequest = self.policy
         pending = [f for f in self.factors if isinstance(f, _Deferred) and f.tied_to is None]
         spectra = [d.spectrum for d in pending]
-        params = request.params(model_params, bytes_per_param, [s.out_in for s in spectra])
+        carried_bytes = sum(math.prod(c.shape) * c.dtype.itemsize for c in self.carried)
+        params = request.params(model_params, bytes_per_param, [s.out_in for s in spectra], carried_bytes)
         allocator = BudgetRanks(params, request.min_rank, request.max_rank, request.weighting)
         ranks = allocator.allocate(spectra) if spectra else []
         built: dict[int, ModuleFactors] = {}
         for deferred, rank in zip(pending, ranks):
             started = time.perf_counter()
             svd = deferred.load()
-            built[id(deferred)] = _lora_factors(svd, rank, self.alpha, self.use_rslora, deferred.module,
-                                                deferred.kind, deferred.dtype)
+            built[id(deferred)], stored_error = _lora_factors(svd, rank, self.alpha, self.use_rslora, deferred.module,
+                                                              deferred.kind, self._codec(deferred.dtype))
             row = deferred.report
             row.rank, row.relative_error, row.energy_retained = rank, svd.relative_error(rank), svd.energy_retained(rank)
+            row.quantization_error = stored_error / row.delta_norm if row.delta_norm > 0 else 0.0
             row.seconds += time.perf_counter() - started
         for i, entry in enumerate(self.factors):
             if isinstance(entry, _Deferred):
@@ -310,6 +326,7 @@ class _Extraction:
             "params": params,
             "params_used": adapter_params(ranks, [s.out_in for s in spectra]),
             "bytes_per_param": bytes_per_param,
+            "carried_bytes": carried_bytes,
             "weighting": request.weighting,
             "min_rank": request.min_rank,
             "max_rank": request.max_rank,
@@ -336,7 +353,8 @@ class _Extraction:
         rank = min(rank, len(plain.s))
         best: tuple[float, ModuleFactors, str] | None = None
         for svd, row_scale in fits:
-            factors = _lora_factors(svd, rank, self.alpha, self.use_rslora, plan.module, plan.kind, dtype, row_scale)
+            factors, _ = _lora_factors(svd, rank, self.alpha, self.use_rslora, plan.module, plan.kind,
+                                       self._codec(dtype), row_scale)
             lora_delta = factors.delta().to(self.device)  # from the stored (rounded) factors: what PEFT will see
             factors.magnitude = fit_magnitude(base_m + lora_delta, ft_m).to(dtype)
             merged, _ = apply_dora(base_m, lora_delta, factors.magnitude.to(self.device))
@@ -437,8 +455,12 @@ class _Extraction:
             self._carry_tensor(n, saved_module_key(n), reason)
 
 
-def _factor_bytes_per_param(dtype: str | None, plan: ExtractPlan, base: Checkpoint) -> int:
-    """Bytes per stored factor element: the --dtype asked for, else the commonest dtype of the weights."""
+def _factor_bytes_per_param(dtype: str | None, codec: FactorCodec | None, plan: ExtractPlan,
+                            base: Checkpoint) -> int:
+    """Bytes per stored factor element: the --factor-dtype or --dtype asked for, else the commonest dtype of the
+    weights."""
+    if codec is not None:
+        return codec.itemsize
     if dtype is not None:
         return DTYPES[dtype].itemsize
     dtypes = Counter(base.info(p.weight).dtype for p in plan.modules if p.weight is not None and p.weight in base)
@@ -464,6 +486,7 @@ def extract(
     seed: int = 0,
     device: str = "auto",
     dtype: str | None = None,
+    factor_dtype: str | None = None,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     rank_pattern: list[tuple[str, int]] | None = None,
@@ -490,6 +513,10 @@ def extract(
         svd: ``exact``, ``randomized`` or ``auto``; ``oversample``/``niter``/``seed`` tune the randomized route.
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:i``: where the SVD runs.
         dtype: dtype of the stored factors (``float32``, ``float16``, ``bfloat16``); default: the base's.
+        factor_dtype: how the factors are stored: ``int8`` or ``float8_e4m3fn`` (8 bits per element, one scale
+            per factor folded into the module's ``alpha_pattern``: half a bf16 adapter's bytes at the same rank;
+            see :mod:`deltakit.math.quantize`), or ``bfloat16``/``float16``/``float32`` (as ``dtype``). A byte
+            ``budget`` buys ranks at this width. Not with ``dtype`` or ``dora``.
         include, exclude: regexes (``re.search``) on module names selecting what goes into the adapter.
         rank_pattern: (regex, rank) overrides, matched the way PEFT matches ``rank_pattern`` keys.
         energy: keep the smallest rank holding this fraction of ‖ΔW‖², at most ``max_rank`` (default 256).
@@ -519,6 +546,14 @@ def extract(
     out_dir = Path(out)
     if dtype is not None and dtype not in DTYPES:
         raise InvalidOptionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    codec = factor_codec(factor_dtype) if factor_dtype is not None else None
+    if codec is not None and dtype is not None:
+        raise InvalidOptionError("--dtype and --factor-dtype both choose how the factors are stored; give one")
+    if codec is not None and not codec.is_compact:
+        dtype, codec = factor_dtype, None  # a float width is just --dtype
+    if codec is not None and dora:
+        raise InvalidOptionError(f"--factor-dtype {factor_dtype} with --dora is not supported: DoRA's magnitude "
+                                 "is fitted to float factors; use --dtype or a float --factor-dtype")
     policy = rank_policy(rank, energy, max_rank, rank_pattern, budget=budget, avg_rank=avg_rank,
                          min_rank=min_rank, budget_weighting=budget_weighting)
     if dora and isinstance(policy, BudgetRequest):
@@ -528,13 +563,14 @@ def extract(
     ft_ckpt, base_ckpt = open_checkpoint(finetuned), open_checkpoint(base)
     plan = plan_extract(ft_ckpt, base_ckpt, include=include, exclude=exclude)
     model_params = sum(math.prod(info.shape) for info in base_ckpt.tensors.values())
-    bytes_per_param = _factor_bytes_per_param(dtype, plan, base_ckpt)
+    bytes_per_param = _factor_bytes_per_param(dtype, codec, plan, base_ckpt)
     if isinstance(policy, BudgetRequest) and policy.budget is not None:
         parse_budget(policy.budget, model_params=model_params, bytes_per_param=bytes_per_param)  # fail before work
 
     options = {
         "rank": rank, "alpha": alpha, "use_rslora": use_rslora, "svd": svd, "oversample": oversample,
-        "niter": niter, "seed": seed, "device": str(math_device), "dtype": dtype, "include": include,
+        "niter": niter, "seed": seed, "device": str(math_device), "dtype": dtype, "factor_dtype": factor_dtype,
+        "include": include,
         "exclude": exclude, "rank_pattern": [list(p) for p in rank_pattern or []], "energy": energy,
         "budget": budget, "avg_rank": avg_rank, "min_rank": min_rank, "max_rank": max_rank,
         "budget_weighting": budget_weighting if isinstance(policy, BudgetRequest) else None, "dora": dora,
@@ -548,7 +584,7 @@ def extract(
         report.tensors.append(TensorFate(name, "only-in-base", "not in the fine-tuned checkpoint; left as in the base"))
     run = _Extraction(ft_ckpt, base_ckpt, plan, report, _Options(
         policy, SvdOptions(svd, oversample, niter, seed), math_device, alpha, use_rslora,
-        DTYPES[dtype] if dtype else None, carry, dora))
+        DTYPES[dtype] if dtype else None, codec, carry, dora))
 
     with staged_output(out_dir, overwrite=overwrite, inputs=[ft_ckpt.path, base_ckpt.path]) as staging_dir:
         if isinstance(policy, BudgetRequest):

@@ -24,6 +24,8 @@ class ModuleReport:
     seconds: float
     method: str
     note: str | None = None  # e.g. a clamped rank
+    # ‖ΔW_stored − ΔW_r‖ / ‖ΔW‖: what storing the rank-r factors (rounding, 8-bit codes) adds to relative_error
+    quantization_error: float | None = None
     # With --dora, relative_error is ‖W_ft − W_dora‖ / ‖ΔW‖; these are plain LoRA's on the same ΔW:
     lora_relative_error: float | None = None  # at the same rank
     lora_relative_error_same_params: float | None = None  # at rank + 1, at least DoRA's parameter count
