@@ -170,3 +170,19 @@ def test_cli_factor_dtype(llama_pair, tmp_path):
     result = runner.invoke(cli, ["extract", str(llama_pair.ft_dir), str(llama_pair.base_dir),
                                  "--factor-dtype", "int4", "-o", str(tmp_path / "b")])
     assert result.exit_code == 2 and "int4" in result.output
+
+
+def test_int8_adapter_warns_about_peft_low_cpu_mem_usage(llama_pair, tmp_path):
+    """PEFT 0.21 with low_cpu_mem_usage=True assigns the stored int8 tensors as parameters and computes wrong
+    outputs silently; the report and model card say so. If PEFT starts casting them, this test says the caveat
+    can go."""
+    report = deltakit.extract(llama_pair.ft_dir, llama_pair.base_dir, tmp_path / "a", rank=4, factor_dtype="int8")
+    assert any("low_cpu_mem_usage" in n for n in report.notes)
+    assert "low_cpu_mem_usage" in (tmp_path / "a" / "README.md").read_text()
+    right = logits(PeftModel.from_pretrained(load_model(llama_pair.base_dir), tmp_path / "a"), INPUT_IDS)
+    assigned = PeftModel.from_pretrained(load_model(llama_pair.base_dir), tmp_path / "a", low_cpu_mem_usage=True)
+    assert {p.dtype for n, p in assigned.named_parameters() if "lora_A" in n} == {torch.int8}
+    assert not torch.allclose(logits(assigned, INPUT_IDS), right, atol=1e-2)
+    fp8 = deltakit.extract(llama_pair.ft_dir, llama_pair.base_dir, tmp_path / "b", rank=4,
+                           factor_dtype="float8_e4m3fn")
+    assert not any("low_cpu_mem_usage" in n for n in fp8.notes)

@@ -71,6 +71,21 @@ def encode_factors(factors: ModuleFactors, codec: FactorCodec) -> tuple[ModuleFa
     return stored, error
 
 
+def loading_caveat(factor_dtype: torch.dtype) -> str | None:
+    """What a user must know to load factors of this dtype with PEFT, or None.
+
+    PEFT 0.21 copies stored tensors into its float LoRA parameters (``load_state_dict``), except with
+    ``low_cpu_mem_usage=True``, where it assigns them as they are and then casts only float parameters to the
+    base layer's dtype: integer factors stay integer, its forward casts the input to int8, and the outputs and
+    ``merge_and_unload`` are wrong without an error (checked by a test).
+    """
+    if factor_dtype.is_floating_point:
+        return None
+    return (f"factors are stored as {str(factor_dtype).removeprefix('torch.')}: load with PEFT's default "
+            "low_cpu_mem_usage=False; with low_cpu_mem_usage=True, PEFT 0.21 keeps them as integer parameters "
+            "and computes wrong outputs without an error (float8_e4m3fn factors load either way)")
+
+
 @dataclass
 class CarriedTensor:
     """A tensor stored exactly in the adapter (a bias of a targeted module, or a ``modules_to_save`` param)."""

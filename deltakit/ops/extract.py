@@ -24,6 +24,7 @@ from deltakit.adapters.peft_format import (
     CarriedTensor,
     ModuleFactors,
     encode_factors,
+    loading_caveat,
     lora_scaling,
     task_type_for,
     write_adapter,
@@ -580,6 +581,8 @@ def extract(
         _input_name(finetuned, ft_ckpt), _input_name(base, base_ckpt), str(out_dir), options, command=command_line(),
         finetuned_revision=ft_ckpt.source.commit_hash if ft_ckpt.source else None,
         base_revision=base_ckpt.source.commit_hash if base_ckpt.source else None)
+    if codec is not None and (caveat := loading_caveat(codec.dtype)):
+        report.notes.append(caveat)
     for name in plan.only_in_base:
         report.tensors.append(TensorFate(name, "only-in-base", "not in the fine-tuned checkpoint; left as in the base"))
     run = _Extraction(ft_ckpt, base_ckpt, plan, report, _Options(
