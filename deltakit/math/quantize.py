@@ -37,7 +37,6 @@ class EncodedFactors:
 
 
 class FactorCodec(Protocol):
-    name: str
     dtype: torch.dtype  # of the stored factors
     is_compact: bool  # stores scaled values (with a scale to fold into the scaling), not the factors themselves
 
@@ -51,7 +50,6 @@ class FactorCodec(Protocol):
 class FloatFactors:
     """Factors cast to a float dtype, scale 1."""
 
-    name: str
     dtype: torch.dtype
     is_compact = False
 
@@ -67,7 +65,6 @@ class FloatFactors:
 class ScaledFactors:
     """Each factor scaled so that its largest magnitude is the storage format's ``limit``, then rounded to it."""
 
-    name: str
     dtype: torch.dtype
     limit: float  # the largest magnitude the format holds (used in full)
     is_compact = True
@@ -97,11 +94,11 @@ class ScaledFactors:
 
 # --factor-dtype names; scripts depend on them (issue 14).
 FACTOR_CODECS: dict[str, FactorCodec] = {
-    "int8": ScaledFactors("int8", torch.int8, 127.0),
-    "float8_e4m3fn": ScaledFactors("float8_e4m3fn", torch.float8_e4m3fn, float(torch.finfo(torch.float8_e4m3fn).max)),
-    "bfloat16": FloatFactors("bfloat16", torch.bfloat16),
-    "float16": FloatFactors("float16", torch.float16),
-    "float32": FloatFactors("float32", torch.float32),
+    "int8": ScaledFactors(torch.int8, 127.0),
+    "float8_e4m3fn": ScaledFactors(torch.float8_e4m3fn, float(torch.finfo(torch.float8_e4m3fn).max)),
+    "bfloat16": FloatFactors(torch.bfloat16),
+    "float16": FloatFactors(torch.float16),
+    "float32": FloatFactors(torch.float32),
 }
 
 
