@@ -20,7 +20,16 @@ from deltakit.io.hub import is_hub_id
 from deltakit.ops.inspect import DEFAULT_RANKS, inspect
 from deltakit.ops.merge import merge, unmerge
 from deltakit.math.quantize import FACTOR_CODECS
-from deltakit.math.ranks import DEFAULT_MAX_RANK, DEFAULT_RANK, parse_rank, parse_rank_pattern, parse_ranks, rank_policy
+from deltakit.math.ranks import (
+    DEFAULT_MAX_RANK,
+    DEFAULT_RANK,
+    DEFAULT_WEIGHTING,
+    WEIGHTINGS,
+    parse_rank,
+    parse_rank_pattern,
+    parse_ranks,
+    rank_policy,
+)
 from deltakit.ops.stack import stack
 
 
@@ -95,9 +104,9 @@ _DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N."
 @click.option("--max-rank", type=click.IntRange(min=1),
               help=f"Cap of every module's rank with --energy, --budget, --avg-rank or --rank auto. [default: "
               f"{DEFAULT_MAX_RANK}]")
-@click.option("--budget-weighting", type=click.Choice(["absolute", "relative"]), default="absolute",
-              show_default=True, help="Minimise the total squared error of ΔW (absolute) or the sum of each "
-              "module's squared relative error (relative).")
+@click.option("--budget-weighting", type=click.Choice(list(WEIGHTINGS)), default=DEFAULT_WEIGHTING,
+              show_default=True, help="uniform: the largest uniform rank that fits; absolute: minimise the total "
+              "squared error of ΔW; relative: the sum of each module's squared relative error.")
 @click.option("--dora", is_flag=True, help="Extract a DoRA adapter (per-row magnitude + low-rank direction).")
 @click.option("--carry/--no-carry", default=True, show_default=True,
               help="Store changed biases, norms and heads exactly in the adapter, or drop them (reported).")

@@ -27,8 +27,11 @@ import torch
 from deltakit.errors import InvalidOptionError
 from deltakit.names import ModuleName, matches_peft_pattern
 
-Weighting = Literal["absolute", "relative"]
-WEIGHTINGS: tuple[Weighting, ...] = ("absolute", "relative")
+Weighting = Literal["uniform", "absolute", "relative"]
+WEIGHTINGS: tuple[Weighting, ...] = ("uniform", "absolute", "relative")
+# The default of --budget-weighting: on benchmarks/bench_quality.py both spectrum weightings gave a higher output KL
+# than uniform rank at the same bytes on the Llama pair (issue 14), so neither may be the default.
+DEFAULT_WEIGHTING: Weighting = "uniform"
 
 
 # The defaults of every rank option, for the library's signatures and the CLI's help alike.
@@ -346,7 +349,9 @@ class BudgetRanks:
         params: total adapter parameters allowed, Σ rank_i·(out_i + in_i).
         min_rank: every module gets at least this (or its cap, if smaller).
         max_rank: no module gets more; also how many triplets to compute per module.
-        weighting: ``absolute`` or ``relative`` (see above).
+        weighting: ``absolute`` or ``relative`` (see above), or ``uniform``: the same rank r in every module
+            (min(r, cap_i), at least the floor), the largest that fits; what uniform rank would store, at the size
+            asked for (the default: see :data:`DEFAULT_WEIGHTING`).
     """
 
     params: int
@@ -362,7 +367,7 @@ class BudgetRanks:
         if self.max_rank < self.min_rank:
             raise InvalidOptionError(f"max rank {self.max_rank} is below min rank {self.min_rank}")
         if self.weighting not in WEIGHTINGS:
-            raise InvalidOptionError(f"unknown budget weighting {self.weighting!r}; use absolute or relative")
+            raise InvalidOptionError(f"unknown budget weighting {self.weighting!r}; use {', '.join(WEIGHTINGS)}")
 
     def compute_rank(self, module: ModuleName, out_in: tuple[int, int]) -> int:
         return self.max_rank
@@ -388,6 +393,8 @@ class BudgetRanks:
             raise InvalidOptionError(
                 f"a budget of {self.params:,} parameters cannot pay for rank {self.min_rank} in each of the "
                 f"{len(spectra)} modules ({floor_params:,} parameters); raise the budget or lower --min-rank")
+        if self.weighting == "uniform":
+            return _allocate_uniform(caps, floors, costs, self.params)
         gains = [_weighted_energies(spectrum, self.weighting)[floor:cap]
                  for spectrum, floor, cap in zip(spectra, floors, caps)]
         # Past what every remaining triplet costs, more budget changes nothing.
@@ -405,6 +412,17 @@ def _weighted_energies(spectrum: ModuleSpectrum, weighting: Weighting) -> np.nda
     if weighting == "absolute":
         return energies
     return energies / spectrum.total_energy if spectrum.total_energy > 0 else np.zeros_like(energies)
+
+
+def _allocate_uniform(caps: list[int], floors: list[int], costs: list[int], params: int) -> list[int]:
+    """The largest rank r such that every module at min(r, its cap) (at least its floor) fits the budget."""
+    def ranks(r: int) -> list[int]:
+        return [max(floor, min(r, cap)) for floor, cap in zip(floors, caps)]
+
+    rank = max(floors, default=1)
+    while rank < max(caps, default=0) and sum(r * c for r, c in zip(ranks(rank + 1), costs)) <= params:
+        rank += 1
+    return ranks(rank)
 
 
 def _allocate_greedy(gains: list[np.ndarray], costs: list[int], budget: int) -> list[int]:
@@ -603,7 +621,7 @@ class Budget:
     avg_rank: float | None
     min_rank: int = 1
     max_rank: int = DEFAULT_MAX_RANK
-    weighting: Weighting = "absolute"
+    weighting: Weighting = DEFAULT_WEIGHTING
     label = "budget"
     defers = True
 
@@ -655,7 +673,7 @@ def rank_policy(
     max_rank: int | None = None,
     budget: str | None = None,
     avg_rank: float | None = None,
-    budget_weighting: Weighting = "absolute",
+    budget_weighting: Weighting = DEFAULT_WEIGHTING,
     min_rank: int | None = None,
 ) -> RankPolicy:
     """The policy extract's rank options describe: a fixed rank, ``auto`` (noise floor), an energy target, or a

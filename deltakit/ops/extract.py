@@ -41,7 +41,7 @@ from deltakit.io.writer import save_tensors, staged_output, write_json, write_te
 from deltakit.math.factorize import SvdMethod, TruncatedSVD, resolve_device
 from deltakit.math.lowrank import SvdOptions
 from deltakit.math.quantize import FactorCodec, factor_codec
-from deltakit.math.ranks import DEFAULT_RANK, ModelSize, ModuleSpectrum, RankPolicy, Weighting, rank_policy
+from deltakit.math.ranks import DEFAULT_RANK, DEFAULT_WEIGHTING, ModelSize, ModuleSpectrum, RankPolicy, Weighting, rank_policy
 from deltakit.names import ModuleName, split_tensor_name
 from deltakit.ops.delta import is_changed, read_delta
 from deltakit.ops.plan import ExtractPlan, ModuleFates, ModulePlan, module_fates, plan_extract, tied_bias_fates
@@ -228,7 +228,7 @@ def extract(
     avg_rank: float | None = None,
     min_rank: int | None = None,
     max_rank: int | None = None,
-    budget_weighting: Weighting = "absolute",
+    budget_weighting: Weighting = DEFAULT_WEIGHTING,
     dora: bool = False,
     carry: bool = True,
     overwrite: bool = False,
@@ -260,8 +260,10 @@ def extract(
         avg_rank: a budget equal to the size of a uniform adapter of this rank over the changed modules.
         min_rank, max_rank: bounds of every module's rank under a budget; ``max_rank`` also caps ``energy`` and
             ``rank="auto"``.
-        budget_weighting: ``absolute`` (total squared error of ΔW) or ``relative`` (sum of each module's squared
-            relative error).
+        budget_weighting: ``uniform`` (the default: the largest uniform rank that fits the budget), ``absolute``
+            (minimise the total squared error of ΔW) or ``relative`` (the sum of each module's squared relative
+            error). The default is the one that was never worse than uniform rank on benchmarks/bench_quality.py;
+            the others are options (measurements in the README).
         dora: extract a DoRA adapter (magnitude + low-rank direction, PEFT's ``use_dora``) instead of LoRA.
         carry: store changed tensors that are not factorized (biases, norms, heads) exactly; False drops them
             (each is listed in the report either way).
