@@ -143,6 +143,7 @@ class AdapterVariant:
     tied_embedding_refusal: str | None = None  # extract: share an embedding's factors with its tied head
     tied_head_refusal: str | None = None  # merge: the same, read from an adapter
     stack_refusal: str | None = None  # stack: sum with other adapters (``adapter X <refusal>``)
+    expert_refusal: str | None = None  # extract: MoE experts and routers, which PEFT targets as fused parameters
     compact_refusal: str | None = None  # extract: 8-bit factors (--factor-dtype int8, float8_e4m3fn)
 
     def config(self) -> dict[str, bool]:
@@ -202,6 +203,7 @@ class DoraVariant(AdapterVariant):
                       "allocation needs; use --rank, --energy or --rank auto with --dora")
     tied_embedding_refusal = "PEFT cannot tie DoRA magnitudes across the two; extract without --dora to keep it"
     tied_head_refusal = "a DoRA magnitude cannot be shared between the two"
+    expert_refusal = "which reject DoRA"
     compact_refusal = ("8-bit --factor-dtype with --dora is not supported: DoRA's magnitude is fitted to float "
                        "factors; use --dtype or a float --factor-dtype with --dora")
     stack_refusal = ("is DoRA: its per-row rescaling of W0 + ΔW is not linear in ΔW, so DoRA adapters cannot be "

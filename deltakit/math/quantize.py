@@ -20,6 +20,7 @@ from typing import Protocol
 
 import torch
 
+from deltakit.defaults import FACTOR_DTYPES
 from deltakit.errors import InvalidOptionError
 
 
@@ -92,13 +93,11 @@ class ScaledFactors:
         return EncodedFactors(b_q, a_q, b_scale * a_scale)
 
 
-# --factor-dtype names; scripts depend on them (issue 14).
+_EIGHT_BIT_LIMITS = {"int8": 127.0, "float8_e4m3fn": float(torch.finfo(torch.float8_e4m3fn).max)}
+# By --factor-dtype name (defaults.FACTOR_DTYPES; scripts depend on the names, issue 14).
 FACTOR_CODECS: dict[str, FactorCodec] = {
-    "int8": ScaledFactors(torch.int8, 127.0),
-    "float8_e4m3fn": ScaledFactors(torch.float8_e4m3fn, float(torch.finfo(torch.float8_e4m3fn).max)),
-    "bfloat16": FloatFactors(torch.bfloat16),
-    "float16": FloatFactors(torch.float16),
-    "float32": FloatFactors(torch.float32),
+    name: ScaledFactors(getattr(torch, name), _EIGHT_BIT_LIMITS[name]) if name in _EIGHT_BIT_LIMITS
+    else FloatFactors(getattr(torch, name)) for name in FACTOR_DTYPES
 }
 
 

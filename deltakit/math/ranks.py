@@ -24,19 +24,13 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
+from deltakit.defaults import DEFAULT_MAX_RANK, DEFAULT_RANK, DEFAULT_WEIGHTING, WEIGHTINGS
 from deltakit.errors import InvalidOptionError
 from deltakit.names import ModuleName, matches_peft_pattern
 
-Weighting = Literal["uniform", "absolute", "relative"]
-WEIGHTINGS: tuple[Weighting, ...] = ("uniform", "absolute", "relative")
-# The default of --budget-weighting: on benchmarks/bench_quality.py both spectrum weightings gave a higher output KL
-# than uniform rank at the same bytes on the Llama pair (issue 14), so neither may be the default.
-DEFAULT_WEIGHTING: Weighting = "uniform"
+Weighting = Literal["uniform", "absolute", "relative"]  # defaults.WEIGHTINGS; the default: defaults.DEFAULT_WEIGHTING
 
 
-# The defaults of every rank option, for the library's signatures and the CLI's help alike.
-DEFAULT_RANK = 16
-DEFAULT_MAX_RANK = 256
 
 
 @dataclass(frozen=True)
