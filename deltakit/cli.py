@@ -18,7 +18,15 @@ from pathlib import Path
 import click
 
 from deltakit.defaults import (
-    CALIB_SEQ_LEN, CALIB_TOKENS, DEFAULT_INSPECT_RANKS, DEFAULT_MAX_RANK, DEFAULT_RANK, STORED_DTYPES,
+    CALIB_SEQ_LEN,
+    CALIB_TOKENS,
+    DEFAULT_INSPECT_RANKS,
+    DEFAULT_MAX_RANK,
+    DEFAULT_RANK,
+    DEFAULT_WEIGHTING,
+    FACTOR_DTYPES,
+    STORED_DTYPES,
+    WEIGHTINGS,
 )
 from deltakit.errors import DeltakitError
 
@@ -88,6 +96,9 @@ _DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N."
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
 @click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
 @click.option("--dtype", type=click.Choice(sorted(STORED_DTYPES)), help="Dtype of the stored factors. [default: the base's]")
+@click.option("--factor-dtype", type=click.Choice(FACTOR_DTYPES),
+              help="How the factors are stored: int8 or float8_e4m3fn (8 bits, one scale per factor folded into "
+              "alpha_pattern), or a float dtype (as --dtype).")
 @click.option("--include", multiple=True, help="Regex on module names to include (repeatable).")
 @click.option("--exclude", multiple=True, help="Regex on module names to exclude (repeatable).")
 @click.option("--rank-pattern", "rank_patterns", multiple=True, metavar="REGEX=R",
@@ -102,9 +113,9 @@ _DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N."
 @click.option("--max-rank", type=click.IntRange(min=1),
               help=f"Cap of every module's rank with --energy, --budget, --avg-rank or --rank auto. [default: "
               f"{DEFAULT_MAX_RANK}]")
-@click.option("--budget-weighting", type=click.Choice(["absolute", "relative"]), default="absolute",
-              show_default=True, help="Minimise the total squared error of ΔW (absolute) or the sum of each "
-              "module's squared relative error (relative).")
+@click.option("--budget-weighting", type=click.Choice(list(WEIGHTINGS)), default=DEFAULT_WEIGHTING,
+              show_default=True, help="uniform: the largest uniform rank that fits; absolute: minimise the total "
+              "squared error of ΔW; relative: the sum of each module's squared relative error.")
 @click.option("--dora", is_flag=True, help="Extract a DoRA adapter (per-row magnitude + low-rank direction).")
 @click.option("--calib", metavar="SOURCE", help="Fit each module to its outputs on calibration text: a text file, "
               "a .jsonl file (\"text\" fields), or 'self' (sampled from FINETUNED). Needs deltakit[calib].")

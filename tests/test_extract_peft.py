@@ -149,7 +149,8 @@ def test_bf16_sharded_checkpoint_extracts_and_loads(llama_pair_bf16_sharded, tmp
 def test_budget_adapter_loads_in_peft_with_its_per_module_ranks(pair_name, request, tmp_path):
     """A budget gives every module its own rank; rank_pattern must carry each one to PEFT, tied heads included."""
     pair = request.getfixturevalue(pair_name)
-    report = deltakit.extract(pair.ft_dir, pair.base_dir, tmp_path / "a", avg_rank=3, alpha=4.0)
+    report = deltakit.extract(pair.ft_dir, pair.base_dir, tmp_path / "a", avg_rank=3, alpha=4.0,
+                              budget_weighting="absolute")
     assert len({m.rank for m in report.modules}) > 1  # the allocation is not uniform on a real fine-tune
     model = _peft_model(pair, tmp_path / "a")
     for m in report.modules:

@@ -56,7 +56,8 @@ class OutputAwareLora(AdapterVariant):
                                   lambda matrix, rank: settings.svd.run(matrix, rank, settings.device),
                                   self.damping)
         del delta
-        factors = factors_from_svd(chosen.svd, chosen.rank, module, kind, dtype, settings)
+        factors, storage_error = factors_from_svd(chosen.svd, chosen.rank, module, kind, dtype, settings)
         relative = chosen.weight_relative_error
         return Fit(delta_norm, factors, {"relative_error": relative, "energy_retained": max(0.0, 1.0 - relative**2),
-                                         "method": chosen.svd.method, **chosen.metrics()})
+                                         "method": chosen.svd.method, **chosen.metrics(),
+                                         "quantization_error": storage_error / delta_norm if delta_norm > 0 else 0.0})

@@ -32,7 +32,14 @@ from deltakit.adapters.layers import (
 )
 from deltakit.adapters.moe import conform_experts, expert_summary, moe_family, moe_weight
 from deltakit.adapters.output_aware import OutputAwareLora
-from deltakit.adapters.peft_format import CarriedTensor, ModuleFactors, adapter_spec, task_type_for, write_adapter
+from deltakit.adapters.peft_format import (
+    CarriedTensor,
+    ModuleFactors,
+    adapter_spec,
+    loading_caveat,
+    task_type_for,
+    write_adapter,
+)
 from deltakit.adapters.profiles import ExportProfile, Target, export_profile
 from deltakit.adapters.variants import DORA, LORA, AdapterVariant, Fit, FitSettings
 from deltakit.errors import InvalidOptionError, NothingToExtractError, shorten
@@ -42,6 +49,8 @@ from deltakit.io.writer import save_tensors, staged_output, write_json, write_te
 from deltakit.math.factorize import SvdMethod, TruncatedSVD, resolve_device
 from deltakit.math.lowrank import SvdOptions
 from deltakit.math.norm_fold import NotFoldableError, change_norms, scale_ratio
+from deltakit.math.quantize import FactorCodec, factor_codec
+from deltakit.defaults import DEFAULT_WEIGHTING
 from deltakit.math.ranks import DEFAULT_RANK, ModelSize, ModuleSpectrum, RankPolicy, Weighting, rank_policy
 from deltakit.names import ModuleName, TensorName, matches_peft_pattern, split_tensor_name
 from deltakit.ops.calibrate import CALIB_SEQ_LEN, CALIB_TOKENS, calibrate, check_calibration
@@ -294,7 +303,9 @@ def _extract_modules(run: _Run, spill: _Spill, progress: bool) -> _Results:
 def _assemble(run: _Run, results: _Results, size: ModelSize) -> tuple[list[ModuleReport], list[ModuleFactors],
                                                                        dict | None]:
     """Phase 2, then every module's report row and factors (a tied head's after its embedding's), in plan
-    order, and the rank policy's part of the report."""
+    order, and the rank policy's part of the report. A byte budget pays for the carried tensors first."""
+    carried = [run.finetuned.info(name).nbytes for r in results.modules for name in r.fates.keys]
+    size = replace(size, carried_bytes=sum(carried))
     finished, summary = _finish_ranks(run, results.factorized, results.spill, size)
     results.spill.remove()
     rows, factors = [], []
@@ -333,8 +344,12 @@ def _transposed_for_head(embedding: ModuleFactors, head: ModuleName) -> ModuleFa
     return ModuleFactors(head, WeightKind.LINEAR, a, b, embedding.alpha, embedding.scaling)
 
 
-def _factor_bytes_per_param(dtype: str | None, plan: ExtractPlan, base: Checkpoint) -> int:
-    """Bytes per stored factor element: the --dtype asked for, else the commonest dtype of the weights."""
+def _factor_bytes_per_param(dtype: str | None, codec: FactorCodec | None, plan: ExtractPlan,
+                            base: Checkpoint) -> int:
+    """Bytes per stored factor element: the --factor-dtype or --dtype asked for, else the commonest dtype of the
+    weights."""
+    if codec is not None:
+        return codec.itemsize
     if dtype is not None:
         return DTYPES[dtype].itemsize
     dtypes = Counter(base.info(p.weight).dtype for p in plan.modules if p.weight is not None and p.weight in base)
@@ -362,7 +377,8 @@ def _unrelated_note(factorized: list[_Factorized]) -> list[str]:
             "nearly unrelated (or swapped); is BASE the model FINETUNED was fine-tuned from?"]
 
 
-def _check_expert_options(plan: ExtractPlan, variant: AdapterVariant, use_rslora: bool) -> None:
+def _check_expert_options(plan: ExtractPlan, variant: AdapterVariant, use_rslora: bool,
+                          codec: FactorCodec | None) -> None:
     """Refuse, from the headers, what PEFT cannot load for expert and router weights (adapters/moe.py)."""
     family = moe_family(plan.model_type)
     experts = [p.module for p in plan.modules
@@ -373,6 +389,8 @@ def _check_expert_options(plan: ExtractPlan, variant: AdapterVariant, use_rslora
         option, why = f"--{variant.name}", variant.expert_refusal
     elif use_rslora:
         option, why = "--use-rslora", "with lora_alpha doubled for the fused gate/up, which changes rsLoRA's scaling by √2"
+    elif codec is not None:
+        option, why = "--factor-dtype", "with one alpha for all experts, where each expert's 8-bit scales need their own"
     else:
         return
     raise InvalidOptionError(
@@ -425,6 +443,7 @@ def extract(
     seed: int = 0,
     device: str = "auto",
     dtype: str | None = None,
+    factor_dtype: str | None = None,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     rank_pattern: list[tuple[str, int]] | None = None,
@@ -433,7 +452,7 @@ def extract(
     avg_rank: float | None = None,
     min_rank: int | None = None,
     max_rank: int | None = None,
-    budget_weighting: Weighting = "absolute",
+    budget_weighting: Weighting = DEFAULT_WEIGHTING,
     dora: bool = False,
     calib: str | Path | None = None,
     calib_tokens: int = CALIB_TOKENS,
@@ -455,6 +474,10 @@ def extract(
         svd: ``exact``, ``randomized`` or ``auto``; ``oversample``/``niter``/``seed`` tune the randomized route.
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:i``: where the SVD runs.
         dtype: dtype of the stored factors (``float32``, ``float16``, ``bfloat16``); default: the base's.
+        factor_dtype: how the factors are stored: ``int8`` or ``float8_e4m3fn`` (8 bits per element, one scale
+            per factor folded into the module's ``alpha_pattern``: half a bf16 adapter's bytes at the same rank;
+            see :mod:`deltakit.math.quantize`), or ``bfloat16``/``float16``/``float32`` (as ``dtype``). A byte
+            ``budget`` buys ranks at this width. Not with ``dtype``, nor 8 bits with ``dora``.
         include, exclude: regexes (``re.search``) on module names selecting what goes into the adapter.
         rank_pattern: (regex, rank) overrides, matched the way PEFT matches ``rank_pattern`` keys.
         energy: keep the smallest rank holding this fraction of ‖ΔW‖², at most ``max_rank`` (default :data:`~deltakit.math.ranks.DEFAULT_MAX_RANK`).
@@ -465,8 +488,10 @@ def extract(
         avg_rank: a budget equal to the size of a uniform adapter of this rank over the changed modules.
         min_rank, max_rank: bounds of every module's rank under a budget; ``max_rank`` also caps ``energy`` and
             ``rank="auto"``.
-        budget_weighting: ``absolute`` (total squared error of ΔW) or ``relative`` (sum of each module's squared
-            relative error).
+        budget_weighting: ``uniform`` (the default: the largest uniform rank that fits the budget), ``absolute``
+            (minimise the total squared error of ΔW) or ``relative`` (the sum of each module's squared relative
+            error). The default is the one that was never worse than uniform rank on benchmarks/bench_quality.py;
+            the others are options (measurements in the README).
         dora: extract a DoRA adapter (magnitude + low-rank direction, PEFT's ``use_dora``) instead of LoRA.
         calib: fit each module to its outputs instead of its weights (:mod:`deltakit.adapters.output_aware`):
             a text file, a JSONL file (``"text"`` fields), or ``"self"`` (sequences sampled from the fine-tuned
@@ -491,7 +516,12 @@ def extract(
     """
     started = time.perf_counter()
     out_dir = Path(out)
-    factor_dtype = parse_dtype(dtype)
+    codec = factor_codec(factor_dtype) if factor_dtype is not None else None
+    if codec is not None and dtype is not None:
+        raise InvalidOptionError("--dtype and --factor-dtype both choose how the factors are stored; give one")
+    if codec is not None and not codec.is_compact:
+        dtype, codec = factor_dtype, None  # a float width is just --dtype
+    stored_dtype = parse_dtype(dtype)
     policy = rank_policy(rank, energy=energy, budget=budget, avg_rank=avg_rank, min_rank=min_rank,
                          max_rank=max_rank, budget_weighting=budget_weighting, rank_pattern=rank_pattern)
     variant = DORA if dora else LORA
@@ -500,15 +530,21 @@ def extract(
     for refusal in (variant.budget_refusal, OutputAwareLora.budget_refusal if calib is not None else None):
         if policy.defers and refusal:
             raise InvalidOptionError(refusal)
+    if codec is not None and variant.compact_refusal:
+        raise InvalidOptionError(variant.compact_refusal)
+    if codec is not None and target == "vllm":
+        # vLLM before 0.33 drops alpha_pattern, where the 8-bit scales live: its outputs would be silently wrong.
+        raise InvalidOptionError(f"--factor-dtype {factor_dtype} with --for vllm: the 8-bit scales live in "
+                                 "alpha_pattern, which vLLM before 0.33 ignores; use --factor-dtype bfloat16")
     math_device = resolve_device(device)
     ft_ckpt, base_ckpt = open_checkpoint(finetuned), open_checkpoint(base)
     refuse_unsupported_weights(ft_ckpt), refuse_unsupported_weights(base_ckpt)
     plan = plan_extract(ft_ckpt, base_ckpt, include=include, exclude=exclude)
     _check_rank_patterns(rank_pattern, plan)
     profile = export_profile(target, model_type=plan.model_type, variant_config=variant.config())
-    _check_expert_options(plan, variant, use_rslora)
+    _check_expert_options(plan, variant, use_rslora, codec)
     size = ModelSize(sum(math.prod(info.shape) for info in base_ckpt.tensors.values()),
-                     _factor_bytes_per_param(dtype, plan, base_ckpt),
+                     _factor_bytes_per_param(dtype, codec, plan, base_ckpt),
                      tuple(out_in_shape(ft_ckpt.info(p.weight).shape, p.kind) for p in plan.modules
                            if p.weight is not None and p.is_selected))
     policy.check_size(size)  # fail before work
@@ -525,8 +561,8 @@ def extract(
             variant = OutputAwareLora(moments)
             calibration = {**found.describe(), "activations": "finetuned", "damping": variant.damping}
         run = _Run(ft_ckpt, base_ckpt, plan, policy, variant,
-                   FitSettings(alpha, use_rslora, SvdOptions(svd, oversample, niter, seed), math_device),
-                   factor_dtype, carry, profile, folds)
+                   FitSettings(alpha, use_rslora, SvdOptions(svd, oversample, niter, seed), math_device, codec),
+                   stored_dtype, carry, profile, folds)
         results = _extract_modules(run, _Spill(staging_dir / _SPILL_DIR), progress)
         shutil.rmtree(staging_dir / _CALIB_DIR, ignore_errors=True)
         rows, factors, budget_summary = _assemble(run, results, size)
@@ -541,7 +577,8 @@ def extract(
             )
         options = {
             "rank": rank, "alpha": alpha, "use_rslora": use_rslora, "svd": svd, "oversample": oversample,
-            "niter": niter, "seed": seed, "device": str(math_device), "dtype": dtype, "include": include,
+            "niter": niter, "seed": seed, "device": str(math_device), "dtype": dtype, "factor_dtype": factor_dtype,
+            "include": include,
             "exclude": exclude, "rank_pattern": [list(p) for p in rank_pattern or []], "energy": energy,
             "budget": budget, "avg_rank": avg_rank, "min_rank": min_rank, "max_rank": max_rank,
             "budget_weighting": budget_weighting if policy.defers else None, "dora": dora, "carry": carry,
@@ -562,6 +599,8 @@ def extract(
             expert_layers, expert_notes = _experts_summary(rows, fates, plan, base_ckpt,
                                                            experts.zero_filled if experts else [])
             notes += expert_notes
+        if codec is not None and (caveat := loading_caveat(codec.dtype)):
+            notes.append(caveat)
         report = ExtractReport(
             _input_name(finetuned, ft_ckpt), _input_name(base, base_ckpt), str(out_dir), options,
             finetuned_revision=ft_ckpt.source.commit_hash if ft_ckpt.source else None,

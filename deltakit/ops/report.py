@@ -32,6 +32,8 @@ class ModuleReport:
     seconds: float
     method: str
     note: str | None = None  # e.g. a clamped rank
+    # ‖ΔW_stored − ΔW_r‖ / ‖ΔW‖: what storing the rank-r factors (rounding, 8-bit codes) adds to relative_error
+    quantization_error: float | None = None
     # With --dora, relative_error is ‖W_ft − W_dora‖ / ‖ΔW‖; these are plain LoRA's on the same ΔW:
     lora_relative_error: float | None = None  # at the same rank
     lora_relative_error_same_params: float | None = None  # at rank + 1, at least DoRA's parameter count
@@ -125,6 +127,13 @@ class ExtractReport:
             "max_relative_error_module": worst.module,
             "energy_retained": kept / total if total > 0 else 1.0,
         }
+        stored = [m for m in self.modules if m.quantization_error is not None]
+        if stored and total > 0:
+            # ‖ΔW‖-weighted totals, as the budget's predicted error: ‖Σ errors‖ / ‖Σ ΔW‖ over all modules.
+            summary["total_truncation_error"] = (sum((m.relative_error * m.delta_norm) ** 2 for m in stored)
+                                                 / total) ** 0.5
+            summary["total_quantization_error"] = (sum((m.quantization_error * m.delta_norm) ** 2 for m in stored)
+                                                   / total) ** 0.5
         compared = [m for m in self.modules if m.lora_relative_error is not None]
         if compared:
             # Totals as ‖Σ errors‖ / ‖Σ ΔW‖ over all modules, so large modules weigh in proportion.
@@ -139,6 +148,13 @@ class ExtractReport:
             summary["modules_where_dora_beats_lora_same_rank"] = sum(
                 m.relative_error < m.lora_relative_error for m in compared)
         return summary
+
+    def factor_storage(self) -> str:
+        """How the factors are stored, in words."""
+        compact = self.options.get("factor_dtype")
+        if compact in ("int8", "float8_e4m3fn"):
+            return f"{compact}, one scale per factor in alpha_pattern"
+        return self.options.get("dtype") or "the base's dtype"
 
     def to_json(self) -> dict:
         return {
@@ -183,6 +199,8 @@ class ExtractReport:
             f"  relative error     : mean {s['mean_relative_error']:.4f}, worst {s['max_relative_error']:.4f}"
             + (f" ({s['max_relative_error_module']})" if self.modules else ""),
             f"  energy retained    : {s['energy_retained']:.4f}",
+            *([f"  storage error      : {s['total_quantization_error']:.4f} of ΔW ({self.factor_storage()}) beside "
+               f"{s['total_truncation_error']:.4f} from truncation"] if "total_quantization_error" in s else []),
             *([f"  DoRA vs LoRA       : total error {s['total_relative_error']:.4f} vs "
                f"{s['lora_total_relative_error_same_rank']:.4f} (same rank), "
                f"{s['lora_total_relative_error_same_params']:.4f} (rank + 1, ≥ same parameters); DoRA better on "
@@ -298,6 +316,9 @@ def model_card(report: ExtractReport) -> str:
         f"| mean relative error of ΔW | {s['mean_relative_error']:.4f} |",
         f"| worst relative error of ΔW | {s['max_relative_error']:.4f} |",
         f"| energy of ΔW retained | {s['energy_retained']:.4f} |",
+        *([f"| factors stored as | {report.factor_storage()} |",
+           f"| error of ΔW from truncation / from storage | {s['total_truncation_error']:.4f} / "
+           f"{s['total_quantization_error']:.4f} |"] if "total_quantization_error" in s else []),
         f"| tensors carried exactly | {len(report.fates('carried'))} |",
         *([f"| norms folded into Linear layers | {len(report.fates('folded'))} |"] if report.fates("folded") else []),
         f"| tensors dropped | {len(report.fates('dropped'))} |",

@@ -40,6 +40,7 @@ from deltakit.adapters.peft_format import (
 from deltakit.adapters.variants import LORA, variant_of
 from deltakit.errors import InvalidOptionError, TensorMismatchError, TensorMissingError, shorten
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint, refuse_unsupported_weights
+from deltakit.io.dtypes import DTYPES
 from deltakit.names import ModuleName, PeftKey, TensorName
 from deltakit.adapters.layers import WeightKind, parse_peft_key
 from deltakit.adapters.moe import conform_experts, moe_family_by_names
@@ -264,7 +265,7 @@ def stack(
 
     Exactly one of ``rank``, ``exact`` and ``energy`` must be given. Every module gets ``lora_alpha`` = its
     rank (scaling 1); per-module ranks go to ``rank_pattern``/``alpha_pattern``. Factors are stored in the
-    adapters' dtype if they share one, else fp32.
+    adapters' float dtype if they share one, else fp32 (8-bit factors of compact adapters are stored in fp32).
 
     Returns:
         The :class:`StackReport` (also written as ``stack_report.json``).
@@ -294,7 +295,8 @@ def stack(
 
     parts = _gather(opened, weights)
     dtypes = {f.a.dtype for entries in parts.values() for _, f, _ in entries}
-    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    # 8-bit factors hold codes whose scales differ per adapter and module: the stack is stored in float.
+    dtype = dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in DTYPES.values() else torch.float32
     report = StackReport([str(a) for a in adapters], weights, str(out), method, command=command_line())
     stacked: list[ModuleFactors] = []
     for module, entries in parts.items():
