@@ -75,7 +75,8 @@ def test_int8_costs_half_of_bf16_at_the_same_rank_with_a_small_quantization_erro
                   for k in open_checkpoint(tmp_path / "int8" / "adapter_model.safetensors") if ".lora_" not in k)
     assert 2 * (_tensor_bytes(tmp_path / "int8") - carried) == _tensor_bytes(tmp_path / "bf16") - carried
     for p, c in zip(plain.modules, compact.modules):
-        assert c.relative_error == pytest.approx(p.relative_error)  # the same truncation
+        # the same truncation; each reports the error of what it stores (issue 10 item 20), int8's a hair more
+        assert c.relative_error == pytest.approx(p.relative_error, rel=1e-3)
         assert 0 < c.quantization_error < 0.02 * max(c.relative_error, 0.1)
         assert c.quantization_error > p.quantization_error / 10  # int8 is coarser than bf16 rounding
 
@@ -114,7 +115,9 @@ def test_byte_budget_buys_twice_the_parameters_at_int8_and_counts_carried_tensor
 
 
 def test_byte_budget_smaller_than_the_carried_tensors_is_refused(llama_pair, tmp_path):
-    with pytest.raises(InvalidOptionError, match="carried exactly"):
+    """On this pair the carried norms (1,280 B) are smaller than rank 1 everywhere at int8 (2,240 B): the check
+    from headers refuses such a budget before any math, naming the smallest that works at 1 byte a parameter."""
+    with pytest.raises(InvalidOptionError, match="give at least 2240B"):
         deltakit.extract(llama_pair.ft_dir, llama_pair.base_dir, tmp_path / "a", budget="100B", factor_dtype="int8")
     assert not (tmp_path / "a").exists()
 

@@ -114,7 +114,8 @@ def test_validator_rejects_default_peft_adapter(llama_pair, qwen2_pair, tmp_path
     found = vllm_violations(tmp_path / "llama", load_model(llama_pair.base_dir))
     assert any(v.startswith("modules_to_save") for v in found), found
     assert any(v.startswith("unsupported key base_model.model.model.norm.weight") for v in found), found
-    deltakit.extract(qwen2_pair.ft_dir, qwen2_pair.base_dir, tmp_path / "qwen2", avg_rank=3, alpha=3.0)
+    deltakit.extract(qwen2_pair.ft_dir, qwen2_pair.base_dir, tmp_path / "qwen2", avg_rank=3, alpha=3.0,
+                     budget_weighting="absolute")
     found = vllm_violations(tmp_path / "qwen2", load_model(qwen2_pair.base_dir))
     assert "bias 'lora_only'" in found and any("base_layer.bias" in v for v in found), found
     assert any("PEFT scaling" in v for v in found), found  # per-module ranks, one alpha: wrong under older vLLM
@@ -187,7 +188,7 @@ def test_per_module_ranks_and_alpha_are_right_under_one_scaling(llama_pair, tmp_
     """A budget gives each module its own rank; with alpha ≠ r and rsLoRA each module's own scaling would differ.
     A vLLM that ignores the patterns applies one scaling from lora_alpha/r: its result must equal PEFT's."""
     report = deltakit.extract(llama_pair.ft_dir, llama_pair.base_dir, tmp_path / "a", avg_rank=3, alpha=5.0,
-                              use_rslora=True, target="vllm")
+                              budget_weighting="absolute", use_rslora=True, target="vllm")
     ranks = {m.rank for m in report.modules}
     assert len(ranks) > 1
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())

@@ -402,7 +402,7 @@ import warnings  # noqa: E402
 from builders import ModelPair, load_model  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from deltakit.errors import InvalidOptionError, NonFiniteError, OutputExistsError, TensorMismatchError  # noqa: E402
+from deltakit.errors import InvalidOptionError, NonFiniteError, TensorMismatchError  # noqa: E402
 
 N = "model.layers.0.input_layernorm.weight"
 
