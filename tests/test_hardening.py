@@ -577,7 +577,6 @@ def test_an_unrelated_base_is_pointed_out_in_the_summary(tmp_path: Path) -> None
 # --- 7: a budget is the adapter file's size; factors never cost more than the tensor ---------------------------
 
 
-@_pending(7)
 def test_a_budget_bounds_the_adapter_file_tied_copies_included(gpt2_pair: ModelPair, tmp_path: Path) -> None:
     budget = 60_000
     deltakit.extract(gpt2_pair.ft_dir, gpt2_pair.base_dir, tmp_path / "out", budget=f"{budget}B", carry=False)

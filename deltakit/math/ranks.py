@@ -299,12 +299,20 @@ class ModuleSpectrum:
         out_in: its (out, in) shape in PEFT's orientation; one rank costs out + in adapter parameters.
         s: the leading singular values computed, descending; len(s) is the most this module can get.
         total_energy: ‖ΔW‖_F², exactly (not just the computed part).
+        copies: how many times the adapter file stores its factors (2 for an input embedding whose tied output
+            head gets them too, transposed): a budget pays for every copy.
     """
 
     module: ModuleName
     out_in: tuple[int, int]
     s: torch.Tensor
     total_energy: float
+    copies: int = 1
+
+    @property
+    def cost_per_rank(self) -> int:
+        """Adapter parameters one more rank costs, every stored copy included."""
+        return sum(self.out_in) * self.copies
 
 
 # Above this many cells ((budget / gcd of the costs) × candidate triplets) the exact dynamic programme would cost
@@ -382,7 +390,7 @@ class BudgetRanks:
         """
         caps = [min(self.max_rank, *spectrum.out_in, len(spectrum.s)) for spectrum in spectra]
         floors = [min(self.min_rank, cap) for cap in caps]
-        costs = [sum(spectrum.out_in) for spectrum in spectra]
+        costs = [spectrum.cost_per_rank for spectrum in spectra]
         floor_params = sum(f * c for f, c in zip(floors, costs))
         if floor_params > self.params:
             raise InvalidOptionError(
@@ -651,9 +659,8 @@ class Budget:
                 f"{floor * size.bytes_per_param}B ({floor}params)" + _lower_min_rank(self.min_rank))
 
     def finish(self, spectra: list[ModuleSpectrum], size: ModelSize) -> tuple[list[int], dict | None]:
-        out_ins = [s.out_in for s in spectra]
         if self.avg_rank is not None:
-            params = budget_for_avg_rank(self.avg_rank, out_ins)
+            params = int(sum(min(self.avg_rank, *s.out_in) * s.cost_per_rank for s in spectra))
         else:
             params = parse_budget(self.text, model_params=size.params, bytes_per_param=size.bytes_per_param,
                                   carried_bytes=size.carried_bytes)
@@ -664,7 +671,7 @@ class Budget:
         return ranks, {
             "requested": f"--avg-rank {self.avg_rank:g}" if self.avg_rank is not None else f"--budget {self.text}",
             "params": params,
-            "params_used": adapter_params(ranks, out_ins),
+            "params_used": sum(rank * s.cost_per_rank for rank, s in zip(ranks, spectra)),
             "bytes_per_param": size.bytes_per_param,
             "carried_bytes": size.carried_bytes,
             "weighting": self.weighting,

@@ -259,7 +259,7 @@ class _Spill:
         self.count += 1
         save_tensors(path, {"u": svd.u.cpu().contiguous(), "s": svd.s.cpu(), "vh": svd.vh.cpu().contiguous()})
         spectrum = ModuleSpectrum(factorized.module, out_in_shape(factorized.shape, factorized.kind), svd.s.cpu(),
-                                  svd.total_energy)
+                                  svd.total_energy, copies=2 if factorized.tied_head is not None else 1)
         return replace(factorized, fit=replace(factorized.fit, pending=None),
                        spilled=_Spilled(path, spectrum, svd.method, svd.residual_energy))
 
