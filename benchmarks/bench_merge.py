@@ -192,7 +192,7 @@ def _median(runs: list[Run]) -> Run:
 
 _DELTAKIT = """
 import sys
-from deltakit.merge import merge
+from deltakit.ops.merge import merge
 report = merge(sys.argv[1], [sys.argv[2]], sys.argv[3])
 print(report.seconds, file=open(sys.argv[4], "a"))
 """

@@ -17,9 +17,9 @@ from deltakit.errors import DeltakitError
 from deltakit.io.dtypes import DTYPES
 from deltakit.ops.extract import extract
 from deltakit.io.hub import is_hub_id
-from deltakit.ops.inspect import inspect
+from deltakit.ops.inspect import DEFAULT_RANKS, inspect
 from deltakit.ops.merge import merge, unmerge
-from deltakit.math.ranks import parse_rank, parse_rank_pattern, parse_ranks
+from deltakit.math.ranks import DEFAULT_MAX_RANK, DEFAULT_RANK, parse_rank, parse_rank_pattern, parse_ranks, rank_policy
 from deltakit.ops.stack import stack
 
 
@@ -65,7 +65,7 @@ _DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N."
 @cli.command("extract")
 @click.argument("finetuned")
 @click.argument("base")
-@click.option("-r", "--rank", type=_RankType(), default=16, show_default=True,
+@click.option("-r", "--rank", type=_RankType(), default=DEFAULT_RANK, show_default=True,
               help="Rank of every module, or 'auto': per module, the singular values above the noise floor.")
 @click.option("-o", "--out", help="Adapter directory to write. [default: FINETUNED name + -lora-r<rank>]")
 @click.option("--alpha", type=float, help="lora_alpha. [default: each module's rank, i.e. scaling 1]")
@@ -89,7 +89,8 @@ _DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N."
               help="A budget equal to a uniform adapter of this rank, allocated per module.")
 @click.option("--min-rank", type=click.IntRange(min=1), help="Floor of every module's rank under a budget. [default: 1]")
 @click.option("--max-rank", type=click.IntRange(min=1),
-              help="Cap of every module's rank with --energy, --budget, --avg-rank or --rank auto. [default: 256]")
+              help=f"Cap of every module's rank with --energy, --budget, --avg-rank or --rank auto. [default: "
+              f"{DEFAULT_MAX_RANK}]")
 @click.option("--budget-weighting", type=click.Choice(["absolute", "relative"]), default="absolute",
               show_default=True, help="Minimise the total squared error of ΔW (absolute) or the sum of each "
               "module's squared relative error (relative).")
@@ -114,13 +115,14 @@ def extract_command(finetuned: str, base: str, out: str | None, rank_patterns: t
     allocated = [name for name in ("energy", "budget", "avg_rank") if options[name] is not None]
     if allocated and ctx.get_parameter_source("rank") is not click.core.ParameterSource.DEFAULT:
         raise click.UsageError(f"--rank and --{allocated[0].replace('_', '-')} each choose the ranks; give only one")
-    if allocated:
-        options["rank"] = 16  # unused: the ranks come from the energy target or the budget
-    ranks = "budget" if options["budget"] or options["avg_rank"] else "energy" if options["energy"] else options["rank"]
+    patterns = [parse_rank_pattern(p) for p in rank_patterns]
+    policy = rank_policy(options["rank"], energy=options["energy"], budget=options["budget"],
+                         avg_rank=options["avg_rank"], min_rank=options["min_rank"], max_rank=options["max_rank"],
+                         budget_weighting=options["budget_weighting"], rank_pattern=patterns)
     report = extract(
         finetuned, base,
-        out or _default_out(finetuned, f"-{'dora' if options['dora'] else 'lora'}-r{ranks}"),
-        rank_pattern=[parse_rank_pattern(p) for p in rank_patterns],
+        out or _default_out(finetuned, f"-{'dora' if options['dora'] else 'lora'}-r{policy.label}"),
+        rank_pattern=patterns,
         include=list(include) or None, exclude=list(exclude) or None,
         progress=not quiet,
         **options,
@@ -216,9 +218,9 @@ def stack_command(adapters: tuple[str, ...], weights: tuple[float, ...], quiet: 
 @click.argument("finetuned")
 @click.argument("base")
 @click.option("-o", "--out", help="Directory for report.json and PNG plots (plots need the 'plot' extra).")
-@click.option("--ranks", default="8,16,32,64,128,256", show_default=True,
+@click.option("--ranks", default=",".join(map(str, DEFAULT_RANKS)), show_default=True,
               help="Ranks at which energy retained is reported, comma-separated.")
-@click.option("--max-rank", type=click.IntRange(min=1), default=256, show_default=True,
+@click.option("--max-rank", type=click.IntRange(min=1), default=DEFAULT_MAX_RANK, show_default=True,
               help="Leading singular values computed per module.")
 @click.option("--svd", type=_SVD_CHOICE, default="auto", show_default=True, help="Truncated SVD route.")
 @click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)

@@ -66,9 +66,13 @@ def test_identical_inputs_exit_1_without_output(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_debug_shows_traceback(tmp_path):
+def test_debug_shows_the_traceback_of_the_error_itself(tmp_path):
+    """--debug re-raises the DeltakitError: the traceback ends in that error and its message, not in a crash."""
     result = _run("--debug", "extract", str(tmp_path / "nope"), str(tmp_path / "nope2"))
-    assert result.returncode != 0 and "Traceback" in result.stderr
+    assert result.returncode == 1 and result.stderr.startswith("Traceback")
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("deltakit.errors.CheckpointNotFoundError: ") and str(tmp_path / "nope") in last
+    assert "deltakit: error:" not in result.stderr
 
 
 def test_every_command_has_help_and_is_in_the_readme():

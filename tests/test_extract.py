@@ -201,6 +201,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # ~35 s: 320 MB of checkpoints and a child process
 def test_peak_memory_is_bounded_by_tensor_size_not_model_size(tmp_path):
     """A 40-tensor checkpoint (~160 MB of fp32 weights per side): extraction's peak anonymous memory above its
     start must stay within a small multiple of one tensor (4 MB), far below the model."""

@@ -14,6 +14,7 @@ import torch
 from deltakit.math import factorize
 from deltakit.errors import DeviceUnavailableError, FactorizationError, InvalidOptionError
 from deltakit.math.factorize import DeltaBuffer, TruncatedSVD, resolve_device, truncated_svd
+from deltakit.math.lowrank import balanced_factors
 
 
 def _planted(shape: tuple[int, int], sigma: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -35,8 +36,13 @@ def _optimal_error(sigma: torch.Tensor, rank: int) -> float:
     return math.sqrt(float(energy[rank:].sum() / energy.sum()))
 
 
+def _factors(svd: TruncatedSVD, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    rank = svd.rank if rank is None else rank
+    return balanced_factors(svd.u[:, :rank], svd.s[:rank], svd.vh[:rank])
+
+
 def _measured_error(matrix: torch.Tensor, svd: TruncatedSVD, rank: int | None = None) -> float:
-    lora_b, lora_a = svd.lora_factors(rank)
+    lora_b, lora_a = _factors(svd, rank)
     residual = matrix.double() - lora_b.double() @ lora_a.double()
     return float(torch.linalg.matrix_norm(residual) / torch.linalg.matrix_norm(matrix.double()))
 
@@ -117,17 +123,16 @@ def test_truncating_an_exact_svd_equals_the_lower_rank_exact_svd():
     assert high.relative_error() == pytest.approx(low.relative_error(), rel=1e-9)
 
 
-def test_lora_factors_split_singular_values_evenly():
+@pytest.mark.parametrize("scaling", [1.0, 0.25, 4.0])
+def test_balanced_factors_split_singular_values_evenly_with_scaling_folded_in(scaling):
     delta = _planted((160, 96), _harmonic(96) * 3)
     svd = truncated_svd(delta, 10, method="exact", device="cpu")
-    lora_b, lora_a = svd.lora_factors(10)  # (out, r), (r, in)
+    lora_b, lora_a = balanced_factors(svd.u, svd.s, svd.vh, scaling)  # (out, r), (r, in)
     assert lora_b.shape == (160, 10) and lora_a.shape == (10, 96)
-    torch.testing.assert_close(lora_b @ lora_a, (svd.u * svd.s) @ svd.vh, rtol=1e-5, atol=1e-6)
-    root = svd.s.sqrt()
+    torch.testing.assert_close(scaling * lora_b @ lora_a, (svd.u * svd.s) @ svd.vh, rtol=1e-5, atol=1e-6)
+    root = (svd.s / scaling).sqrt()
     torch.testing.assert_close(lora_b.norm(dim=0), root, rtol=1e-5, atol=0)
     torch.testing.assert_close(lora_a.norm(dim=1), root, rtol=1e-5, atol=0)
-    lora_b4, lora_a4 = svd.lora_factors(4)
-    torch.testing.assert_close(lora_b4 @ lora_a4, (svd.u[:, :4] * svd.s[:4]) @ svd.vh[:4], rtol=1e-5, atol=1e-6)
 
 
 def test_factors_are_orthonormal_and_sign_normalized():
@@ -249,7 +254,7 @@ def test_zero_matrix_gives_zero_factors_and_zero_error(method):
     assert svd.total_energy == 0.0
     assert torch.equal(svd.s, torch.zeros(4))
     torch.testing.assert_close(svd.u.T @ svd.u, torch.eye(4))
-    lora_b, lora_a = svd.lora_factors(4)
+    lora_b, lora_a = _factors(svd, 4)
     assert torch.equal(lora_b @ lora_a, torch.zeros(30, 20))
     assert svd.relative_error() == 0.0 and svd.relative_error(0) == 0.0
     assert svd.energy_retained() == 1.0
@@ -323,7 +328,7 @@ def test_non_matrix_input_raises_invalid_option_error(matrix):
 
 def test_rank_outside_the_computed_range_raises():
     svd = truncated_svd(_low_rank((20, 10), 3), 4, device="cpu")
-    for call in (svd.truncate, svd.relative_error, svd.energy_retained, svd.lora_factors):
+    for call in (svd.truncate, svd.relative_error, svd.energy_retained):
         with pytest.raises(InvalidOptionError, match="outside 0..4"):
             call(5)
 

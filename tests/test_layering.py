@@ -129,3 +129,35 @@ def test_the_checker_sees_a_violation() -> None:
     assert _breaks_layering("deltakit.adapters.layers", "deltakit.ops.plan")
     assert not _breaks_layering("deltakit.ops.merge", "deltakit.adapters.layers")
     assert ("deltakit.cli", "deltakit.errors") in _edges()
+
+
+# Shared pieces of the operations: an operation may import them, they import no operation.
+SHARED_OPS = {"deltakit.ops.plan", "deltakit.ops.report", "deltakit.ops.receipt", "deltakit.ops.delta",
+              "deltakit.ops.plots"}
+
+
+def test_shared_ops_pieces_import_no_operation() -> None:
+    wrong = [f"{s} -> {t}" for s, t in _edges() if s in SHARED_OPS and t in OPERATIONS | {"deltakit.ops.batch"}]
+    assert not wrong, "shared ops modules importing operations:\n" + "\n".join(wrong)
+
+
+def _variant_tests(source: str, where: str) -> list[str]:
+    """Places that tell adapter variants apart by name: ``.use_dora``, or a comparison with a variant's name."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr == "use_dora":
+            found.append(f"{where}:{node.lineno}: .use_dora")
+        elif isinstance(node, ast.Compare) and any(
+                isinstance(side, ast.Constant) and str(side.value).lower() in ("lora", "dora", "use_dora")
+                for side in [node.left, *node.comparators]):
+            found.append(f"{where}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_operations_never_test_a_variant_by_name() -> None:
+    """LoRA and DoRA differ only behind adapters/variants.py's interface (issue 11)."""
+    modules = OPERATIONS | SHARED_OPS
+    paths = [PACKAGE.parent / (m.replace(".", "/") + ".py") for m in sorted(modules)]
+    found = [hit for path in paths for hit in _variant_tests(path.read_text(), path.name)]
+    assert not found, "variant tests by name:\n" + "\n".join(found)
+    assert len(_variant_tests('if step.op == "dora" or adapter.use_dora:\n    pass\n', "sample")) == 2

@@ -509,7 +509,7 @@ def test_output_that_overlaps_an_input_is_refused(dry_run: bool, tmp_path: Path)
 
 _MEMORY_CHILD = textwrap.dedent("""
     import json, re, sys, torch
-    from deltakit.merge import merge
+    from deltakit.ops.merge import merge
     torch.set_num_threads(1)
     torch.ones(64, 64).addmm_(torch.ones(64, 2), torch.ones(2, 64))  # load the BLAS kernels before measuring
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,7 +72,7 @@ class AdapterSpec:
     rank: int
     alpha: float
     use_rslora: bool = False
-    use_dora: bool = False
+    variant_config: dict[str, bool] = field(default_factory=dict)  # AdapterVariant.config(): e.g. use_dora
     base_model_name_or_path: str | None = None
     revision: str | None = None  # the base's Hub commit, which PEFT's AutoPeftModel loads the base at
     task_type: str | None = None
@@ -79,6 +80,17 @@ class AdapterSpec:
     has_base_biases: bool = False
     ensure_weight_tying: bool = False
     target_modules: list[ModuleName] | str | None = None  # default: exactly the factorized modules, as a list
+
+
+def adapter_spec(factors: list[ModuleFactors], carried: list[CarriedTensor], *, default_rank: int,
+                 alpha: float | None = None, **fields: object) -> AdapterSpec:
+    """The spec of an adapter holding these tensors: ``r`` is the commonest rank (the others go to
+    ``rank_pattern``), ``lora_alpha`` is ``alpha`` (default: that rank), and the bias mode follows the carried
+    tensors. ``default_rank``: ``r`` when there are no factors."""
+    ranks = Counter(f.rank for f in factors)
+    rank = ranks.most_common(1)[0][0] if ranks else default_rank
+    return AdapterSpec(rank=rank, alpha=float(alpha if alpha is not None else rank),
+                       has_base_biases=any(c.key.endswith(".base_layer.bias") for c in carried), **fields)
 
 
 def _default_rank_alpha(factors: list[ModuleFactors], spec: AdapterSpec) -> tuple[dict[str, int], dict[str, float]]:
@@ -99,7 +111,7 @@ def peft_config(factors: list[ModuleFactors], spec: AdapterSpec) -> dict:
         "r": spec.rank,
         "lora_alpha": spec.alpha,
         "use_rslora": spec.use_rslora,
-        "use_dora": spec.use_dora,
+        **spec.variant_config,
         "target_modules": spec.target_modules if spec.target_modules is not None else (modules or None),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
@@ -195,10 +207,6 @@ class Adapter:
                 raise AdapterFormatError(
                     f"module {entry.module} has only one of lora_A / lora_B", path=path / WEIGHTS_FILE
                 )
-
-    @property
-    def use_dora(self) -> bool:
-        return bool(self.config.get("use_dora", False))
 
     @property
     def fan_in_fan_out(self) -> bool:

@@ -43,8 +43,19 @@ def fit_magnitude(direction: torch.Tensor, finetuned: torch.Tensor) -> torch.Ten
     """m_i = ⟨v_i / ‖v_i‖, w_ft,i⟩: the least-squares magnitudes for the direction V = W0 + s·BA.
     A zero direction row gets magnitude 0 (its output row is 0 whatever m is)."""
     norms = row_norms(direction)
-    safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-    return torch.where(norms > 0, (direction * finetuned).sum(dim=1) / safe, torch.zeros_like(norms))
+    return _quotient_or_zero((direction * finetuned).sum(dim=1), norms, norms > 0)
+
+
+def _quotient_or_zero(numerator: torch.Tensor, denominator: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator per row where ``valid``, 0 elsewhere, without a NaN ever being formed."""
+    safe = torch.where(valid, denominator, torch.ones_like(denominator))
+    return torch.where(valid, numerator / safe, torch.zeros_like(safe))
+
+
+def rescaling(norms: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """m / ‖·‖ per row, the factor DoRA multiplies each row of W0 + ΔW by; a zero-norm row gets 0 instead of NaN
+    (PEFT itself would divide by zero there)."""
+    return _quotient_or_zero(magnitude.float(), norms, norms > 0)
 
 
 def apply_dora(base: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,16 +72,11 @@ def apply_dora(base: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor)
     """
     direction = base.float() + delta.float()
     norms = row_norms(direction)
-    factor = torch.where(norms > 0, magnitude.float() / torch.where(norms > 0, norms, torch.ones_like(norms)),
-                         torch.zeros_like(norms))
-    return factor[:, None] * direction, norms
+    return rescaling(norms, magnitude)[:, None] * direction, norms
 
 
 def unapply_dora(merged: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor,
                  norms: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`apply_dora` given the norms it returned: W0 = W' · ‖·‖ / m − ΔW.
     Rows with m = 0 cannot be inverted from W' and come back as −ΔW; the receipt's norms are needed."""
-    factor = torch.where(magnitude != 0, norms.float() / torch.where(magnitude != 0, magnitude.float(),
-                                                                      torch.ones_like(norms)),
-                         torch.zeros_like(norms))
-    return factor[:, None] * merged.float() - delta.float()
+    return _quotient_or_zero(norms.float(), magnitude.float(), magnitude != 0)[:, None] * merged.float() - delta.float()

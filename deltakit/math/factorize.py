@@ -155,20 +155,6 @@ class TruncatedSVD:
             return 1.0
         return 1.0 - self._tail_fraction(self._check_rank(rank))
 
-    def lora_factors(self, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """LoRA factors B (out, r) and A (r, in) with B @ A = U_r S_r Vh_r, singular values split evenly.
-
-        B = U·√S and A = √S·Vh, so each column of B and the matching row of A both have norm √s_i.
-
-        Raises:
-            InvalidOptionError: rank out of range.
-        """
-        rank = self._check_rank(rank)
-        root = self.s[:rank].sqrt()  # (r,)
-        lora_b = self.u[:, :rank] * root  # (out, r)
-        lora_a = root[:, None] * self.vh[:rank]  # (r, in)
-        return lora_b, lora_a
-
     def _check_rank(self, rank: int | None) -> int:
         if rank is None:
             return self.rank

@@ -4,8 +4,11 @@ A per-module policy answers two questions: how many leading triplets to compute 
 their singular values, the module's exact total energy ‖ΔW‖² and its (out, in) shape, how many to keep
 (``choose``). Each policy has its own name; none changes meaning with the type of its argument.
 
-``BudgetRanks`` is the exception: a global budget can only be split once every module's leading singular values
-are known, so it has ``allocate`` (all modules at once) instead of ``choose``.
+Every policy has two phases. Per module, ``choose`` either decides or returns None; once every module has
+been seen, ``finish`` decides the rest from their spectra. A per-module policy decides everything in the first
+phase; a global budget (:class:`Budget`) decides nothing until the second, since it can only be split once
+every module's leading singular values are known (:class:`BudgetRanks` is its allocator).
+:func:`rank_policy` builds a policy from the extract options; the CLI and the library both call it.
 
 The parsers of the rank-related command-line values (``--rank auto``, ``--budget``, ``--avg-rank``,
 ``--rank-pattern``, ``inspect --ranks``) live here too, so that the library and the CLI read them the same way.
@@ -28,14 +31,57 @@ Weighting = Literal["absolute", "relative"]
 WEIGHTINGS: tuple[Weighting, ...] = ("absolute", "relative")
 
 
-class RankPolicy(Protocol):
-    def compute_rank(self, module: ModuleName, out_in: tuple[int, int]) -> int: ...
-
-    def choose(self, module: ModuleName, s: torch.Tensor, total_energy: float, out_in: tuple[int, int]) -> int: ...
+# The defaults of every rank option, for the library's signatures and the CLI's help alike.
+DEFAULT_RANK = 16
+DEFAULT_MAX_RANK = 256
 
 
 @dataclass(frozen=True)
-class FixedRank:
+class ModelSize:
+    """What a budget is measured against: the model's parameter count and the bytes of one stored factor element."""
+
+    params: int
+    bytes_per_param: int
+
+
+class RankPolicy(Protocol):
+    label: str  # a short name for output paths: "16", "auto", "energy", "budget"
+    defers: bool  # whether ``choose`` leaves the ranks to ``finish``
+
+    def compute_rank(self, module: ModuleName, out_in: tuple[int, int]) -> int:
+        """How many leading triplets to compute for this module."""
+
+    def choose(self, module: ModuleName, s: torch.Tensor, total_energy: float,
+               out_in: tuple[int, int]) -> int | None:
+        """Phase 1: the module's rank from its singular values, or None to decide in :meth:`finish`."""
+
+    def is_requested(self, module: ModuleName) -> bool:
+        """Whether the module's rank is one the user asked for (worth a note when clamped), not a cap."""
+
+    def check_size(self, size: ModelSize) -> None:
+        """Raise what the model's size alone shows to be wrong, before any math."""
+
+    def finish(self, spectra: list[ModuleSpectrum], size: ModelSize) -> tuple[list[int], dict | None]:
+        """Phase 2: the ranks of the modules ``choose`` deferred (in order), and a summary for the report."""
+
+
+class _PerModule:
+    """The second phase of a policy that decides every module in the first."""
+
+    defers = False
+
+    def is_requested(self, module: ModuleName) -> bool:
+        return False
+
+    def check_size(self, size: ModelSize) -> None:
+        pass
+
+    def finish(self, spectra: list[ModuleSpectrum], size: ModelSize) -> tuple[list[int], dict | None]:
+        return [], None
+
+
+@dataclass(frozen=True)
+class FixedRank(_PerModule):
     """The same rank everywhere (clamped to min(out, in) by the caller, which reports it)."""
 
     rank: int
@@ -43,6 +89,13 @@ class FixedRank:
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise InvalidOptionError(f"rank must be at least 1, got {self.rank}")
+
+    @property
+    def label(self) -> str:
+        return str(self.rank)
+
+    def is_requested(self, module: ModuleName) -> bool:
+        return True
 
     def compute_rank(self, module: ModuleName, out_in: tuple[int, int]) -> int:
         return self.rank
@@ -53,11 +106,12 @@ class FixedRank:
 
 
 @dataclass(frozen=True)
-class EnergyRank:
+class EnergyRank(_PerModule):
     """The smallest rank whose triplets hold at least ``fraction`` of ‖ΔW‖², capped at ``max_rank``."""
 
     fraction: float
     max_rank: int
+    label = "energy"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction <= 1.0:
@@ -174,11 +228,12 @@ def noise_floor(s: torch.Tensor, total_energy: float, out_in: tuple[int, int]) -
 
 
 @dataclass(frozen=True)
-class NoiseFloorRank:
+class NoiseFloorRank(_PerModule):
     """``--rank auto``: per module, the singular values above the estimated noise floor (:func:`noise_floor`),
     at least 1 and at most ``max_rank``."""
 
-    max_rank: int = 256
+    max_rank: int = DEFAULT_MAX_RANK
+    label = "auto"
 
     def __post_init__(self) -> None:
         if self.max_rank < 1:
@@ -193,12 +248,19 @@ class NoiseFloorRank:
 
 
 @dataclass(frozen=True)
-class PatternRanks:
+class PatternRanks(_PerModule):
     """Per-module overrides, matched with PEFT's own rule for ``rank_pattern`` keys (the first match wins),
-    falling back to ``default``."""
+    falling back to ``default`` (a per-module policy)."""
 
     patterns: tuple[tuple[str, int], ...]
-    default: RankPolicy = field(default_factory=lambda: FixedRank(16))
+    default: RankPolicy = field(default_factory=lambda: FixedRank(DEFAULT_RANK))
+
+    @property
+    def label(self) -> str:
+        return self.default.label
+
+    def is_requested(self, module: ModuleName) -> bool:
+        return self.override(module) is not None or self.default.is_requested(module)
 
     def __post_init__(self) -> None:
         for pattern, rank in self.patterns:
@@ -288,7 +350,7 @@ class BudgetRanks:
 
     params: int
     min_rank: int = 1
-    max_rank: int = 256
+    max_rank: int = DEFAULT_MAX_RANK
     weighting: Weighting = "absolute"
 
     def __post_init__(self) -> None:
@@ -514,3 +576,104 @@ def budget_for_avg_rank(avg_rank: float, out_ins: list[tuple[int, int]]) -> int:
     if not avg_rank > 0:
         raise InvalidOptionError(f"--avg-rank must be positive, got {avg_rank}")
     return int(sum(min(avg_rank, out, inp) * (out + inp) for out, inp in out_ins))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Budget as a policy, and the one constructor of policies
+
+
+@dataclass(frozen=True)
+class Budget:
+    """``--budget`` / ``--avg-rank``: a total size for the factors, split across modules once all are seen.
+
+    Phase 1 computes ``max_rank`` triplets of every module and decides nothing (the caller keeps each module's
+    SVD aside); phase 2 turns the request into parameters (a percentage needs the model size, an average rank
+    the changed modules' shapes) and allocates them with :class:`BudgetRanks`.
+    """
+
+    text: str | None
+    avg_rank: float | None
+    min_rank: int = 1
+    max_rank: int = DEFAULT_MAX_RANK
+    weighting: Weighting = "absolute"
+    label = "budget"
+    defers = True
+
+    def __post_init__(self) -> None:
+        BudgetRanks(1, self.min_rank, self.max_rank, self.weighting)  # checks the bounds now
+
+    def compute_rank(self, module: ModuleName, out_in: tuple[int, int]) -> int:
+        return self.max_rank  # the allocation picks from these
+
+    def choose(self, module: ModuleName, s: torch.Tensor, total_energy: float, out_in: tuple[int, int]) -> None:
+        return None
+
+    def is_requested(self, module: ModuleName) -> bool:
+        return False
+
+    def check_size(self, size: ModelSize) -> None:
+        if self.text is not None:
+            parse_budget(self.text, model_params=size.params, bytes_per_param=size.bytes_per_param)
+
+    def finish(self, spectra: list[ModuleSpectrum], size: ModelSize) -> tuple[list[int], dict | None]:
+        out_ins = [s.out_in for s in spectra]
+        if self.avg_rank is not None:
+            params = budget_for_avg_rank(self.avg_rank, out_ins)
+        else:
+            params = parse_budget(self.text, model_params=size.params, bytes_per_param=size.bytes_per_param)
+        allocator = BudgetRanks(params, self.min_rank, self.max_rank, self.weighting)
+        ranks = allocator.allocate(spectra) if spectra else []
+        total = sum(s.total_energy for s in spectra)
+        predicted = predicted_squared_error(spectra, ranks)
+        return ranks, {
+            "requested": f"--avg-rank {self.avg_rank:g}" if self.avg_rank is not None else f"--budget {self.text}",
+            "params": params,
+            "params_used": adapter_params(ranks, out_ins),
+            "bytes_per_param": size.bytes_per_param,
+            "weighting": self.weighting,
+            "min_rank": self.min_rank,
+            "max_rank": self.max_rank,
+            "predicted_relative_error": (predicted / total) ** 0.5 if total > 0 else 0.0,
+        }
+
+
+def rank_policy(
+    rank: int | Literal["auto"] = DEFAULT_RANK,
+    *,
+    rank_pattern: list[tuple[str, int]] | None = None,
+    energy: float | None = None,
+    max_rank: int | None = None,
+    budget: str | None = None,
+    avg_rank: float | None = None,
+    budget_weighting: Weighting = "absolute",
+    min_rank: int | None = None,
+) -> RankPolicy:
+    """The policy extract's rank options describe: a fixed rank, ``auto`` (noise floor), an energy target, or a
+    global budget; the last three capped at ``max_rank`` (default :data:`DEFAULT_MAX_RANK`). Pattern overrides
+    apply on top of all but a budget.
+
+    Raises:
+        InvalidOptionError: options that contradict each other or do not apply, or values out of range.
+    """
+    given = [name for name, present in (("--energy", energy is not None), ("--budget", budget is not None),
+                                        ("--avg-rank", avg_rank is not None), ("--rank auto", rank == "auto"))
+             if present]
+    if len(given) > 1:
+        raise InvalidOptionError(f"{' and '.join(given)} each choose the ranks; give only one")
+    cap = max_rank if max_rank is not None else DEFAULT_MAX_RANK
+    if budget is not None or avg_rank is not None:
+        if rank_pattern:
+            raise InvalidOptionError(f"{given[0]} allocates every module's rank; it cannot be combined with "
+                                     "--rank-pattern (use --include/--exclude, --min-rank, --max-rank)")
+        return Budget(budget, avg_rank, min_rank or 1, cap, budget_weighting)
+    if min_rank is not None:
+        raise InvalidOptionError("--min-rank only applies with --budget or --avg-rank")
+    if energy is not None:
+        policy: RankPolicy = EnergyRank(energy, cap)
+    elif rank == "auto":
+        policy = NoiseFloorRank(cap)
+    elif max_rank is not None:
+        raise InvalidOptionError("--max-rank only applies with --energy, --budget, --avg-rank or --rank auto")
+    else:
+        policy = FixedRank(rank)
+    return PatternRanks(tuple(rank_pattern), policy) if rank_pattern else policy

@@ -1,8 +1,12 @@
-"""``extract``: a fully fine-tuned checkpoint and its base → a PEFT LoRA adapter.
+"""``extract``: a fully fine-tuned checkpoint and its base → a PEFT LoRA (or DoRA) adapter.
 
-Streams one module at a time: read the two weights, form ΔW in fp32 on the math device, truncate it with SVD,
-keep the small factors, drop everything else. Peak memory is a few copies of the largest tensor plus the
-factors, whatever the model size.
+A pipeline: :func:`~deltakit.ops.plan.plan_extract` reads the headers and groups tensors by module, checking
+everything the headers can show; then, one module at a time, the two weights are read, ΔW is formed in fp32 on
+the math device and the adapter variant fits it (:meth:`~deltakit.adapters.variants.AdapterVariant.fit`, pure:
+tensors in, factors and metrics out), and the plan's rules decide what becomes of the module's other tensors
+(:func:`~deltakit.ops.plan.module_fates`); at the end the rank policy finishes what it deferred (a budget), the
+report is built from the per-module results, and the adapter is written. Peak memory is a few copies of the
+largest tensor plus the factors, whatever the model size.
 """
 
 from __future__ import annotations
@@ -19,422 +23,160 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from deltakit.adapters.peft_format import (
-    AdapterSpec,
-    CarriedTensor,
-    ModuleFactors,
-    lora_scaling,
-    task_type_for,
-    write_adapter,
-)
+from deltakit.adapters.layers import WeightKind, out_in_shape, target_modules, transpose_embedding_factors
+from deltakit.adapters.peft_format import CarriedTensor, ModuleFactors, adapter_spec, task_type_for, write_adapter
+from deltakit.adapters.variants import DORA, LORA, AdapterVariant, Fit, FitSettings
+from deltakit.errors import InvalidOptionError, NothingToExtractError
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
-from deltakit.io.dtypes import DTYPES
-from deltakit.errors import InvalidOptionError, NonFiniteError, NothingToExtractError
-from deltakit.math.dora import apply_dora, fit_magnitude, projection_scales
-from deltakit.math.factorize import SvdMethod, TruncatedSVD, resolve_device, truncated_svd
-from deltakit.adapters.layers import (
-    TiedHead,
-    WeightKind,
-    base_bias_key,
-    out_in_shape,
-    saved_module_key,
-    target_modules,
-    to_out_in,
-    transpose_embedding_factors,
-)
-from deltakit.names import split_tensor_name
-from deltakit.ops.plan import ExtractPlan, ModulePlan, plan_extract
-from deltakit.math.ranks import (
-    BudgetRanks,
-    EnergyRank,
-    FixedRank,
-    ModuleSpectrum,
-    NoiseFloorRank,
-    PatternRanks,
-    RankPolicy,
-    Weighting,
-    adapter_params,
-    budget_for_avg_rank,
-    parse_budget,
-    predicted_squared_error,
-)
-from deltakit.ops.report import ExtractReport, ModuleReport, TensorFate, command_line, model_card
-from deltakit.math.values import all_finite, check_finite, same_values
+from deltakit.io.dtypes import DTYPES, parse_dtype
 from deltakit.io.writer import save_tensors, staged_output, write_json, write_text
+from deltakit.math.factorize import SvdMethod, TruncatedSVD, resolve_device
+from deltakit.math.lowrank import SvdOptions
+from deltakit.math.ranks import DEFAULT_RANK, ModelSize, ModuleSpectrum, RankPolicy, Weighting, rank_policy
+from deltakit.names import ModuleName, split_tensor_name
+from deltakit.ops.delta import is_changed, read_delta
+from deltakit.ops.plan import ExtractPlan, ModuleFates, ModulePlan, module_fates, plan_extract, tied_bias_fates
+from deltakit.ops.report import ExtractReport, ModuleReport, TensorFate, command_line, model_card
 
 REPORT_FILE = "extract_report.json"
 _SPILL_DIR = ".svd-spill"  # inside the staging directory, removed before it is renamed into place
-# DoRA's projected fit is tried where per-row rescaling of the base explains ≥ 10% of ‖ΔW‖² (see _fit_dora).
-_PROJECTED_FIT_GAIN = 0.9
 
 
 @dataclass(frozen=True)
-class SvdOptions:
-    method: SvdMethod = "auto"
-    oversample: int | None = None  # None: factorize.py's tuned default
-    niter: int | None = None
-    seed: int = 0
+class _Run:
+    """What every module's step shares."""
 
-    def run(self, matrix: torch.Tensor, rank: int, device: torch.device) -> TruncatedSVD:
-        extra = {k: v for k, v in (("oversample", self.oversample), ("niter", self.niter)) if v is not None}
-        return truncated_svd(matrix, rank, method=self.method, seed=self.seed, device=device, **extra)
-
-
-@dataclass(frozen=True)
-class BudgetRequest:
-    """A budget as asked for (``--budget`` text or ``--avg-rank``); its size in parameters is known only once
-    the changed modules are (a percentage needs the model size, an average rank the modules' shapes)."""
-
-    budget: str | None
-    avg_rank: float | None
-    min_rank: int
-    max_rank: int
-    weighting: Weighting
-
-    def compute_rank(self, module: str, out_in: tuple[int, int]) -> int:
-        return self.max_rank  # phase 1 computes this many triplets; the allocation picks from them
-
-    def params(self, model_params: int, bytes_per_param: int, out_ins: list[tuple[int, int]]) -> int:
-        if self.avg_rank is not None:
-            return budget_for_avg_rank(self.avg_rank, out_ins)
-        return parse_budget(self.budget, model_params=model_params, bytes_per_param=bytes_per_param)
-
-    def describe(self) -> str:
-        return f"--avg-rank {self.avg_rank:g}" if self.avg_rank is not None else f"--budget {self.budget}"
-
-
-def rank_policy(
-    rank: int | Literal["auto"], energy: float | None, max_rank: int | None,
-    rank_pattern: list[tuple[str, int]] | None, *, budget: str | None = None, avg_rank: float | None = None,
-    min_rank: int | None = None, budget_weighting: Weighting = "absolute",
-) -> RankPolicy | BudgetRequest:
-    """The policy the extract options describe: a fixed rank, ``auto`` (noise floor), an energy target, or a
-    global budget; the last three capped at ``max_rank``. Pattern overrides apply on top of all but a budget."""
-    given = [name for name, present in (("--energy", energy is not None), ("--budget", budget is not None),
-                                        ("--avg-rank", avg_rank is not None), ("--rank auto", rank == "auto"))
-             if present]
-    if len(given) > 1:
-        raise InvalidOptionError(f"{' and '.join(given)} each choose the ranks; give only one")
-    cap = max_rank if max_rank is not None else 256
-    if budget is not None or avg_rank is not None:
-        if rank_pattern:
-            raise InvalidOptionError(f"{given[0]} allocates every module's rank; it cannot be combined with "
-                                     "--rank-pattern (use --include/--exclude, --min-rank, --max-rank)")
-        request = BudgetRequest(budget, avg_rank, min_rank or 1, cap, budget_weighting)
-        BudgetRanks(1, request.min_rank, request.max_rank, request.weighting)  # checks the bounds now
-        return request
-    if min_rank is not None:
-        raise InvalidOptionError("--min-rank only applies with --budget or --avg-rank")
-    if energy is not None:
-        policy: RankPolicy = EnergyRank(energy, cap)
-    elif rank == "auto":
-        policy = NoiseFloorRank(cap)
-    elif max_rank is not None:
-        raise InvalidOptionError("--max-rank only applies with --energy, --budget, --avg-rank or --rank auto")
-    else:
-        policy = FixedRank(rank)
-    return PatternRanks(tuple(rank_pattern), policy) if rank_pattern else policy
-
-
-def _lora_factors(
-    svd: TruncatedSVD, rank: int, alpha: float | None, use_rslora: bool, module: str, kind: WeightKind,
-    dtype: torch.dtype, row_scale: torch.Tensor | None = None,
-) -> ModuleFactors:
-    """Split the kept singular values evenly between B and A, folding 1/scaling in, so scaling·B@A = ΔW_r
-    (times ``row_scale`` per output row, for DoRA's projected fit)."""
-    module_alpha = float(alpha if alpha is not None else rank)
-    scaling = lora_scaling(module_alpha, rank, use_rslora)
-    root = (svd.s[:rank] / scaling).sqrt()
-    b = svd.u[:, :rank] * root  # (out, r)
-    if row_scale is not None:
-        b = b * row_scale.to(b.device)[:, None]
-    a = root[:, None] * svd.vh[:rank]  # (r, in)
-    return ModuleFactors(module, kind, a.to(dtype), b.to(dtype), module_alpha, scaling)
+    finetuned: Checkpoint
+    base: Checkpoint
+    plan: ExtractPlan
+    policy: RankPolicy
+    variant: AdapterVariant
+    fit: FitSettings
+    dtype: torch.dtype | None  # of the stored factors; None: the base tensor's
+    carry: bool
 
 
 @dataclass
-class _Deferred:
-    """A module factorized before its rank is known (under a budget): its SVD spilled to disk, its singular
-    values kept for the allocation, its report row to be completed. ``tied_to`` marks a tied head, whose
-    factors will be its embedding's, transposed."""
+class _Factorized:
+    """One module's weight, fitted; ``fit.pending`` when the rank policy decides its rank at the end."""
 
-    module: str
+    module: ModuleName
     kind: WeightKind
+    shape: tuple[int, ...]  # as stored
     dtype: torch.dtype
-    report: ModuleReport | None
-    spill: Path | None = None
-    spectrum: ModuleSpectrum | None = None
-    method: str = ""
-    residual_energy: float | None = None
-    tied_to: _Deferred | None = None
-
-    def load(self) -> TruncatedSVD:
-        tensors = load_file(self.spill)
-        return TruncatedSVD(tensors["u"], tensors["s"], tensors["vh"], self.spectrum.total_energy, self.method,
-                            self.residual_energy)
+    fit: Fit
+    seconds: float
+    note: str | None  # e.g. a clamped rank
+    tied_head: ModuleName | None = None  # a tied output head that gets these factors too, transposed
 
 
-def _transposed_for_head(embedding: ModuleFactors, head: str) -> ModuleFactors:
+@dataclass
+class _ModuleResult:
+    """What became of one module."""
+
+    factorized: _Factorized | None
+    fates: ModuleFates
+    unchanged: int
+
+
+def _fit_weight(run: _Run, module: ModulePlan) -> _Factorized | None:
+    """Fit the module's weight; None if it did not change."""
+    started = time.perf_counter()
+    pair = read_delta(run.finetuned, run.base, module.weight, module.kind, run.fit.device,
+                      keep_finetuned=run.variant.needs_finetuned)
+    if pair is None:
+        return None
+    shape = tuple(run.finetuned.info(module.weight).shape)
+    out_in = out_in_shape(shape, module.kind)
+    wanted = run.policy.compute_rank(module.module, out_in)
+    note = (f"rank {wanted} > min(out, in) = {min(out_in)}: clamped"
+            if run.policy.is_requested(module.module) and wanted > min(out_in) else None)
+    dtype = run.dtype or run.base.info(module.weight).dtype
+    fit = run.variant.fit(pair, min(wanted, min(out_in)),
+                          lambda s, total: run.policy.choose(module.module, s, total, out_in),
+                          module.module, module.kind, dtype, run.fit)
+    return _Factorized(module.module, module.kind, shape, dtype, fit, time.perf_counter() - started, note)
+
+
+def _extract_module(run: _Run, module: ModulePlan) -> _ModuleResult:
+    """Fit the module's weight and decide what becomes of its other changed tensors."""
+    factorized = None
+    compared = set(module.new_in_finetuned) | set(module.resized)
+    fates = ModuleFates()
+    tied = run.plan.tied if run.plan.tied and run.plan.tied.embedding == module.module else None
+    if tied is not None and run.variant.tied_embedding_refusal and module.weight is not None:
+        fates.drop([module.weight], f"input embedding tied to {tied.head}: {run.variant.tied_embedding_refusal}")
+        compared.add(module.weight)
+    elif module.weight is not None and module.is_selected:
+        factorized = _fit_weight(run, module)
+        compared.add(module.weight)
+        if factorized is not None and tied is not None:
+            # The tied head sees the embedding's delta too: store the same factors, transposed, as its Linear
+            # LoRA (PEFT's ensure_weight_tying shares them for an ``lm_head``; other heads get their own copy).
+            factorized.tied_head = tied.head
+            fates.notes.append(f"{tied.head} is tied to {tied.embedding}: the embedding's factors are stored for "
+                               "it too, transposed")
+    changed = [n for n in module.tensors if n not in compared and is_changed(run.finetuned, run.base, n)]
+    changed += module.new_in_finetuned + list(module.resized)
+    rest = module_fates(run.plan, module, changed, factorized=factorized is not None, carry=run.carry)
+    fates.fates += rest.fates
+    fates.keys.update(rest.keys)
+    fates.saves_module = rest.saves_module
+    fates.notes += rest.notes
+    return _ModuleResult(factorized, fates, len(module.tensors) - (factorized is not None) - len(changed))
+
+
+def _extract_tied_bias(run: _Run, head_factorized: bool) -> _ModuleResult:
+    """The tied head's bias lives under another module's name (BERT's cls.predictions.bias)."""
+    tied = run.plan.tied
+    if tied is None or tied.bias is None or not is_changed(run.finetuned, run.base, tied.bias):
+        return _ModuleResult(None, ModuleFates(), int(tied is not None and tied.bias is not None))
+    return _ModuleResult(None, tied_bias_fates(tied, head_factorized=head_factorized, carry=run.carry), 0)
+
+
+class _Spill:
+    """Where the SVDs of modules whose rank is decided at the end wait: the singular vectors on disk, so memory
+    stays bounded by one module however many modules there are."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.paths: dict[ModuleName, Path] = {}
+
+    def put(self, module: ModuleName, svd: TruncatedSVD) -> None:
+        self.directory.mkdir(exist_ok=True)
+        path = self.paths[module] = self.directory / f"{len(self.paths):06d}.safetensors"
+        save_tensors(path, {"u": svd.u.cpu().contiguous(), "s": svd.s.cpu(), "vh": svd.vh.cpu().contiguous()})
+
+    def take(self, module: ModuleName, spectrum: ModuleSpectrum, method: str,
+             residual_energy: float | None) -> TruncatedSVD:
+        tensors = load_file(self.paths[module])
+        return TruncatedSVD(tensors["u"], tensors["s"], tensors["vh"], spectrum.total_energy, method, residual_energy)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _finish_ranks(run: _Run, factorized: list[_Factorized], spill: _Spill,
+                  size: ModelSize) -> tuple[dict[ModuleName, tuple[ModuleFactors, dict, float]], dict | None]:
+    """Phase 2 of the rank policy: the ranks it deferred, decided from the spectra at once, and each deferred
+    module's factors cut from its stored SVD (no second SVD). Returns them by module (factors, metrics, seconds
+    spent) and the policy's part of the report."""
+    pending = [f for f in factorized if f.fit.pending is not None]
+    spectra = [ModuleSpectrum(f.module, out_in_shape(f.shape, f.kind), f.fit.pending.s.cpu(),
+                              f.fit.pending.total_energy) for f in pending]
+    ranks, summary = run.policy.finish(spectra, size)
+    done = {}
+    for f, spectrum, rank in zip(pending, spectra, ranks):
+        started = time.perf_counter()
+        svd = spill.take(f.module, spectrum, f.fit.pending.method, f.fit.pending.residual_energy)
+        factors, metrics = run.variant.complete(svd, rank, f.module, f.kind, f.dtype, run.fit)
+        done[f.module] = factors, metrics, time.perf_counter() - started
+    return done, summary
+
+
+def _transposed_for_head(embedding: ModuleFactors, head: ModuleName) -> ModuleFactors:
     a, b = transpose_embedding_factors(embedding.a, embedding.b)
     return ModuleFactors(head, WeightKind.LINEAR, a, b, embedding.alpha, embedding.scaling)
-
-
-@dataclass(frozen=True)
-class _Options:
-    policy: RankPolicy | BudgetRequest
-    svd: SvdOptions
-    device: torch.device
-    alpha: float | None
-    use_rslora: bool
-    dtype: torch.dtype | None  # of the stored factors; None: the base tensor's
-    carry: bool
-    dora: bool
-
-
-class _Extraction:
-    """The state of one run: inputs, options, and what has been produced so far."""
-
-    def __init__(self, finetuned: Checkpoint, base: Checkpoint, plan: ExtractPlan, report: ExtractReport,
-                 options: _Options) -> None:
-        self.finetuned, self.base, self.plan, self.report = finetuned, base, plan, report
-        self.policy, self.svd, self.device = options.policy, options.svd, options.device
-        self.alpha, self.use_rslora, self.dtype = options.alpha, options.use_rslora, options.dtype
-        self.carry, self.dora = options.carry, options.dora
-        self.factors: list[ModuleFactors | _Deferred] = []
-        self.spill_dir: Path | None = None  # under a budget: where phase 1 keeps each module's SVD
-        self.carried: list[CarriedTensor] = []
-        self.modules_to_save: list[str] = []
-
-    def _load_pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        base_w, ft_w = self.base.get(name), self.finetuned.get(name)
-        check_finite(base_w, name, self.base.path)
-        check_finite(ft_w, name, self.finetuned.path)
-        return base_w, ft_w
-
-    def _is_changed(self, name: str) -> bool:
-        return not same_values(*self._load_pair(name))
-
-    def _carry_tensor(self, name: str, key: str, reason: str) -> None:
-        info = self.finetuned.info(name)
-        self.carried.append(CarriedTensor(key, info.dtype, info.shape, lambda n=name: self.finetuned.get(n)))
-        self.report.tensors.append(TensorFate(name, "carried", reason))
-
-    def _factorize(self, plan: ModulePlan, weight: str) -> bool:
-        """Factorize the module's weight; False if it did not change."""
-        started = time.perf_counter()
-        base_w, ft_w = self.base.get(weight), self.finetuned.get(weight)
-        if same_values(base_w, ft_w) and all_finite(base_w):
-            return False
-        # Memory: the stored pair, then base and ΔW in fp32 (and ft for DoRA), never more.
-        base_m = to_out_in(base_w.to(self.device, torch.float32), plan.kind)  # (out, in)
-        del base_w
-        delta = to_out_in(ft_w.to(self.device, torch.float32), plan.kind)
-        del ft_w
-        ft_m = delta.clone() if self.dora else None
-        delta.sub_(base_m)
-        if not all_finite(delta):
-            self._load_pair(weight)  # names the input holding the NaN/Inf
-            raise NonFiniteError("ΔW overflows float32", path=self.finetuned.path, tensor=weight)
-        stored_shape = tuple(self.finetuned.info(weight).shape)
-        out_in = out_in_shape(stored_shape, plan.kind)
-        wanted = self.policy.compute_rank(plan.module, out_in)
-        compute_rank = min(wanted, min(out_in))
-        # Only a rank the user asked for is worth a note; energy, auto and budget treat theirs as a cap.
-        asked = isinstance(self.policy, FixedRank) or isinstance(self.policy, PatternRanks) and (
-            self.policy.override(plan.module) is not None or isinstance(self.policy.default, FixedRank))
-        note = f"rank {wanted} > min(out, in) = {min(out_in)}: clamped" if asked and wanted > min(out_in) else None
-        dtype = self.dtype or self.base.info(weight).dtype
-        if self.dora:
-            delta_norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
-            factors, metrics = self._fit_dora(plan, base_m, ft_m, delta, compute_rank, dtype)
-        else:
-            del base_m
-            svd = self.svd.run(delta, compute_rank, self.device)
-            del delta
-            delta_norm = math.sqrt(svd.total_energy)
-            if isinstance(self.policy, BudgetRequest):
-                row = ModuleReport(module=plan.module, kind=plan.kind.value, shape=stored_shape, rank=0,
-                                   relative_error=1.0, energy_retained=0.0, delta_norm=delta_norm,
-                                   seconds=time.perf_counter() - started, method=svd.method, note=note)
-                self.factors.append(self._spill(plan, svd, out_in, dtype, row))
-                self.report.modules.append(row)
-                return True
-            rank = max(1, self.policy.choose(plan.module, svd.s, svd.total_energy, out_in))
-            factors = _lora_factors(svd, rank, self.alpha, self.use_rslora, plan.module, plan.kind, dtype)
-            metrics = {"relative_error": svd.relative_error(rank), "energy_retained": svd.energy_retained(rank),
-                       "method": svd.method}
-        self.factors.append(factors)
-        self.report.modules.append(ModuleReport(
-            module=plan.module, kind=plan.kind.value, shape=stored_shape, rank=factors.rank,
-            delta_norm=delta_norm, seconds=time.perf_counter() - started, note=note, **metrics,
-        ))
-        return True
-
-    def _spill(self, plan: ModulePlan, svd: TruncatedSVD, out_in: tuple[int, int], dtype: torch.dtype,
-               row: ModuleReport) -> _Deferred:
-        """Phase 1 of a budget: keep the singular values in memory and the vectors on disk, so memory stays
-        bounded by one module however many modules there are."""
-        path = self.spill_dir / f"{len(self.factors):06d}.safetensors"  # the slot this module will fill
-        save_tensors(path, {"u": svd.u.cpu().contiguous(), "s": svd.s.cpu(), "vh": svd.vh.cpu().contiguous()})
-        spectrum = ModuleSpectrum(plan.module, out_in, svd.s.cpu(), svd.total_energy)
-        return _Deferred(plan.module, plan.kind, dtype, row, path, spectrum, svd.method, svd.residual_energy)
-
-    def allocate_budget(self, model_params: int, bytes_per_param: int) -> dict:
-        """Phase 2 of a budget: choose every module's rank from the spilled spectra at once, then cut each
-        module's factors from its stored SVD (no second SVD). Returns the budget's part of the report."""
-        request: BudgetRequest = self.policy
-        pending = [f for f in self.factors if isinstance(f, _Deferred) and f.tied_to is None]
-        spectra = [d.spectrum for d in pending]
-        params = request.params(model_params, bytes_per_param, [s.out_in for s in spectra])
-        allocator = BudgetRanks(params, request.min_rank, request.max_rank, request.weighting)
-        ranks = allocator.allocate(spectra) if spectra else []
-        built: dict[int, ModuleFactors] = {}
-        for deferred, rank in zip(pending, ranks):
-            started = time.perf_counter()
-            svd = deferred.load()
-            built[id(deferred)] = _lora_factors(svd, rank, self.alpha, self.use_rslora, deferred.module,
-                                                deferred.kind, deferred.dtype)
-            row = deferred.report
-            row.rank, row.relative_error, row.energy_retained = rank, svd.relative_error(rank), svd.energy_retained(rank)
-            row.seconds += time.perf_counter() - started
-        for i, entry in enumerate(self.factors):
-            if isinstance(entry, _Deferred):
-                if entry.tied_to is None:
-                    self.factors[i] = built[id(entry)]
-                else:
-                    self.factors[i] = _transposed_for_head(built[id(entry.tied_to)], entry.module)
-        total = sum(s.total_energy for s in spectra)
-        predicted = predicted_squared_error(spectra, ranks)
-        return {
-            "requested": request.describe(),
-            "params": params,
-            "params_used": adapter_params(ranks, [s.out_in for s in spectra]),
-            "bytes_per_param": bytes_per_param,
-            "weighting": request.weighting,
-            "min_rank": request.min_rank,
-            "max_rank": request.max_rank,
-            "predicted_relative_error": (predicted / total) ** 0.5 if total > 0 else 0.0,
-        }
-
-    def _fit_dora(self, plan: ModulePlan, base_m: torch.Tensor, ft_m: torch.Tensor, delta: torch.Tensor,
-                  compute_rank: int, dtype: torch.dtype) -> tuple[ModuleFactors, dict]:
-        """DoRA's fits (dora.py), the better one kept. The plain fit's SVD also gives plain LoRA's error at the
-        same rank and at rank + 1 (at least DoRA's parameter count: r(out+in) + out ≤ (r+1)(out+in)).
-
-        The projected fit costs a second SVD, so it is tried only where rescaling base rows explains a real
-        part of ΔW (‖M‖² < 0.9·‖ΔW‖²); elsewhere both fits approximate nearly the same matrix."""
-        total = float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
-        scales = projection_scales(base_m, ft_m)
-        residual = ft_m - scales[:, None] * base_m  # M
-        fits: list[tuple[TruncatedSVD, torch.Tensor | None]] = []
-        if float(torch.linalg.vector_norm(residual, dtype=torch.float64)) ** 2 < _PROJECTED_FIT_GAIN * total:
-            fits.append((self.svd.run(residual, compute_rank, self.device), 1.0 / scales))
-        del residual
-        plain = self.svd.run(delta, min(compute_rank + 1, min(delta.shape)), self.device)
-        fits.append((plain, None))
-        rank = max(1, self.policy.choose(plan.module, fits[0][0].s, fits[0][0].total_energy, delta.shape))
-        rank = min(rank, len(plain.s))
-        best: tuple[float, ModuleFactors, str] | None = None
-        for svd, row_scale in fits:
-            factors = _lora_factors(svd, rank, self.alpha, self.use_rslora, plan.module, plan.kind, dtype, row_scale)
-            lora_delta = factors.delta().to(self.device)  # from the stored (rounded) factors: what PEFT will see
-            factors.magnitude = fit_magnitude(base_m + lora_delta, ft_m).to(dtype)
-            merged, _ = apply_dora(base_m, lora_delta, factors.magnitude.to(self.device))
-            error = float(torch.linalg.vector_norm(ft_m - merged, dtype=torch.float64)) ** 2
-            if best is None or error < best[0]:
-                best = (error, factors, "projected" if row_scale is not None else "plain")
-        error, factors, fit = best
-        relative = (error / total) ** 0.5 if total > 0 else 0.0
-        return factors, {
-            "relative_error": relative,
-            "energy_retained": max(0.0, 1.0 - relative**2),
-            "method": f"{plain.method}, {fit} fit",
-            "lora_relative_error": plain.relative_error(rank),
-            "lora_relative_error_same_params": plain.relative_error(min(rank + 1, len(plain.s))),
-        }
-
-    def _tied_head_factors(self, embedding: ModuleFactors | _Deferred, tied: TiedHead) -> None:
-        """The tied head sees the embedding's delta too: store the same factors, transposed, as its Linear LoRA
-        (PEFT's ensure_weight_tying shares them for an ``lm_head``; other heads get their own copy)."""
-        if isinstance(embedding, _Deferred):
-            self.factors.append(_Deferred(tied.head, WeightKind.LINEAR, embedding.dtype, None, tied_to=embedding))
-        else:
-            self.factors.append(_transposed_for_head(embedding, tied.head))
-        self.report.notes.append(f"{tied.head} is tied to {tied.embedding}: the embedding's factors are stored "
-                                 f"for it too, transposed")
-
-    def run_tied_bias(self) -> None:
-        """The tied head's bias lives under another module's name (BERT's cls.predictions.bias)."""
-        tied = self.plan.tied
-        if tied is None or tied.bias is None or not self._is_changed(tied.bias):
-            self.report.unchanged += int(tied is not None and tied.bias is not None)
-            return
-        if not self.carry:
-            self.report.tensors.append(TensorFate(tied.bias, "dropped", "changed and not factorizable; --no-carry"))
-        elif any(f.module == tied.head for f in self.factors):
-            self._carry_tensor(tied.bias, base_bias_key(tied.head), f"bias of the tied head {tied.head}")
-        else:
-            self.report.tensors.append(TensorFate(tied.bias, "dropped", (
-                f"the bias of the tied head {tied.head}, which is not factorized; PEFT can only carry it as "
-                "the base_layer bias of a targeted head")))
-
-    def run_module(self, plan: ModulePlan) -> None:
-        """Decide and do what becomes of one module: factorized, carried whole, partly carried, or dropped."""
-        factorized = False
-        compared = set(plan.new_in_finetuned) | set(plan.resized)
-        tied = self.plan.tied if self.plan.tied and self.plan.tied.embedding == plan.module else None
-        if tied is not None and self.dora and plan.weight is not None:
-            self.report.tensors.append(TensorFate(plan.weight, "dropped", (
-                f"input embedding tied to {tied.head}: PEFT cannot tie DoRA magnitudes across the two; "
-                "extract without --dora to keep it")))
-            compared.add(plan.weight)
-        elif plan.weight is not None and plan.is_selected:
-            factorized = self._factorize(plan, plan.weight)
-            compared.add(plan.weight)
-            if factorized and tied is not None:
-                self._tied_head_factors(self.factors[-1], tied)
-        changed = [n for n in plan.tensors if n not in compared and self._is_changed(n)]
-        changed += plan.new_in_finetuned + list(plan.resized)
-        if not changed:
-            self.report.unchanged += len(plan.tensors) - (1 if factorized else 0)
-            return
-        self.report.unchanged += len(plan.tensors) - (1 if factorized else 0) - len(changed)
-        if not plan.is_selected:
-            for n in changed:
-                self.report.tensors.append(TensorFate(n, "dropped", "changed, but excluded by --include/--exclude"))
-            return
-        if not self.carry:
-            for n in changed:
-                self.report.tensors.append(TensorFate(n, "dropped", "changed and not factorizable; --no-carry"))
-            return
-        if factorized and changed == [plan.bias]:
-            # PEFT's bias="lora_only" loads a targeted module's bias from `<module>.base_layer.bias`.
-            self._carry_tensor(plan.bias, base_bias_key(plan.module), "bias of a factorized module")
-            return
-        if factorized:
-            # A factorized module with other changed params cannot also be a modules_to_save module.
-            for n in changed:
-                self.report.tensors.append(TensorFate(
-                    n, "dropped", "changed param of a factorized module that PEFT cannot carry"))
-            return
-        if not plan.module or plan.module in self.plan.parents:
-            for n in changed:
-                self.report.tensors.append(TensorFate(n, "dropped", (
-                    "a parameter of a module with submodules; PEFT's modules_to_save would replace the whole subtree"
-                    if plan.module else "a top-level parameter; PEFT's modules_to_save needs a module")))
-            return
-        # modules_to_save replaces the whole module, so every param of it is stored, changed or not.
-        self.modules_to_save.append(plan.module)
-        for n in plan.tensors:
-            reason = "modules_to_save"
-            if n in plan.resized:
-                before, after = plan.resized[n]
-                reason += f"; vocabulary resized {before[0]} → {after[0]}: call resize_token_embeddings({after[0]}) on the base before loading"
-                self.report.notes.append(f"{n}: resized {list(before)} → {list(after)}; resize the base model's "
-                                         "token embeddings before loading this adapter")
-            elif n in plan.new_in_finetuned:
-                reason += "; not in the base"
-            self._carry_tensor(n, saved_module_key(n), reason)
 
 
 def _factor_bytes_per_param(dtype: str | None, plan: ExtractPlan, base: Checkpoint) -> int:
@@ -455,7 +197,7 @@ def extract(
     base: str | Path,
     out: str | Path,
     *,
-    rank: int | Literal["auto"] = 16,
+    rank: int | Literal["auto"] = DEFAULT_RANK,
     alpha: float | None = None,
     use_rslora: bool = False,
     svd: SvdMethod = "auto",
@@ -492,7 +234,7 @@ def extract(
         dtype: dtype of the stored factors (``float32``, ``float16``, ``bfloat16``); default: the base's.
         include, exclude: regexes (``re.search``) on module names selecting what goes into the adapter.
         rank_pattern: (regex, rank) overrides, matched the way PEFT matches ``rank_pattern`` keys.
-        energy: keep the smallest rank holding this fraction of ‖ΔW‖², at most ``max_rank`` (default 256).
+        energy: keep the smallest rank holding this fraction of ‖ΔW‖², at most ``max_rank`` (default :data:`~deltakit.math.ranks.DEFAULT_MAX_RANK`).
         budget: the total size of the factors (``50MB``, ``2%`` of the model, ``3Mparams``; see
             :func:`deltakit.ranks.parse_budget`), allocated across modules to minimise the total squared error
             (:class:`deltakit.ranks.BudgetRanks`). Each module's SVD is computed once, at ``max_rank``, spilled
@@ -517,78 +259,95 @@ def extract(
     """
     started = time.perf_counter()
     out_dir = Path(out)
-    if dtype is not None and dtype not in DTYPES:
-        raise InvalidOptionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    policy = rank_policy(rank, energy, max_rank, rank_pattern, budget=budget, avg_rank=avg_rank,
-                         min_rank=min_rank, budget_weighting=budget_weighting)
-    if dora and isinstance(policy, BudgetRequest):
-        raise InvalidOptionError("--budget/--avg-rank with --dora is not supported: DoRA's fit changes the spectrum "
-                                 "the allocation needs; use --rank, --energy or --rank auto with --dora")
+    factor_dtype = parse_dtype(dtype)
+    policy = rank_policy(rank, energy=energy, budget=budget, avg_rank=avg_rank, min_rank=min_rank,
+                         max_rank=max_rank, budget_weighting=budget_weighting, rank_pattern=rank_pattern)
+    variant = DORA if dora else LORA
+    if policy.defers and variant.budget_refusal:
+        raise InvalidOptionError(variant.budget_refusal)
     math_device = resolve_device(device)
     ft_ckpt, base_ckpt = open_checkpoint(finetuned), open_checkpoint(base)
     plan = plan_extract(ft_ckpt, base_ckpt, include=include, exclude=exclude)
-    model_params = sum(math.prod(info.shape) for info in base_ckpt.tensors.values())
-    bytes_per_param = _factor_bytes_per_param(dtype, plan, base_ckpt)
-    if isinstance(policy, BudgetRequest) and policy.budget is not None:
-        parse_budget(policy.budget, model_params=model_params, bytes_per_param=bytes_per_param)  # fail before work
-
-    options = {
-        "rank": rank, "alpha": alpha, "use_rslora": use_rslora, "svd": svd, "oversample": oversample,
-        "niter": niter, "seed": seed, "device": str(math_device), "dtype": dtype, "include": include,
-        "exclude": exclude, "rank_pattern": [list(p) for p in rank_pattern or []], "energy": energy,
-        "budget": budget, "avg_rank": avg_rank, "min_rank": min_rank, "max_rank": max_rank,
-        "budget_weighting": budget_weighting if isinstance(policy, BudgetRequest) else None, "dora": dora,
-        "carry": carry,
-    }
-    report = ExtractReport(
-        _input_name(finetuned, ft_ckpt), _input_name(base, base_ckpt), str(out_dir), options, command=command_line(),
-        finetuned_revision=ft_ckpt.source.commit_hash if ft_ckpt.source else None,
-        base_revision=base_ckpt.source.commit_hash if base_ckpt.source else None)
-    for name in plan.only_in_base:
-        report.tensors.append(TensorFate(name, "only-in-base", "not in the fine-tuned checkpoint; left as in the base"))
-    run = _Extraction(ft_ckpt, base_ckpt, plan, report, _Options(
-        policy, SvdOptions(svd, oversample, niter, seed), math_device, alpha, use_rslora,
-        DTYPES[dtype] if dtype else None, carry, dora))
+    size = ModelSize(sum(math.prod(info.shape) for info in base_ckpt.tensors.values()),
+                     _factor_bytes_per_param(dtype, plan, base_ckpt))
+    policy.check_size(size)  # fail before work
+    run = _Run(ft_ckpt, base_ckpt, plan, policy, variant,
+               FitSettings(alpha, use_rslora, SvdOptions(svd, oversample, niter, seed), math_device),
+               factor_dtype, carry)
 
     with staged_output(out_dir, overwrite=overwrite, inputs=[ft_ckpt.path, base_ckpt.path]) as staging_dir:
-        if isinstance(policy, BudgetRequest):
-            run.spill_dir = staging_dir / _SPILL_DIR
-            run.spill_dir.mkdir()
+        spill = _Spill(staging_dir / _SPILL_DIR)
+        results = []
         total = sum(ft_ckpt.info(n).nbytes for p in plan.modules for n in p.tensors)
         with tqdm(total=total, unit="B", unit_scale=True, desc="extract", disable=not progress,
                   dynamic_ncols=True) as bar:
             for i, module_plan in enumerate(plan.modules):
-                run.run_module(module_plan)
+                result = _extract_module(run, module_plan)
+                if result.factorized is not None and result.factorized.fit.pending is not None:
+                    spill.put(result.factorized.module, result.factorized.fit.pending)
+                results.append(result)
                 bar.update(sum(ft_ckpt.info(n).nbytes for n in module_plan.tensors))
                 bar.set_postfix_str(f"{i + 1}/{len(plan.modules)} modules", refresh=False)
-            run.run_tied_bias()
-        if isinstance(policy, BudgetRequest):
-            report.budget = run.allocate_budget(model_params, bytes_per_param)
-            shutil.rmtree(run.spill_dir)
-        if not run.factors and not run.carried:
+            factorized = [r.factorized for r in results if r.factorized is not None]
+            results.append(_extract_tied_bias(run, any(f.tied_head for f in factorized)))
+        finished, budget_summary = _finish_ranks(run, factorized, spill, size)
+        spill.remove()
+
+        rows, factors = [], []
+        for f in factorized:
+            if f.module in finished:
+                module_factors, metrics, seconds = finished[f.module]
+                seconds += f.seconds
+            else:
+                module_factors, metrics, seconds = f.fit.factors, f.fit.metrics, f.seconds
+            rows.append(ModuleReport(module=f.module, kind=f.kind.value, shape=f.shape, rank=module_factors.rank,
+                                     delta_norm=f.fit.delta_norm, seconds=seconds, note=f.note, **metrics))
+            factors.append(module_factors)
+            if f.tied_head is not None:
+                factors.append(_transposed_for_head(module_factors, f.tied_head))
+        carried = [CarriedTensor(key, ft_ckpt.info(name).dtype, ft_ckpt.info(name).shape,
+                                 lambda n=name: ft_ckpt.get(n))
+                   for r in results for name, key in r.fates.keys.items()]
+        if not factors and not carried:
             raise NothingToExtractError(
                 "the fine-tuned checkpoint is identical to its base"
                 + (" for the selected modules" if include or exclude else ""),
                 path=ft_ckpt.path,
             )
-        ranks = Counter(f.rank for f in run.factors)
-        spec_rank = ranks.most_common(1)[0][0] if ranks else rank if isinstance(rank, int) else 1
-        spec = AdapterSpec(
-            rank=spec_rank,
-            alpha=float(alpha if alpha is not None else spec_rank),
+        options = {
+            "rank": rank, "alpha": alpha, "use_rslora": use_rslora, "svd": svd, "oversample": oversample,
+            "niter": niter, "seed": seed, "device": str(math_device), "dtype": dtype, "include": include,
+            "exclude": exclude, "rank_pattern": [list(p) for p in rank_pattern or []], "energy": energy,
+            "budget": budget, "avg_rank": avg_rank, "min_rank": min_rank, "max_rank": max_rank,
+            "budget_weighting": budget_weighting if policy.defers else None, "dora": dora, "carry": carry,
+        }
+        report = ExtractReport(
+            _input_name(finetuned, ft_ckpt), _input_name(base, base_ckpt), str(out_dir), options,
+            finetuned_revision=ft_ckpt.source.commit_hash if ft_ckpt.source else None,
+            base_revision=base_ckpt.source.commit_hash if base_ckpt.source else None,
+            modules=rows,
+            tensors=[TensorFate(name, "only-in-base", "not in the fine-tuned checkpoint; left as in the base")
+                     for name in plan.only_in_base] + [fate for r in results for fate in r.fates.fates],
+            unchanged=sum(r.unchanged for r in results),
+            command=command_line(),
+            notes=[note for r in results for note in r.fates.notes],
+            budget=budget_summary,
+            variant=variant,
+        )
+        spec = adapter_spec(
+            factors, carried, default_rank=rank if isinstance(rank, int) else 1, alpha=alpha,
             use_rslora=use_rslora,
-            use_dora=dora,
+            variant_config=variant.config(),
             base_model_name_or_path=report.base,
             revision=report.base_revision,
             task_type=task_type_for((ft_ckpt.config or {}).get("architectures")),
-            modules_to_save=run.modules_to_save,
-            has_base_biases=any(c.key.endswith(".base_layer.bias") for c in run.carried),
+            modules_to_save=[p.module for p, r in zip(plan.modules, results) if r.fates.saves_module],
             ensure_weight_tying=plan.tied is not None and plan.tied.head == "lm_head"
-            and any(f.module == "lm_head" for f in run.factors),
-            target_modules=target_modules([f.module for f in run.factors],
+            and any(f.module == "lm_head" for f in factors),
+            target_modules=target_modules([f.module for f in factors],
                                           {split_tensor_name(n)[0] for n in base_ckpt.tensors}),
         )
-        report.adapter_bytes = write_adapter(staging_dir, run.factors, run.carried, spec)
+        report.adapter_bytes = write_adapter(staging_dir, factors, carried, spec)
         report.seconds = time.perf_counter() - started
         write_json(staging_dir / REPORT_FILE, report.to_json())
         write_text(staging_dir / "README.md", model_card(report))

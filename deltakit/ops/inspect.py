@@ -27,9 +27,11 @@ from deltakit.io.checkpoint import open_checkpoint
 from deltakit.errors import InvalidOptionError, NothingToExtractError
 from deltakit.math.factorize import SvdMethod, resolve_device, truncated_svd
 from deltakit.names import ModuleName
-from deltakit.adapters.layers import out_in_shape, to_out_in
+from deltakit.adapters.layers import out_in_shape
+from deltakit.ops.delta import read_delta
 from deltakit.ops.plan import plan_extract
 from deltakit.math.ranks import (
+    DEFAULT_MAX_RANK,
     BudgetRanks,
     ModuleSpectrum,
     NoiseFloor,
@@ -39,10 +41,11 @@ from deltakit.math.ranks import (
     rank_for_energy,
 )
 from deltakit.ops.report import command_line, format_bytes
-from deltakit.math.values import check_finite, same_values
 from deltakit.io.writer import refuse_overlap, staged_output, write_json
 
 REPORT_FILE = "report.json"
+# The ranks energy retained is reported at, by default.
+DEFAULT_RANKS = (8, 16, 32, 64, 128, 256)
 # The energy target of the suggested "energy" rank (extract's --energy).
 SUGGESTED_ENERGY = 0.9
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
@@ -230,8 +233,8 @@ def inspect(
     base: str | Path,
     out: str | Path | None = None,
     *,
-    ranks: tuple[int, ...] = (8, 16, 32, 64, 128, 256),
-    max_rank: int = 256,
+    ranks: tuple[int, ...] = DEFAULT_RANKS,
+    max_rank: int = DEFAULT_MAX_RANK,
     svd: SvdMethod = "auto",
     device: str = "auto",
     include: list[str] | None = None,
@@ -283,21 +286,16 @@ def inspect(
     base_dtypes: Counter[torch.dtype] = Counter()
     for module_plan in tqdm(jobs, desc="inspect", unit="module", disable=not progress, dynamic_ncols=True):
         weight = module_plan.weight
-        base_w, ft_w = base_ckpt.get(weight), ft_ckpt.get(weight)
-        check_finite(base_w, weight, base_ckpt.path)
-        check_finite(ft_w, weight, ft_ckpt.path)
-        if same_values(base_w, ft_w):
+        pair = read_delta(ft_ckpt, base_ckpt, weight, module_plan.kind, math_device)
+        if pair is None:
             report.unchanged += 1
             continue
-        base_dtypes[base_w.dtype] += 1
-        base_m = to_out_in(base_w.to(math_device, torch.float32), module_plan.kind)  # (out, in)
-        delta = to_out_in(ft_w.to(math_device, torch.float32), module_plan.kind) - base_m
-        del base_w, ft_w
-        base_norm = float(torch.linalg.vector_norm(base_m, dtype=torch.float64))
-        del base_m
+        base_dtypes[base_ckpt.info(weight).dtype] += 1
+        base_norm = float(torch.linalg.vector_norm(pair.base, dtype=torch.float64))
+        pair.base = None  # only its norm is needed: free it before the SVD
         out_in = out_in_shape(tuple(ft_ckpt.info(weight).shape), module_plan.kind)
-        result = truncated_svd(delta, min(max_rank, min(out_in)), method=svd, device=math_device)
-        del delta
+        result = truncated_svd(pair.delta, min(max_rank, min(out_in)), method=svd, device=math_device)
+        del pair
         report.modules.append(_inspection(module_plan.module, module_plan.kind.value,
                                           tuple(ft_ckpt.info(weight).shape), out_in, base_norm, result.s,
                                           result.total_energy, result.method, ranks, max_rank))

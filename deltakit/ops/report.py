@@ -1,6 +1,7 @@
-"""What an extraction did, module by module: numbers for the JSON report, the printed summary and the model card.
+"""What an operation did: numbers for the JSON reports, the printed summaries and the model card.
 
-Keeps numbers and names, never tensors.
+Extract's report is built module by module; merge and unmerge share :class:`MergeReport`. Keeps numbers and
+names, never tensors.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import shlex
 import sys
 from dataclasses import asdict, dataclass, field
 
+from deltakit.adapters.variants import LORA, AdapterVariant
 from deltakit.names import ModuleName, TensorName
 
 
@@ -54,6 +56,7 @@ class ExtractReport:
     command: str = ""
     notes: list[str] = field(default_factory=list)
     budget: dict | None = None  # under --budget/--avg-rank: asked, allowed, used, predicted error
+    variant: AdapterVariant = LORA  # what kind of adapter was written (not in the JSON: its options say)
 
     def fates(self, fate: str) -> list[TensorFate]:
         return [t for t in self.tensors if t.fate == fate]
@@ -171,15 +174,14 @@ def model_card(report: ExtractReport) -> str:
     """A README.md for the adapter: how it was made and how well it reproduces the fine-tune."""
     s = report.error_summary()
     ranks = sorted({m.rank for m in report.modules})
-    dora = report.options.get("dora", False)
     lines = [
         "---",
         "library_name: peft",
         f"base_model: {report.base}",
-        "tags: [deltakit, lora" + (", dora" if dora else "") + "]",
+        f"tags: [{', '.join(('deltakit', *report.variant.card_tags))}]",
         "---",
         "",
-        f"# {'DoRA' if dora else 'LoRA'} adapter extracted with deltakit",
+        f"# {report.variant.label} adapter extracted with deltakit",
         "",
         f"Extracted from the fully fine-tuned `{report.finetuned}`{_at(report.finetuned_revision)} against its base "
         f"`{report.base}`{_at(report.base_revision)}: ΔW = W_ft − W_base, truncated with SVD.",
@@ -218,3 +220,69 @@ def model_card(report: ExtractReport) -> str:
     lines += [f"Note: {n}" for n in report.notes]
     lines.append("Per-module ranks and errors are in `extract_report.json`.")
     return "\n".join(lines) + "\n"
+
+
+@dataclass
+class TensorChange:
+    """A tensor the operation changes, and how: ``steps`` lists (adapter number from 1, op) in application order."""
+
+    tensor: TensorName
+    steps: list[tuple[int, str]]
+
+    def describe(self) -> str:
+        return " then ".join(f"{op} #{k}" for k, op in self.steps)
+
+
+@dataclass
+class MergeReport:
+    """What a merge or unmerge did (or, with ``dry_run``, would do)."""
+
+    operation: str  # "merge" or "unmerge"
+    base: str  # the checkpoint read: the base for merge, the merged checkpoint for unmerge
+    adapters: list[str]
+    weights: list[float]
+    out: str
+    dry_run: bool = False
+    changed: list[TensorChange] = field(default_factory=list)
+    unchanged: int = 0  # tensors copied byte for byte (or only cast with ``dtype``)
+    weight_files: list[str] = field(default_factory=list)
+    other_files: list[str] = field(default_factory=list)  # copied as they are
+    skipped_files: list[str] = field(default_factory=list)  # beside the weights but not copied, with the reason
+    receipt: str = ""  # what happened to the receipt
+    bytes_written: int = 0
+    seconds: float = 0.0
+    command: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["changed"] = [{"tensor": c.tensor, "steps": [list(s) for s in c.steps]} for c in self.changed]
+        return data
+
+    def summary_lines(self) -> list[str]:
+        """The human summary the CLI prints."""
+        ops: dict[str, int] = {}
+        for change in self.changed:
+            for _, op in change.steps:
+                ops[op] = ops.get(op, 0) + 1
+        verb = "would write" if self.dry_run else "wrote"
+        lines = [f"{verb} {self.out}"]
+        lines += [f"  adapter #{i + 1}         : {a} (weight {w:g})"
+                  for i, (a, w) in enumerate(zip(self.adapters, self.weights))]
+        lines.append(f"  tensors changed    : {len(self.changed)}"
+                     + (f" ({', '.join(f'{op} {n}' for op, n in sorted(ops.items()))})" if ops else ""))
+        lines.append(f"  tensors unchanged  : {self.unchanged}")
+        lines.append(f"  weight files       : {len(self.weight_files)}; other files copied: {len(self.other_files)}")
+        if self.receipt:
+            lines.append(f"  receipt            : {self.receipt}")
+        if self.dry_run:
+            lines += [f"    {c.tensor}: {c.describe()}" for c in self.changed[:20]]
+            if len(self.changed) > 20:
+                lines.append(f"    ... {len(self.changed) - 20} more")
+        else:
+            rate = self.bytes_written / self.seconds if self.seconds > 0 else 0.0
+            lines.append(f"  written            : {format_bytes(self.bytes_written)} in {self.seconds:.1f} s "
+                         f"({format_bytes(rate)}/s)")
+        lines += [f"  skipped: {s}" for s in self.skipped_files]
+        lines += [f"  note: {n}" for n in self.notes]
+        return lines

@@ -21,26 +21,27 @@ W0 + ΔW, which is not linear in ΔW, so no sum of DoRA adapters is a DoRA adapt
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from deltakit.adapters.peft_format import (
-    check_supported,
-    parse_weights,
     WEIGHTS_FILE,
     Adapter,
-    AdapterSpec,
     CarriedTensor,
     ModuleFactors,
+    adapter_spec,
+    check_supported,
+    parse_weights,
     read_adapter,
     write_adapter,
 )
+from deltakit.adapters.variants import LORA, variant_of
 from deltakit.errors import InvalidOptionError, TensorMismatchError, shorten
 from deltakit.names import ModuleName, PeftKey
 from deltakit.adapters.layers import WeightKind, parse_peft_key
+from deltakit.math.lowrank import balanced_factors
 from deltakit.math.ranks import EnergyRank, FixedRank, rank_for_energy
 from deltakit.ops.report import command_line, format_bytes
 from deltakit.io.writer import staged_output, write_json
@@ -158,9 +159,7 @@ def _truncated(a: torch.Tensor, b: torch.Tensor, rank: int | None,
     total = float(s.square().sum())
     keep = min(rank, len(s)) if rank is not None else rank_for_energy(s, total, energy)
     keep = max(keep, 1)
-    root = s[:keep].sqrt()
-    b_k = (q_b @ u[:, :keep]) * root  # (out, k)
-    a_k = root[:, None] * (vh[:keep] @ q_a.T)  # (k, in)
+    b_k, a_k = balanced_factors(q_b @ u[:, :keep], s[:keep], vh[:keep] @ q_a.T)  # (out, k), (k, in)
     kept = float(s[:keep].square().sum())
     retained = kept / total if total > 0 else 1.0
     tail = float(s[keep:].square().sum())
@@ -242,9 +241,8 @@ def stack(
     opened = [read_adapter(a) for a in adapters]
     for adapter in opened:
         check_supported(adapter)
-        if adapter.use_dora:
-            raise InvalidOptionError(f"adapter {adapter.path} is DoRA: its per-row rescaling of W0 + ΔW is not linear "
-                                     "in ΔW, so DoRA adapters cannot be stacked; merge them into the base instead")
+        if (refusal := variant_of(adapter).stack_refusal) is not None:
+            raise InvalidOptionError(f"adapter {adapter.path} {refusal}")
     flags = {a.fan_in_fan_out for a in opened if any(e.key_a for e in a.modules.values())}
     if len(flags) > 1:
         raise InvalidOptionError("the adapters disagree on fan_in_fan_out (Conv1D vs Linear layers); are they for "
@@ -268,21 +266,18 @@ def stack(
     carried = _carried(opened, weights, set(parts))
     report.carried = [c.key for c in carried]
 
-    ranks = Counter(f.rank for f in stacked)
-    spec_rank = ranks.most_common(1)[0][0] if ranks else 1
     modules_to_save: list[str] = []
     for adapter in opened:
         for entry in adapter.config.get("modules_to_save") or []:
             if entry not in modules_to_save and adapter.saved:
                 modules_to_save.append(entry)
     first = opened[0].config
-    spec = AdapterSpec(
-        rank=spec_rank,
-        alpha=float(spec_rank),
+    spec = adapter_spec(
+        stacked, carried, default_rank=1,
+        variant_config=LORA.config(),
         base_model_name_or_path=first.get("base_model_name_or_path"),
         task_type=first.get("task_type"),
         modules_to_save=modules_to_save,
-        has_base_biases=any(c.key.endswith(".base_layer.bias") for c in carried),
         ensure_weight_tying=any(a.config.get("ensure_weight_tying", False) for a in opened),
     )
     with staged_output(Path(out), overwrite=overwrite, inputs=[a.path for a in opened]) as staging_dir:

@@ -1,0 +1,267 @@
+"""Write a checkpoint that mirrors another one, changing some tensors: the same shard file names, index, tensor
+order, dtypes and ``__metadata__``, and the other top-level files (config, tokenizer, ...) copied.
+
+Without a ``dtype`` override each output shard has the source shard's header bytes and layout, so what no one
+changes (the header, unchanged tensors) is copied file to file by the kernel (``copy_file_range``) and never
+enters this process. A changed tensor is read as raw bytes into one of two reused buffers, handed to the
+caller's transform, and written at its own offset on a background thread while the next one is read (each
+shard's closing fsync too). With a ``dtype`` override every tensor goes that way (cast) into a header-first
+:class:`~deltakit.io.writer.SafetensorsWriter`. Peak memory is the two buffers (twice the largest tensor read)
+plus what the transform holds, whatever the shard or model size.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from collections.abc import Callable, Collection
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from deltakit.errors import CheckpointFormatError
+from deltakit.io.checkpoint import Checkpoint, SafetensorsHeader, TensorInfo, _readinto_exactly
+from deltakit.io.writer import SafetensorsWriter, _write_all, no_room_as_error, write_json
+from deltakit.names import TensorName
+
+# Files beside the weights that are themselves weights in another format (or their index): copying them would
+# ship stale weights next to the new ones, so they are skipped and reported.
+_OTHER_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
+
+# The new value of a changed tensor, from its stored bytes (in a buffer that is reused: the transform must not
+# keep it) and the dtype to write.
+Transform = Callable[[TensorName, torch.Tensor, torch.dtype], torch.Tensor]
+
+
+@dataclass
+class MirrorResult:
+    unchanged: int = 0  # tensors copied byte for byte (or only cast with ``dtype``)
+    weight_files: list[str] = field(default_factory=list)
+    bytes_written: int = 0
+
+
+@dataclass
+class OtherFiles:
+    copied: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # with the reason
+
+
+def out_dtype(info: TensorInfo, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a tensor is written in: ``dtype`` for floating-point tensors when given, else its own."""
+    return dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
+
+
+def write_mirror(ckpt: Checkpoint, staging_dir: Path, changed: Collection[TensorName], transform: Transform, *,
+                 dtype: torch.dtype | None, progress: bool, desc: str) -> MirrorResult:
+    """Write every shard of ``ckpt`` into ``staging_dir``, passing the tensors in ``changed`` through
+    ``transform``.
+
+    Without ``dtype`` each shard is a :class:`_MirroredShard`: unchanged tensors never enter this process. With
+    ``dtype`` every tensor is read, cast and written by a :class:`SafetensorsWriter`. Tensors are read into two
+    reused buffers the size of the largest one read, alternately: one is being written out on a background
+    thread (as is each shard's closing sync) while the next tensor is read and computed in the other. Fresh
+    memory for each tensor would instead cost a page fault and the kernel's zero-fill per page, about a third of
+    the read time.
+    """
+    result = MirrorResult()
+    total = sum(info.nbytes for info in ckpt.tensors.values())
+    largest = max((info.nbytes for name, info in ckpt.tensors.items() if dtype is not None or name in changed),
+                  default=0)
+    buffers = [torch.empty(largest, dtype=torch.uint8) for _ in range(2)]
+    with ThreadPoolExecutor(max_workers=1) as pool, ExitStack() as sinks, \
+            tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+        writes = _WriteBehind(pool)
+        reads = done = 0
+        try:
+            for shard_path in ckpt.files:
+                header = ckpt.header(shard_path)
+                out_path = staging_dir / shard_path.name
+                if dtype is None:
+                    sink = sinks.enter_context(_MirroredShard(shard_path, out_path, header))
+                else:
+                    specs = [(name, out_dtype(info, dtype), tuple(info.shape))
+                             for name, info in header.tensors.items()]
+                    sink = sinks.enter_context(SafetensorsWriter(out_path, specs, header.metadata))
+                with open(shard_path, "rb", buffering=0) as shard:
+                    for name, info in header.tensors.items():
+                        done += 1
+                        bar.update(info.nbytes)
+                        bar.set_postfix_str(f"{done}/{len(ckpt)} tensors", refresh=False)
+                        is_changed = name in changed
+                        if not is_changed and dtype is None:
+                            result.unchanged += 1  # the sink copies it
+                            continue
+                        # The write in flight uses the other buffer (or a tensor of its own).
+                        stored = _read_raw(shard, info, buffers[reads % 2])
+                        reads += 1
+                        if is_changed:
+                            value = transform(name, stored, out_dtype(info, dtype))
+                        else:
+                            result.unchanged += 1
+                            value = stored.to(out_dtype(info, dtype))
+                        writes.submit(sink.write, name, value)
+                writes.submit(sink.close)  # syncs while the next shard is read and computed
+                result.weight_files.append(shard_path.name)
+        finally:
+            writes.wait()  # a sink is discarded (on error) only when nothing is in flight
+    result.bytes_written = sum((staging_dir / name).stat().st_size for name in result.weight_files)
+    return result
+
+
+def write_index(ckpt: Checkpoint, staging_dir: Path, dtype: torch.dtype | None) -> None:
+    """The shard index, as it is, or with ``total_size`` recomputed for ``dtype``."""
+    if ckpt.index_path is None:
+        return
+    target = staging_dir / ckpt.index_path.name
+    if dtype is None:
+        shutil.copyfile(ckpt.index_path, target)
+        return
+    index = json.loads(ckpt.index_path.read_text(encoding="utf-8"))
+    if isinstance(index.get("metadata"), dict) and "total_size" in index["metadata"]:
+        total = 0
+        for info in ckpt.tensors.values():
+            total += info.numel * out_dtype(info, dtype).itemsize
+        index["metadata"]["total_size"] = total
+    write_json(target, index)
+
+
+def copy_other_files(ckpt: Checkpoint, staging_dir: Path | None, dtype: torch.dtype | None,
+                     replaced_dirs: Collection[str] = ()) -> OtherFiles:
+    """Copy the checkpoint directory's non-weight files (config, tokenizer, ...) into ``staging_dir`` (None: only
+    list them); skip weights in other formats and subdirectories, listing each, except ``replaced_dirs`` (which
+    the caller writes anew, or leaves out on purpose)."""
+    files = OtherFiles()
+    if not ckpt.path.is_dir():
+        return files
+    own = {p.name for p in ckpt.files} | ({ckpt.index_path.name} if ckpt.index_path else set())
+    for path in sorted(ckpt.path.iterdir()):
+        if path.name in own:
+            continue
+        if path.is_dir():
+            if path.name not in replaced_dirs:
+                files.skipped.append(f"{path.name}/ (a directory; not copied)")
+        elif path.name.endswith(_OTHER_WEIGHT_SUFFIXES):
+            files.skipped.append(f"{path.name} (weights in another format; they would not hold the merge)")
+        elif staging_dir is None:
+            files.copied.append(path.name)
+        elif path.name == "config.json" and dtype is not None:
+            config = json.loads(path.read_text(encoding="utf-8"))
+            for key in ("dtype", "torch_dtype"):
+                if key in config:
+                    config[key] = str(dtype).removeprefix("torch.")
+            write_json(staging_dir / path.name, config)
+            files.copied.append(path.name)
+        elif path.is_file():
+            shutil.copyfile(path, staging_dir / path.name)
+            files.copied.append(path.name)
+    return files
+
+
+def _read_raw(shard, info: TensorInfo, buffer: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as they are in the file (no decode), in ``buffer``, viewed with its dtype and shape."""
+    data = buffer[: info.nbytes]
+    shard.seek(info.start)
+    _readinto_exactly(shard, memoryview(data.numpy()), info.file, info.name)
+    return data.view(info.dtype).view(info.shape)
+
+
+class _WriteBehind:
+    """At most one write in flight on a background thread, so that reading and computing the next tensor overlap
+    with writing this one (file I/O and torch release the GIL). Writes run in submission order."""
+
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        self._pool = pool
+        self._pending: Future | None = None
+
+    def submit(self, write: Callable[..., None], *args: object) -> None:
+        self.wait()
+        self._pending = self._pool.submit(write, *args)
+
+    def wait(self) -> None:
+        """Block until the write in flight is done; re-raise its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+
+class _MirroredShard:
+    """An output shard laid out exactly as its source shard (the same header bytes, tensor offsets and size), for
+    a run that changes no dtype. Written front to back: what stays as it is (the header, unchanged tensors) is
+    copied file to file by the kernel, never through this process's memory; a changed tensor's bytes are written
+    at its own offset. As a context manager, an exception closes without syncing (the staging directory is
+    removed anyway)."""
+
+    def __init__(self, base_path: Path, out_path: Path, header: SafetensorsHeader) -> None:
+        self._header = header
+        self._out_path = out_path
+        self._end = max((info.end for info in header.tensors.values()), default=header.data_start)
+        self._base = open(base_path, "rb", buffering=0)
+        try:
+            self._out = open(out_path, "xb", buffering=0)
+        except BaseException:
+            self._base.close()
+            raise
+        self._written = 0  # the output holds the source's layout up to here
+
+    def __enter__(self) -> _MirroredShard:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._base.close()
+            self._out.close()
+
+    def write(self, name: TensorName, tensor: torch.Tensor) -> None:
+        """Copy the source up to this tensor, then write its new bytes (same dtype and shape)."""
+        info = self._header.tensors[name]
+        with no_room_as_error(self._out_path):
+            self._copy_until(info.start)
+            _write_all(self._out, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        self._written = info.end
+
+    def close(self) -> None:
+        """Copy the rest of the source, sync to disk and close (once)."""
+        if self._out.closed:
+            return
+        with no_room_as_error(self._out_path):
+            self._copy_until(self._end)
+            os.fsync(self._out.fileno())
+            self._out.close()
+        self._base.close()
+
+    def _copy_until(self, end: int) -> None:
+        while self._written < end:
+            copied = _copy_range(self._base, self._out, self._written, end - self._written)
+            if not copied:
+                raise CheckpointFormatError(f"file ends at byte {self._written}, before {self._end}; it changed "
+                                            "since it was opened", path=self._base.name)
+            self._written += copied
+
+
+# copy_file_range may be refused between filesystems (older kernels), by a filesystem without support, or by a
+# seccomp filter (EPERM: container runtimes that predate the syscall).
+_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM}
+
+
+def _copy_range(source, target, offset: int, count: int) -> int:
+    """Copy up to ``count`` bytes of ``source`` from ``offset`` to ``target`` at its position; return how many
+    (0: end of file). In the kernel where it can (a reflink on filesystems that share extents), else through a
+    64 MiB buffer."""
+    if hasattr(os, "copy_file_range"):
+        try:
+            return os.copy_file_range(source.fileno(), target.fileno(), count, offset)
+        except OSError as e:
+            if e.errno not in _NO_KERNEL_COPY:
+                raise
+    source.seek(offset)  # the source is this shard's own handle
+    data = source.read(min(count, 1 << 26))
+    _write_all(target, data)
+    return len(data)
