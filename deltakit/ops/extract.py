@@ -29,12 +29,13 @@ from deltakit.adapters.variants import DORA, LORA, AdapterVariant, Fit, FitSetti
 from deltakit.errors import InvalidOptionError, NothingToExtractError
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
 from deltakit.io.dtypes import DTYPES, parse_dtype
+from deltakit.io.prefetch import prefetched
 from deltakit.io.writer import save_tensors, staged_output, write_json, write_text
-from deltakit.math.factorize import SvdMethod, TruncatedSVD, resolve_device
+from deltakit.math.factorize import DeltaBuffer, SvdMethod, TruncatedSVD, resolve_device
 from deltakit.math.lowrank import SvdOptions
 from deltakit.math.ranks import DEFAULT_RANK, ModelSize, ModuleSpectrum, RankPolicy, Weighting, rank_policy
-from deltakit.names import ModuleName, split_tensor_name
-from deltakit.ops.delta import is_changed, read_delta
+from deltakit.names import ModuleName, TensorName, split_tensor_name
+from deltakit.ops.delta import StoredPair, delta_of, is_changed, read_pair
 from deltakit.ops.plan import ExtractPlan, ModuleFates, ModulePlan, module_fates, plan_extract, tied_bias_fates
 from deltakit.ops.report import ExtractReport, ModuleReport, TensorFate, command_line, model_card
 
@@ -79,11 +80,18 @@ class _ModuleResult:
     unchanged: int
 
 
-def _fit_weight(run: _Run, module: ModulePlan) -> _Factorized | None:
+def _read_module(run: _Run, module: ModulePlan) -> dict[TensorName, StoredPair]:
+    """Every tensor of the module that both checkpoints hold at the same shape: what its step may compare."""
+    return {name: read_pair(run.finetuned, run.base, name) for name in module.tensors
+            if name not in module.new_in_finetuned and name not in module.resized}
+
+
+def _fit_weight(run: _Run, module: ModulePlan, stored: StoredPair, deltas: DeltaBuffer) -> _Factorized | None:
     """Fit the module's weight; None if it did not change."""
     started = time.perf_counter()
-    pair = read_delta(run.finetuned, run.base, module.weight, module.kind, run.fit.device,
-                      keep_finetuned=run.variant.needs_finetuned)
+    needs_weights = run.variant.needs_weights
+    pair = delta_of(stored, module.kind, deltas, keep_base=needs_weights, keep_finetuned=needs_weights)
+    del stored  # the caller no longer holds it: the stored pair is freed before the SVD
     if pair is None:
         return None
     shape = tuple(run.finetuned.info(module.weight).shape)
@@ -98,8 +106,11 @@ def _fit_weight(run: _Run, module: ModulePlan) -> _Factorized | None:
     return _Factorized(module.module, module.kind, shape, dtype, fit, time.perf_counter() - started, note)
 
 
-def _extract_module(run: _Run, module: ModulePlan) -> _ModuleResult:
-    """Fit the module's weight and decide what becomes of its other changed tensors."""
+def _extract_module(run: _Run, module: ModulePlan, stored: dict[TensorName, StoredPair],
+                    deltas: DeltaBuffer) -> _ModuleResult:
+    """Fit the module's weight and decide what becomes of its other changed tensors. ``stored``: the module's
+    tensors as :func:`_read_module` read them; the weight's pair is taken out of it (and freed) once ΔW is formed.
+    ``deltas``: where ΔW is formed."""
     factorized = None
     compared = set(module.new_in_finetuned) | set(module.resized)
     fates = ModuleFates()
@@ -108,7 +119,7 @@ def _extract_module(run: _Run, module: ModulePlan) -> _ModuleResult:
         fates.drop([module.weight], f"input embedding tied to {tied.head}: {run.variant.tied_embedding_refusal}")
         compared.add(module.weight)
     elif module.weight is not None and module.is_selected:
-        factorized = _fit_weight(run, module)
+        factorized = _fit_weight(run, module, stored.pop(module.weight), deltas)
         compared.add(module.weight)
         if factorized is not None and tied is not None:
             # The tied head sees the embedding's delta too: store the same factors, transposed, as its Linear
@@ -116,7 +127,7 @@ def _extract_module(run: _Run, module: ModulePlan) -> _ModuleResult:
             factorized.tied_head = tied.head
             fates.notes.append(f"{tied.head} is tied to {tied.embedding}: the embedding's factors are stored for "
                                "it too, transposed")
-    changed = [n for n in module.tensors if n not in compared and is_changed(run.finetuned, run.base, n)]
+    changed = [n for n in module.tensors if n not in compared and is_changed(stored[n])]
     changed += module.new_in_finetuned + list(module.resized)
     rest = module_fates(run.plan, module, changed, factorized=factorized is not None, carry=run.carry)
     fates.fates += rest.fates
@@ -129,7 +140,7 @@ def _extract_module(run: _Run, module: ModulePlan) -> _ModuleResult:
 def _extract_tied_bias(run: _Run, head_factorized: bool) -> _ModuleResult:
     """The tied head's bias lives under another module's name (BERT's cls.predictions.bias)."""
     tied = run.plan.tied
-    if tied is None or tied.bias is None or not is_changed(run.finetuned, run.base, tied.bias):
+    if tied is None or tied.bias is None or not is_changed(read_pair(run.finetuned, run.base, tied.bias)):
         return _ModuleResult(None, ModuleFates(), int(tied is not None and tied.bias is not None))
     return _ModuleResult(None, tied_bias_fates(tied, head_factorized=head_factorized, carry=run.carry), 0)
 
@@ -281,13 +292,19 @@ def extract(
         total = sum(ft_ckpt.info(n).nbytes for p in plan.modules for n in p.tensors)
         with tqdm(total=total, unit="B", unit_scale=True, desc="extract", disable=not progress,
                   dynamic_ncols=True) as bar:
-            for i, module_plan in enumerate(plan.modules):
-                result = _extract_module(run, module_plan)
-                if result.factorized is not None and result.factorized.fit.pending is not None:
-                    spill.put(result.factorized.module, result.factorized.fit.pending)
-                results.append(result)
-                bar.update(sum(ft_ckpt.info(n).nbytes for n in module_plan.tensors))
-                bar.set_postfix_str(f"{i + 1}/{len(plan.modules)} modules", refresh=False)
+            deltas = DeltaBuffer(math_device)
+            # The next module's tensors are read while this one's SVD runs; one module ahead keeps memory at a
+            # few tensors.
+            reads = ((module_plan, _read_module(run, module_plan)) for module_plan in plan.modules)
+            with prefetched(reads, depth=1) as modules:
+                for i, (module_plan, stored) in enumerate(modules):
+                    result = _extract_module(run, module_plan, stored, deltas)
+                    del stored
+                    if result.factorized is not None and result.factorized.fit.pending is not None:
+                        spill.put(result.factorized.module, result.factorized.fit.pending)
+                    results.append(result)
+                    bar.update(sum(ft_ckpt.info(n).nbytes for n in module_plan.tensors))
+                    bar.set_postfix_str(f"{i + 1}/{len(plan.modules)} modules", refresh=False)
             factorized = [r.factorized for r in results if r.factorized is not None]
             results.append(_extract_tied_bias(run, any(f.tied_head for f in factorized)))
         finished, budget_summary = _finish_ranks(run, factorized, spill, size)

@@ -25,10 +25,10 @@ from tqdm import tqdm
 from deltakit.ops import plots
 from deltakit.io.checkpoint import open_checkpoint
 from deltakit.errors import InvalidOptionError, NothingToExtractError
-from deltakit.math.factorize import SvdMethod, resolve_device, truncated_svd
+from deltakit.math.factorize import DeltaBuffer, SvdMethod, resolve_device, truncated_svd
 from deltakit.names import ModuleName
 from deltakit.adapters.layers import out_in_shape
-from deltakit.ops.delta import read_delta
+from deltakit.ops.delta import delta_of, read_pair
 from deltakit.ops.plan import plan_extract
 from deltakit.math.ranks import (
     DEFAULT_MAX_RANK,
@@ -284,9 +284,10 @@ def inspect(
 
     jobs = [p for p in plan.modules if p.weight is not None and p.is_selected]
     base_dtypes: Counter[torch.dtype] = Counter()
+    deltas = DeltaBuffer(math_device)
     for module_plan in tqdm(jobs, desc="inspect", unit="module", disable=not progress, dynamic_ncols=True):
         weight = module_plan.weight
-        pair = read_delta(ft_ckpt, base_ckpt, weight, module_plan.kind, math_device)
+        pair = delta_of(read_pair(ft_ckpt, base_ckpt, weight), module_plan.kind, deltas, keep_base=True)
         if pair is None:
             report.unchanged += 1
             continue
@@ -294,7 +295,8 @@ def inspect(
         base_norm = float(torch.linalg.vector_norm(pair.base, dtype=torch.float64))
         pair.base = None  # only its norm is needed: free it before the SVD
         out_in = out_in_shape(tuple(ft_ckpt.info(weight).shape), module_plan.kind)
-        result = truncated_svd(pair.delta, min(max_rank, min(out_in)), method=svd, device=math_device)
+        result = truncated_svd(pair.delta, min(max_rank, min(out_in)), method=svd, device=math_device,
+                               total_energy=pair.energy)
         del pair
         report.modules.append(_inspection(module_plan.module, module_plan.kind.value,
                                           tuple(ft_ckpt.info(weight).shape), out_in, base_norm, result.s,
