@@ -26,13 +26,15 @@ So ``‖M − P M‖² = ‖M‖² − ‖U_kᵀ M‖² = total − Σ_{i≤k} s
 (and for any factors of the form ``U (Uᵀ M)`` with orthonormal ``U``), not for arbitrary
 ``U_k S_k Vh_k``. In fp32 that subtraction cancels: Σ s_i² is off by 1e-7–1e-6 of the total, so relative
 errors below ~1e-3 are noise (a rank-7 2048×1024 delta at r=10: 3.5e-4 reported for a true 5.5e-7). Instead ``residual_energy`` is measured without cancellation:
-the exact route sums the discarded singular values squared, the randomized route computes
-``‖M − Q B‖²`` directly (one more pass over M, in row blocks) and adds the Ritz values it discards.
+the exact route sums the discarded singular values squared, the randomized route adds the Ritz values it
+discards to ``‖M − Q B‖²``, which it measures directly (one more pass over M, in row blocks) when it is below
+1% of ‖M‖²; above that, ‖M‖² − Σ (Ritz values)² is already within 1e-4 of it.
 
 Defaults, measured on 2 cores of an AMD EPYC (Zen 5, MKL, torch 2.13 CPU), planted matrices
 ``U·diag(σ)·Vᵀ`` with known σ so the optimal error is analytic (``benchmarks/bench_svd.py``):
 
-    oversample=8, niter=3. Error over the optimum, err/opt, for σ_i = 1/i (and σ_i = 1/√i):
+    oversample=8; niter=2 up to rank 64, 3 above. Error over the optimum, err/opt, for σ_i = 1/i
+    (and σ_i = 1/√i):
         oversample:niter      r=16             r=64             r=128*           r=256*           r=512*
         8:2             1.0009 (1.0017)  1.0067 (1.0052)  1.0106 (1.0076)  1.0136 (1.0106)  1.0172 (1.0152)
         8:3             1.0001 (1.0005)  1.0024 (1.0022)  1.0044 (1.0035)  1.0062 (1.0051)  1.0084 (1.0076)
@@ -40,13 +42,18 @@ Defaults, measured on 2 cores of an AMD EPYC (Zen 5, MKL, torch 2.13 CPU), plant
         8:4             1.0000 (1.0002)  1.0010 (1.0011)  1.0022 (1.0019)  1.0034 (1.0029)  1.0048 (1.0045)
     (11008×4096; * 4096×4096). niter=2 misses 1.01 from r=128 on, niter=3 stays under it up to r=512
     (1.0102 / 1.0114 at r=1000, where auto switches to exact); oversample 16 gains little for ~10% more
-    time at r=64. Each extra niter is two more passes over M (~+25% time at r=16).
+    time at r=64. Each extra niter is two more passes over M: niter=2 takes 20–24% less CPU time than 3
+    (11008×4096, one thread: 0.37 vs 0.46 s at r=16, 0.69 vs 0.91 s at r=64) for err/opt ≤ 1.0084 up to
+    r=64 (4096×4096: 1.0011 at r=16, 1.0029 at r=32, 1.0084 at r=64), hence the default by rank.
+    niter=1 would save another ~30% of the time but reaches err/opt 1.0102 at r=16 and 1.0328 at r=64
+    (4096×4096) and keeps 0.74× of a flat spectrum's optimal energy: not taken.
     Speed at 11008×4096 (bench_svd.py, load average ~2): full thin SVD 15.9 s, auto (randomized) 0.24 s
     at r=16 (66×) and 0.46 s at r=64 (34×); 4096×4096: 10.4 s vs 0.095 s (109×). With one thread each
     on a loaded machine: 46 s vs 0.46 s (100×) at r=16.
     Flat (Gaussian-noise, Marchenko–Pastur) spectra are the randomized route's weak spot: err/opt stays
-    ≈1.001–1.003 only because every error is near 1; the retained energy is 0.86× the optimum at r=16
-    and 0.87× at r=64 (niter=2: 0.81×, niter=6: 0.92×).
+    ≈1.001–1.005 only because every error is near 1; the retained energy is 0.81–0.82× the optimum at
+    r=16 (niter=3: 0.86×) and 0.84× at r=64 with niter=2 (niter=3: 0.87×, niter=6: 0.92×). Pass
+    ``niter`` (``--niter``) where such spectra matter.
     auto: exact up to min(shape) = 512, where it costs ≤ 0.06 s on one core (randomized 0.004 s) and is
     optimal; and once rank + oversample ≥ min(shape)/4, where randomized is only ~3× faster (4096², r=1000:
     7.3 s vs 22 s on one core) and its err/opt reaches 1.01. In between randomized is 5–25× faster
