@@ -2,6 +2,10 @@
 
 ``main`` is the single error boundary: a :class:`DeltakitError` becomes one line on stderr and its exit code;
 anything else is a bug and keeps its traceback. ``--debug`` (or ``DELTAKIT_DEBUG=1``) shows tracebacks always.
+
+Only click and the error classes are imported at module level: each command imports torch and its operation
+inside its body, so ``--help`` and option errors answer at once, and a Ctrl-C while torch loads is inside
+``main``'s boundary. A new command or flag keeps that shape: import what it runs inside the command.
 """
 
 from __future__ import annotations
@@ -9,23 +13,22 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import click
 
-from deltakit.ops.batch import run_batch
+from deltakit.defaults import DEFAULT_INSPECT_RANKS, DEFAULT_MAX_RANK, DEFAULT_RANK, STORED_DTYPES
 from deltakit.errors import DeltakitError
-from deltakit.io.dtypes import DTYPES
-from deltakit.ops.extract import extract
-from deltakit.io.hub import is_hub_id
-from deltakit.ops.inspect import DEFAULT_RANKS, inspect
-from deltakit.ops.merge import merge, unmerge
-from deltakit.math.ranks import DEFAULT_MAX_RANK, DEFAULT_RANK, parse_rank, parse_rank_pattern, parse_ranks, rank_policy
-from deltakit.ops.stack import stack
 
 
 def _echo_lines(lines: list[str]) -> None:
     for line in lines:
         click.echo(line, err=True)
+
+
+def _echo_summary(lines: list[str], out: str | os.PathLike) -> None:
+    """The report's summary, then where the output went, as the last line (absolute: no guessing the cwd)."""
+    _echo_lines([*lines, f"output: {os.path.abspath(out)}"])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -45,17 +48,23 @@ class _RankType(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, int):
             return value
+        from deltakit.math.ranks import parse_rank
+
         try:
             return parse_rank(str(value))
         except DeltakitError as e:
             self.fail(str(e), param, ctx)
 
 
-def _default_out(finetuned: str, suffix: str) -> str:
-    """FINETUNED's name plus a suffix: beside a local input, in the working directory for a Hub id."""
-    if is_hub_id(finetuned):
-        return f"{finetuned.partition('@')[0].rsplit('/', 1)[-1]}{suffix}"
-    return f"{finetuned.rstrip('/')}{suffix}"
+def default_out(finetuned: str, suffix: str) -> str:
+    """FINETUNED's name plus a suffix, in the working directory: one rule for a local path and a Hub id."""
+    if os.path.exists(finetuned):
+        name = Path(os.path.abspath(finetuned)).name
+        if name.endswith((".safetensors", ".bin")):
+            name = name.rsplit(".", 1)[0]
+    else:  # a Hub id org/name[@revision]
+        name = finetuned.partition("@")[0].rstrip("/").rsplit("/", 1)[-1]
+    return f"{name}{suffix}"
 
 
 _SVD_CHOICE = click.Choice(["auto", "exact", "randomized"])
@@ -76,7 +85,7 @@ _DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N."
 @click.option("--niter", type=click.IntRange(min=0), help="Randomized SVD power iterations.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
 @click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), help="Dtype of the stored factors. [default: the base's]")
+@click.option("--dtype", type=click.Choice(sorted(STORED_DTYPES)), help="Dtype of the stored factors. [default: the base's]")
 @click.option("--include", multiple=True, help="Regex on module names to include (repeatable).")
 @click.option("--exclude", multiple=True, help="Regex on module names to exclude (repeatable).")
 @click.option("--rank-pattern", "rank_patterns", multiple=True, metavar="REGEX=R",
@@ -111,6 +120,9 @@ def extract_command(finetuned: str, base: str, out: str | None, rank_patterns: t
       deltakit extract ft/ base/ --energy 0.9 --max-rank 128
       deltakit extract ft/ base/ --budget 50MB
     """
+    from deltakit.math.ranks import parse_rank_pattern, rank_policy
+    from deltakit.ops.extract import extract
+
     ctx = click.get_current_context()
     allocated = [name for name in ("energy", "budget", "avg_rank") if options[name] is not None]
     if allocated and ctx.get_parameter_source("rank") is not click.core.ParameterSource.DEFAULT:
@@ -119,16 +131,16 @@ def extract_command(finetuned: str, base: str, out: str | None, rank_patterns: t
     policy = rank_policy(options["rank"], energy=options["energy"], budget=options["budget"],
                          avg_rank=options["avg_rank"], min_rank=options["min_rank"], max_rank=options["max_rank"],
                          budget_weighting=options["budget_weighting"], rank_pattern=patterns)
+    out = out or default_out(finetuned, f"-{'dora' if options['dora'] else 'lora'}-r{policy.label}")
     report = extract(
-        finetuned, base,
-        out or _default_out(finetuned, f"-{'dora' if options['dora'] else 'lora'}-r{policy.label}"),
+        finetuned, base, out,
         rank_pattern=patterns,
         include=list(include) or None, exclude=list(exclude) or None,
         progress=not quiet,
         **options,
     )
     if not quiet:
-        _echo_lines(report.summary_lines())
+        _echo_summary(report.summary_lines(), out)
 
 
 def _merge_options(command):
@@ -137,7 +149,7 @@ def _merge_options(command):
         click.option("-o", "--out", required=True, help="Checkpoint directory to write."),
         click.option("-w", "--weight", "weights", type=float, multiple=True,
                      help="Weight of each adapter, in order (repeat once per adapter). [default: 1.0 each]"),
-        click.option("--dtype", type=click.Choice(sorted(DTYPES)),
+        click.option("--dtype", type=click.Choice(sorted(STORED_DTYPES)),
                      help="Dtype of every floating-point tensor written. [default: each base tensor's]"),
         click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP),
         click.option("--dry-run", is_flag=True, help="Check everything and print which tensors change; write nothing."),
@@ -163,9 +175,13 @@ def merge_command(base: str, adapters: tuple[str, ...], weights: tuple[float, ..
       deltakit merge ./llama-base ./ft-lora-r16 -o ./llama-merged
       deltakit merge ./llama-base ./a ./b -w 1.0 -w 0.5 -o ./llama-ab
     """
+    from deltakit.ops.merge import merge
+
     report = merge(base, list(adapters), weights=list(weights) or None, progress=not quiet, **options)
-    if not quiet or options["dry_run"]:
+    if options["dry_run"]:
         _echo_lines(report.summary_lines())
+    elif not quiet:
+        _echo_summary(report.summary_lines(), options["out"])
 
 
 @cli.command("unmerge")
@@ -183,9 +199,13 @@ def unmerge_command(merged: str, adapters: tuple[str, ...], weights: tuple[float
     Example:
       deltakit unmerge ./llama-merged ./ft-lora-r16 -o ./llama-base-again
     """
+    from deltakit.ops.merge import unmerge
+
     report = unmerge(merged, list(adapters), weights=list(weights) or None, progress=not quiet, **options)
-    if not quiet or options["dry_run"]:
+    if options["dry_run"]:
         _echo_lines(report.summary_lines())
+    elif not quiet:
+        _echo_summary(report.summary_lines(), options["out"])
 
 
 @cli.command("stack")
@@ -209,16 +229,18 @@ def stack_command(adapters: tuple[str, ...], weights: tuple[float, ...], quiet: 
       deltakit stack ./math-lora ./code-lora --exact -o ./math-code
       deltakit stack ./a ./b -w 1.0 -w 0.5 --rank 32 -o ./ab-r32
     """
+    from deltakit.ops.stack import stack
+
     report = stack(list(adapters), weights=list(weights) or None, **options)
     if not quiet:
-        _echo_lines(report.summary_lines())
+        _echo_summary(report.summary_lines(), options["out"])
 
 
 @cli.command("inspect")
 @click.argument("finetuned")
 @click.argument("base")
 @click.option("-o", "--out", help="Directory for report.json and PNG plots (plots need the 'plot' extra).")
-@click.option("--ranks", default=",".join(map(str, DEFAULT_RANKS)), show_default=True,
+@click.option("--ranks", default=",".join(map(str, DEFAULT_INSPECT_RANKS)), show_default=True,
               help="Ranks at which energy retained is reported, comma-separated.")
 @click.option("--max-rank", type=click.IntRange(min=1), default=DEFAULT_MAX_RANK, show_default=True,
               help="Leading singular values computed per module.")
@@ -241,10 +263,15 @@ def inspect_command(finetuned: str, base: str, ranks: str, include: tuple[str, .
       deltakit inspect ./llama-ft ./llama-base -o ./llama-ft-inspect
       deltakit inspect ft/ base/ --ranks 4,16,64 --json > report.json
     """
+    from deltakit.math.ranks import parse_ranks
+    from deltakit.ops.inspect import inspect
+
     report = inspect(finetuned, base, ranks=parse_ranks(ranks), include=list(include) or None,
                      exclude=list(exclude) or None, progress=not quiet, **options)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
+    elif options["out"]:
+        _echo_summary(report.table_lines(), options["out"])
     else:
         _echo_lines(report.table_lines())
 
@@ -256,7 +283,11 @@ def inspect_command(finetuned: str, base: str, ranks: str, include: tuple[str, .
 @click.option("--push", is_flag=True, help="Upload every job's output to its push_repo on the Hub.")
 @click.option("--summary", help="JSON summary file. [default: <manifest stem>.summary.json beside the manifest]")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary table.")
-def batch_command(manifest: str, quiet: bool, **options) -> None:
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Run the jobs one at a time here, or as tasks on a Ray cluster (pip install 'deltakit[ray]').")
+@click.option("--address", help="With --executor ray: the cluster, `auto` (started by `ray start` on this machine) "
+              "or ray://HOST:PORT. [default: start Ray here for the run]")
+def batch_command(manifest: str, quiet: bool, executor: str, address: str | None, **options) -> None:
     """Run the extract/merge/unmerge jobs a MANIFEST (.toml or .json) lists, skipping those already done.
 
     A rerun after an interruption redoes only unfinished jobs; the exit code is non-zero if any job failed.
@@ -265,8 +296,18 @@ def batch_command(manifest: str, quiet: bool, **options) -> None:
     Example:
       deltakit batch jobs.toml
       deltakit batch jobs.toml --continue-on-error --push
+      deltakit batch jobs.toml --executor ray --address auto
     """
-    report = run_batch(manifest, progress=not quiet, **options)
+    from deltakit.ops.batch import run_batch
+
+    if address is not None and executor != "ray":
+        raise click.UsageError("--address needs --executor ray")
+    runner = None
+    if executor == "ray":
+        from deltakit.ops.batch_ray import RayExecutor  # imports ray, which only this executor needs
+
+        runner = RayExecutor(address)
+    report = run_batch(manifest, progress=not quiet, executor=runner, **options)
     if not quiet or report.error is not None:
         _echo_lines(report.summary_lines())
     if report.error is not None:

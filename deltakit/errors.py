@@ -37,6 +37,14 @@ class CheckpointLayoutError(DeltakitError):
     """The files of a checkpoint disagree (index vs shards, a tensor in two shards)."""
 
 
+class UnsupportedWeightsError(DeltakitError):
+    """Weights deltakit cannot do arithmetic on correctly: quantized (integer codes, FP8 with scales, any
+    ``quantization_config``), complex or 8-bit float. Refused from the headers, before any math.
+
+    Example: ``ft/model.safetensors: model.layers.0.mlp.up_proj.weight: dtype I8: integer weights ...``.
+    """
+
+
 class TensorMismatchError(DeltakitError):
     """Base and fine-tuned (or adapter and base) tensors do not fit together."""
 

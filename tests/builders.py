@@ -480,3 +480,145 @@ def signal_plus_noise(shape: tuple[int, int], rank: int, snr: float, sigma: floa
     theta = snr * edge * torch.linspace(2.0, 1.0, rank, dtype=torch.float64)
     return (u * theta) @ v.T + sigma * torch.randn(out, inp, generator=generator, dtype=torch.float64)
 
+
+
+# --- mixture-of-experts ---------------------------------------------------------------------------------------------
+#
+# Facts measured with transformers 5.24 / peft 0.21.2 (they decide how deltakit writes MoE adapters; README
+# "Mixture-of-experts"):
+# - In memory, transformers 5 fuses each layer's experts into 3-D parameters: ``mlp.experts.gate_up_proj``
+#   (E, 2·I, H), gate rows first, and ``mlp.experts.down_proj`` (E, H, I); the router ``mlp.gate`` is a
+#   ``*TopKRouter`` module with a (E, H) ``weight``, not an ``nn.Linear``.
+# - ``save_pretrained`` reverts that: the files hold one 2-D weight per expert, as Hub checkpoints do --
+#   Mixtral ``model.layers.L.block_sparse_moe.experts.E.w1|w2|w3.weight`` and ``block_sparse_moe.gate.weight``;
+#   Qwen3-MoE ``model.layers.L.mlp.experts.E.gate_proj|up_proj|down_proj.weight`` and ``mlp.gate.weight``.
+
+MOE_ARCHS = ("mixtral", "qwen3_moe")
+_EXPERTS = 4
+_MOE_INTERMEDIATE = 48
+
+
+def tiny_moe_config(arch: str, **overrides: object) -> transformers.PretrainedConfig:
+    """A tiny mixture-of-experts config: hidden 64, 2 layers, 4 experts (top-2), expert intermediate 48.
+
+    - mixtral: ``MixtralConfig`` (experts ``w1``/``w3`` gate/up, ``w2`` down, router ``block_sparse_moe.gate``).
+    - qwen3_moe: ``Qwen3MoeConfig``, every layer sparse (experts ``gate_proj``/``up_proj``/``down_proj``,
+      router ``mlp.gate``), q/k norms.
+    Both untied.
+
+    Raises:
+        ValueError: ``arch`` is not one of ``MOE_ARCHS``.
+    """
+    common = dict(hidden_size=_HIDDEN, num_hidden_layers=_LAYERS, num_attention_heads=_HEADS,
+                  num_key_value_heads=_KV_HEADS, vocab_size=_VOCAB, max_position_embeddings=_POSITIONS,
+                  num_experts_per_tok=2, tie_word_embeddings=False, attention_dropout=0.0)
+    if arch == "mixtral":
+        fields = dict(common, intermediate_size=_MOE_INTERMEDIATE, num_local_experts=_EXPERTS)
+        config_cls = transformers.MixtralConfig
+    elif arch == "qwen3_moe":
+        fields = dict(common, intermediate_size=_INTERMEDIATE, moe_intermediate_size=_MOE_INTERMEDIATE,
+                      num_experts=_EXPERTS, decoder_sparse_step=1, mlp_only_layers=[], head_dim=_HIDDEN // _HEADS)
+        config_cls = transformers.Qwen3MoeConfig
+    else:
+        raise ValueError(f"unknown MoE arch {arch!r}; expected one of {MOE_ARCHS}")
+    fields.update(overrides)
+    return config_cls(**fields)
+
+
+@dataclass(frozen=True)
+class MoePair(ModelPair):
+    """A :class:`ModelPair` of a mixture-of-experts model; ``unchanged_experts`` are the expert indices whose
+    weights the fine-tune left as they were, in every layer."""
+
+    unchanged_experts: tuple[int, ...] = ()
+
+
+def make_moe_pair(root: Path, arch: str, *, unchanged_experts: tuple[int, ...] = (1,), scale: float = 0.05,
+                  seed: int = 0, dtype: torch.dtype = torch.float32, **config_overrides: object) -> MoePair:
+    """A random tiny MoE base and a "fine-tune" made by perturbing it, under ``root/base`` and ``root/finetuned``.
+
+    Every parameter moves by a random full-rank delta of ``scale`` times its RMS (norms included), except the
+    expert weights of ``unchanged_experts``, which stay as they are in every layer. A perturbation rather than
+    training: top-k routing would leave experts untouched at random, and tests need to know which.
+
+    Raises:
+        FileExistsError: ``root/base`` or ``root/finetuned`` exists.
+    """
+    root = Path(root)
+    base_dir, ft_dir = root / "base", root / "finetuned"
+    for out_dir in (base_dir, ft_dir):
+        if out_dir.exists():
+            raise FileExistsError(f"{out_dir} exists; give make_moe_pair a fresh root")
+    config = tiny_moe_config(arch, **config_overrides)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    save_checkpoint(model, base_dir, dtype=dtype)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            delta = torch.randn(param.shape, generator=generator) * scale * param.float().pow(2).mean().sqrt()
+            if ".experts." in name:  # fused (E, out, in) in memory
+                delta[list(unchanged_experts)] = 0
+            param.add_(delta.to(param.dtype))
+    save_checkpoint(model, ft_dir, dtype=dtype)
+    return MoePair(arch, base_dir, ft_dir, transformers.AutoConfig.from_pretrained(base_dir),
+                   tuple(unchanged_experts))
+
+
+# --- FP8 block-scaled checkpoints -------------------------------------------------------------------------------
+#
+# The layout of DeepSeek-V3 / Qwen3-FP8 releases, as transformers 5.24's finegrained_fp8 integration reads it:
+# ``config.json`` holds ``quantization_config = {"quant_method": "fp8", "activation_scheme": "dynamic",
+# "fmt": "e4m3", "weight_block_size": [bo, bi]}``; each quantized Linear stores ``<m>.weight`` as float8_e4m3fn
+# codes (out, in) and ``<m>.weight_scale_inv`` fp32 of shape (ceil(out/bo), ceil(in/bi)), W = code × scale of its
+# block. Embeddings, norms, the lm_head (``modules_to_not_convert``) and MoE routers stay in the model dtype.
+
+
+def quantize_checkpoint_fp8(src_dir: Path, out_dir: Path, *, block: tuple[int, int] = (8, 8),
+                            not_converted: tuple[str, ...] = ("lm_head",)) -> Path:
+    """Write an FP8 block-scaled copy of the checkpoint ``src_dir`` (one ``model.safetensors``) to ``out_dir``.
+
+    Every 2-D ``*.weight`` of a Linear layer (not an embedding, not a router ``gate``, not in ``not_converted``)
+    is quantized by transformers' own ``Fp8Quantize`` (per block: scale_inv = amax / 448, code = W · 448/amax);
+    the rest is stored in bfloat16, as releases do. ``config.json`` gains the ``quantization_config``.
+
+    Returns:
+        ``out_dir``.
+    """
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file as _load_file
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+    from transformers.utils.quantization_config import FineGrainedFP8Config
+
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    out_dir.mkdir(parents=True)
+    config = json.loads((src_dir / "config.json").read_text())
+    quant = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": list(block),
+             "modules_to_not_convert": list(not_converted)}
+    quantizer = Fp8Quantize(SimpleNamespace(quantization_config=FineGrainedFP8Config(weight_block_size=block)))
+    tensors = {}
+    for name, tensor in _load_file(src_dir / "model.safetensors").items():
+        module = name.rpartition(".")[0]
+        leaf = module.rpartition(".")[2]
+        is_linear = (name.endswith(".weight") and tensor.dim() == 2 and "embed" not in leaf and leaf != "gate"
+                     and not any(module == m or module.endswith("." + m) for m in not_converted))
+        if is_linear:
+            tensors.update(quantizer._quantize_one(name, tensor))
+        else:
+            tensors[name] = tensor.to(torch.bfloat16)
+    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    config.update(quantization_config=quant, dtype="bfloat16")
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for other in src_dir.iterdir():
+        if other.is_file() and other.name not in ("config.json", "model.safetensors"):
+            (out_dir / other.name).write_bytes(other.read_bytes())
+    return out_dir
+
+
+def dequantize_fp8_by_hand(codes: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """W[i, j] = code[i, j] · scale_inv[i // bo, j // bi], element by element in fp32 (a reference, slow)."""
+    rows = torch.arange(codes.shape[0])[:, None] // block[0]
+    cols = torch.arange(codes.shape[1])[None, :] // block[1]
+    return codes.float() * scale_inv.float()[rows, cols]

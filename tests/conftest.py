@@ -17,7 +17,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 import huggingface_hub.constants  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from builders import ModelPair, make_pair  # noqa: E402
+from builders import ModelPair, MoePair, make_moe_pair, make_pair  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -84,3 +84,15 @@ def bert_pair(tmp_path_factory: pytest.TempPathFactory) -> ModelPair:
 def gpt2_pair(tmp_path_factory: pytest.TempPathFactory) -> ModelPair:
     """GPT-2, fp32: Conv1D (weights stored (in, out)), LayerNorm, lm_head tied to transformer.wte."""
     return _pair(tmp_path_factory, "gpt2_pair", "gpt2")
+
+
+@pytest.fixture(scope="session")
+def mixtral_pair(tmp_path_factory: pytest.TempPathFactory) -> MoePair:
+    """Mixtral, fp32, 4 experts per layer, expert 1 unchanged in every layer (block_sparse_moe.experts.E.w1/2/3)."""
+    return make_moe_pair(tmp_path_factory.mktemp("mixtral_pair"), "mixtral")
+
+
+@pytest.fixture(scope="session")
+def qwen3_moe_pair(tmp_path_factory: pytest.TempPathFactory) -> MoePair:
+    """Qwen3-MoE, fp32, 4 experts per layer, expert 1 unchanged in every layer (mlp.experts.E.gate/up/down_proj)."""
+    return make_moe_pair(tmp_path_factory.mktemp("qwen3_moe_pair"), "qwen3_moe")

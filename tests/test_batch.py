@@ -11,6 +11,7 @@ under test) so that the SIGKILL lands exactly there.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ import torch
 from builders import ModelPair
 from test_hub import COMMIT, CONFIG, seed_repo
 
+from deltakit.cli import main
 from deltakit.ops import batch
 from deltakit.io import hub
 from deltakit.errors import CheckpointNotFoundError, InvalidOptionError, OutputExistsError
@@ -242,17 +244,34 @@ def test_sigkill_mid_run_then_rerun_gives_the_clean_run_outputs(workdir: Path, p
     assert _leftovers(workdir) == []
 
 
+def _staging(out: Path, tag: str) -> Path:
+    """A staging directory and its lock file as writer.staged_output names them, as a killed run leaves them."""
+    staging = out.with_name(f".{out.name}.deltakit-tmp-{tag}")
+    staging.mkdir()
+    (staging / "adapter_model.safetensors").write_bytes(b"half-written")
+    staging.with_name(f".{out.name}.deltakit-lock-{tag}").touch()
+    return staging
+
+
 def test_an_output_whose_marker_still_says_running_is_redone(workdir: Path) -> None:
-    """The state a crash between an output's rename and its marker's update leaves: the output is replaced."""
+    """The state a crash between an output's rename and its marker's update leaves: the output is replaced, the
+    killed run's staging directory removed, and a staging directory whose lock a live process holds kept."""
     batch.run_batch(workdir / "jobs.toml")
     expected = _snapshot(workdir)
     marker_path = workdir / "adapters/.r8.deltakit-job.json"
     marker_path.write_text(json.dumps({**json.loads(marker_path.read_text()), "state": "running"}))
     (workdir / "adapters/r8/adapter_model.safetensors").write_bytes(b"half-written")
-    (workdir / "adapters/.r8.deltakit-tmp-0123abcd").mkdir()
-    report = batch.run_batch(workdir / "jobs.toml")
+    _staging(workdir / "adapters/r8", "0123abcd")
+    live = _staging(workdir / "adapters/r8", "live0000")
+    lock = os.open(live.with_name(".r8.deltakit-lock-live0000"), os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another run building this output right now
+    try:
+        report = batch.run_batch(workdir / "jobs.toml")
+    finally:
+        os.close(lock)
     assert _statuses(report) == ["skipped", "done", "skipped", "done"]  # job 4 reads job 2's output
-    assert _snapshot(workdir) == expected and _leftovers(workdir) == []
+    assert _snapshot(workdir) == expected
+    assert _leftovers(workdir) == [".r8.deltakit-lock-live0000", ".r8.deltakit-tmp-live0000"]
 
 
 def test_changing_a_job_redoes_it_and_the_jobs_that_read_it(workdir: Path, llama_pair: ModelPair) -> None:
@@ -261,6 +280,46 @@ def test_changing_a_job_redoes_it_and_the_jobs_that_read_it(workdir: Path, llama
     report = batch.run_batch(workdir / "jobs.toml")
     assert _statuses(report) == ["done", "skipped", "done", "done"]
     assert json.loads((workdir / "adapters/r4/adapter_config.json").read_text())["r"] == 2
+
+
+def _extract_then_merge(pair: ModelPair, *, rank: int, merge_first: bool) -> str:
+    extract_job = f'[[jobs]]\nop = "extract"\nft = "{pair.ft_dir}"\nbase = "{pair.base_dir}"\nout = "adapters/r4"\n'
+    merge_job = f'[[jobs]]\nop = "merge"\nbase = "{pair.base_dir}"\nadapters = ["adapters/r4"]\nout = "merged/r4"\n'
+    jobs = [merge_job, extract_job] if merge_first else [extract_job, merge_job]
+    return f'[defaults]\nrank = {rank}\nsvd = "exact"\n\n' + "\n".join(jobs)
+
+
+def test_a_job_listed_before_the_job_it_reads_runs_after_it(workdir: Path, llama_pair: ModelPair,
+                                                             tmp_path_factory) -> None:
+    """Issue 10, item 6: with the merge listed first, a rerun after changing the extraction used to skip the merge
+    (its input had not changed yet) and then rewrite the adapter under it: a stale merge and exit 0."""
+    (workdir / "jobs.toml").write_text(_extract_then_merge(llama_pair, rank=4, merge_first=False))
+    assert _statuses(batch.run_batch(workdir / "jobs.toml")) == ["done", "done"]
+    (workdir / "jobs.toml").write_text(_extract_then_merge(llama_pair, rank=2, merge_first=True))
+    [merge_job, extract_job] = batch.load_manifest(workdir / "jobs.toml")[::-1]
+    assert (extract_job.op, merge_job.op, merge_job.depends_on) == ("extract", "merge", (2,))
+    report = batch.run_batch(workdir / "jobs.toml")
+    assert [(r.index, r.op, r.status) for r in report.results] == [(1, "merge", "done"), (2, "extract", "done")]
+    direct = tmp_path_factory.mktemp("direct")
+    extract(llama_pair.ft_dir, llama_pair.base_dir, direct / "r2", rank=2, svd="exact")
+    merge(llama_pair.base_dir, [direct / "r2"], direct / "m2")
+    assert (workdir / "merged/r4/model.safetensors").read_bytes() == (direct / "m2/model.safetensors").read_bytes()
+
+
+def test_a_redone_output_redoes_its_readers_even_when_its_files_look_unchanged(
+    workdir: Path, llama_pair: ModelPair, monkeypatch
+) -> None:
+    """Where timestamps are coarse (some network filesystems), a rewritten adapter of the same size looks like
+    the old one; the merge that reads it must be redone all the same, because batch itself rewrote it."""
+    monkeypatch.setattr(batch, "_local_identity", lambda path: "unchanging")
+    (workdir / "jobs.toml").write_text(_extract_then_merge(llama_pair, rank=4, merge_first=False))
+    batch.run_batch(workdir / "jobs.toml")
+    marker_path = workdir / "adapters/.r4.deltakit-job.json"
+    marker_path.write_text(json.dumps({**json.loads(marker_path.read_text()), "state": "running"}))
+    assert _statuses(batch.run_batch(workdir / "jobs.toml")) == ["done", "done"]
+    assert _statuses(batch.run_batch(workdir / "jobs.toml", dry_run=True)) == ["would skip", "would skip"]
+    marker_path.write_text(json.dumps({**json.loads(marker_path.read_text()), "state": "running"}))
+    assert _statuses(batch.run_batch(workdir / "jobs.toml", dry_run=True)) == ["would run", "would run"]
 
 
 def _with_missing_base(pair: ModelPair, workdir: Path) -> Path:
@@ -343,7 +402,9 @@ op = "stack"
     message = str(info.value)
     assert message == (f"{tmp_path / 'jobs.toml'}: 6 problems: defaults: no operation takes 'rnk'; did you mean "
                        "'rank'?; job 1 (extract): 'progress' is set by batch, not per job; "
-                       "job 1 (extract): rank = '16' is not int or one of 'auto' (3 more)")
+                       "job 1 (extract): rank = '16' is not int or one of 'auto'; "
+                       "job 1 (extract): svd = 'fast' is not one of 'exact', 'randomized', 'auto'; "
+                       "job 2 (merge): missing 'out'; job 3: op 'stack' is not one of extract, merge, unmerge")
     for name, text, problem in [
         ("one", 'ft = "a"\nbase = "b"\nout = "c"\nsvd = "fast"',
          "job 1 (extract): svd = 'fast' is not one of 'exact', 'randomized', 'auto'"),
@@ -372,6 +433,26 @@ def test_two_jobs_writing_one_output_and_bad_syntax_are_refused(tmp_path: Path) 
     (tmp_path / "bad.toml").write_text("[[jobs]\n")
     with pytest.raises(InvalidOptionError, match=r"bad.toml: not valid TOML \("):
         batch.load_manifest(tmp_path / "bad.toml")
+
+
+def test_an_output_inside_another_jobs_output_is_refused(tmp_path: Path) -> None:
+    """The outer job would replace (or, redone, delete) the inner job's finished output."""
+    job = '[[jobs]]\nop = "extract"\nft = "a"\nbase = "b"\nout = "{}"\n'
+    (tmp_path / "nested.toml").write_text(job.format("adapters/r4") + job.format("adapters") + job.format("other"))
+    with pytest.raises(InvalidOptionError) as info:
+        batch.load_manifest(tmp_path / "nested.toml")
+    assert str(info.value) == (f"{tmp_path / 'nested.toml'}: job 1: out '{tmp_path / 'adapters/r4'}' is inside "
+                               f"job 2's out '{tmp_path / 'adapters'}'")
+
+
+def test_jobs_that_read_each_other_in_a_circle_are_refused(tmp_path: Path) -> None:
+    job = '[[jobs]]\nop = "merge"\nbase = "base"\nadapters = ["{}"]\nout = "{}"\n'
+    (tmp_path / "circle.toml").write_text(job.format("b", "a") + job.format("a", "b") + job.format("a", "c"))
+    with pytest.raises(InvalidOptionError, match=r"circle.toml: jobs 1, 2 read each other's outputs in a circle"):
+        batch.load_manifest(tmp_path / "circle.toml")
+    (tmp_path / "self.toml").write_text(job.format("a", "a"))
+    with pytest.raises(InvalidOptionError, match=r"job 1 \(merge\): adapters 'a' is its own out$"):
+        batch.load_manifest(tmp_path / "self.toml")
 
 
 def test_json_manifest_reads_like_toml(tmp_path: Path) -> None:
@@ -455,3 +536,42 @@ def test_push_uploads_each_finished_output_privately_once(workdir: Path, llama_p
 
     batch.run_batch(workdir / "jobs.toml", push=True)
     assert len(_FakeHubApi.calls) == 8  # already pushed: recorded in each job's marker
+
+
+def test_the_ray_executor_without_ray_installed_is_one_line(workdir: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    with pytest.raises(SystemExit) as info:
+        main(["batch", str(workdir / "jobs.toml"), "--executor", "ray"])
+    assert info.value.code == 3
+    assert capsys.readouterr().err.splitlines() == [
+        "deltakit: error: --executor ray needs Ray, which is not installed; pip install 'deltakit[ray]'"]
+    with pytest.raises(SystemExit) as info:
+        main(["batch", str(workdir / "jobs.toml"), "--address", "auto"])
+    assert info.value.code == 2 and "--address needs --executor ray" in capsys.readouterr().err
+    assert sorted(p.name for p in workdir.iterdir()) == ["jobs.toml"]
+
+
+def test_resources_come_from_the_manifest_per_job_or_by_default(tmp_path: Path) -> None:
+    (tmp_path / "jobs.toml").write_text('[defaults]\nnum_cpus = 2\nmemory = 4_000_000_000\n'
+                                        '[[jobs]]\nop = "extract"\nft = "a"\nbase = "b"\nout = "c"\nnum_gpus = 1\n'
+                                        '[[jobs]]\nop = "extract"\nft = "a"\nbase = "b"\nout = "d"\nnum_cpus = 0.5\n')
+    first, second = batch.load_manifest(tmp_path / "jobs.toml")
+    assert first.resources == batch.Resources(num_cpus=2, num_gpus=1, memory=4_000_000_000)
+    assert second.resources == batch.Resources(num_cpus=0.5, memory=4_000_000_000)
+    (tmp_path / "bad.toml").write_text('[[jobs]]\nop = "extract"\nft = "a"\nbase = "b"\nout = "c"\nnum_gpus = -1\n'
+                                       'memory = "8GB"\n')
+    with pytest.raises(InvalidOptionError) as info:
+        batch.load_manifest(tmp_path / "bad.toml")
+    assert str(info.value).endswith("2 problems: job 1 (extract): memory = '8GB' is not a whole number of bytes; "
+                                    "job 1 (extract): num_gpus = -1 is not a number ≥ 0")
+
+
+def test_a_job_asking_more_than_a_ray_started_here_has_is_refused_before_any_runs(tmp_path: Path) -> None:
+    """Ray started by deltakit on this machine has no autoscaler: such a job would wait for ever."""
+    from deltakit.ops.batch_ray import _refuse_what_this_machine_lacks  # needs no ray to import
+
+    (tmp_path / "jobs.toml").write_text('[[jobs]]\nop = "extract"\nft = "a"\nbase = "b"\nout = "c"\nnum_gpus = 1\n')
+    jobs = batch.load_manifest(tmp_path / "jobs.toml")
+    with pytest.raises(InvalidOptionError, match=r"^job 1 \(extract\): num_gpus = 1 but this machine's Ray has 0; "):
+        _refuse_what_this_machine_lacks(jobs, {"CPU": 2.0, "memory": 8e9})
+    _refuse_what_this_machine_lacks(jobs, {"CPU": 2.0, "GPU": 1.0})

@@ -179,6 +179,7 @@ def test_bad_options_fail_before_work(tmp_path):
 
 _MEMORY_SCRIPT = textwrap.dedent("""
     import sys, threading, time
+    import deltakit.ops.extract  # deltakit loads its operations lazily: count their imports before the start
     import deltakit
 
     def anon():

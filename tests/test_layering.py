@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "deltakit"
 FLOORS = {
     "deltakit.errors": 0,
     "deltakit.names": 0,
+    "deltakit.defaults": 0,
     "deltakit.io": 1,
     "deltakit.math": 1,
     "deltakit.adapters": 2,

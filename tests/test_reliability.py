@@ -120,6 +120,7 @@ def _siblings(out: Path, tag: str) -> set[Path]:
 _FORK_SERVER = r"""
 import json, os, sys, traceback
 import deltakit
+import deltakit.ops.batch  # the CLI imports torch and the operations lazily: once here, not in every child
 from deltakit.cli import main
 MAIN = os.path.join(os.path.dirname(deltakit.__file__), "__main__.py")
 for line in sys.stdin:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from deltakit.adapters.config_check import check_adapter_config
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
 from deltakit.errors import AdapterFormatError, CheckpointNotFoundError, InvalidOptionError
 from deltakit.io.hub import ResolvedRepo, local_path
@@ -83,12 +84,13 @@ class AdapterSpec:
 
 
 def adapter_spec(factors: list[ModuleFactors], carried: list[CarriedTensor], *, default_rank: int,
-                 alpha: float | None = None, **fields: object) -> AdapterSpec:
-    """The spec of an adapter holding these tensors: ``r`` is the commonest rank (the others go to
-    ``rank_pattern``), ``lora_alpha`` is ``alpha`` (default: that rank), and the bias mode follows the carried
-    tensors. ``default_rank``: ``r`` when there are no factors."""
+                 alpha: float | None = None, rank: int | None = None, **fields: object) -> AdapterSpec:
+    """The spec of an adapter holding these tensors: ``r`` is ``rank`` if given, else the commonest rank (the
+    others go to ``rank_pattern``), ``lora_alpha`` is ``alpha`` (default: that rank), and the bias mode follows
+    the carried tensors. ``default_rank``: ``r`` when there are no factors."""
     ranks = Counter(f.rank for f in factors)
-    rank = ranks.most_common(1)[0][0] if ranks else default_rank
+    if rank is None:
+        rank = ranks.most_common(1)[0][0] if ranks else default_rank
     return AdapterSpec(rank=rank, alpha=float(alpha if alpha is not None else rank),
                        has_base_biases=any(c.key.endswith(".base_layer.bias") for c in carried), **fields)
 
@@ -294,6 +296,7 @@ def read_adapter(path: str | Path) -> Adapter:
     for required in ("r", "lora_alpha"):
         if required not in config:
             raise AdapterFormatError(f"missing {required!r}", path=config_path)
+    check_adapter_config(config_path, config)
     weights_path = adapter_dir / WEIGHTS_FILE
     if not weights_path.is_file():
         raise CheckpointNotFoundError(f"no {WEIGHTS_FILE} in the adapter directory", path=adapter_dir)

@@ -139,6 +139,7 @@ class AdapterVariant:
     tied_embedding_refusal: str | None = None  # extract: share an embedding's factors with its tied head
     tied_head_refusal: str | None = None  # merge: the same, read from an adapter
     stack_refusal: str | None = None  # stack: sum with other adapters (``adapter X <refusal>``)
+    expert_refusal: str | None = None  # extract: MoE experts and routers, which PEFT targets as fused parameters
 
     def config(self) -> dict[str, bool]:
         """The variant keys of ``adapter_config.json``: each variant's flag, True for this one."""
@@ -195,6 +196,7 @@ class DoraVariant(AdapterVariant):
                       "allocation needs; use --rank, --energy or --rank auto with --dora")
     tied_embedding_refusal = "PEFT cannot tie DoRA magnitudes across the two; extract without --dora to keep it"
     tied_head_refusal = "a DoRA magnitude cannot be shared between the two"
+    expert_refusal = "which reject DoRA"
     stack_refusal = ("is DoRA: its per-row rescaling of W0 + ΔW is not linear in ΔW, so DoRA adapters cannot be "
                      "stacked; merge them into the base instead")
 

@@ -35,10 +35,12 @@ from deltakit.errors import (
     CheckpointLayoutError,
     CheckpointNotFoundError,
     TensorMissingError,
+    UnsupportedWeightsError,
     shorten,
 )
 from deltakit.io.hub import ResolvedRepo, local_path
-from deltakit.io.dtypes import SAFETENSORS_DTYPES
+from deltakit.io.dtypes import DTYPE_NAMES, SAFETENSORS_DTYPES
+from deltakit.io.fp8 import FP8_DTYPE, BlockFp8, block_fp8_layout, dequantize, fp8_layout, scale_name
 from deltakit.names import TensorName
 
 
@@ -57,6 +59,9 @@ class TensorInfo:
 
     For legacy ``.bin`` files the bytes sit inside a pickle archive at no fixed offset: ``start`` is 0 and
     ``end`` is ``nbytes`` there.
+
+    An FP8 block-scaled weight (io/fp8.py) is listed as what it means: ``dtype`` float32, read dequantized;
+    ``scale`` names the tensor holding its block scales, and ``start``/``end`` are still its codes' bytes.
     """
 
     name: TensorName
@@ -65,6 +70,7 @@ class TensorInfo:
     file: Path
     start: int
     end: int
+    scale: TensorName | None = None
 
     @property
     def numel(self) -> int:
@@ -141,11 +147,17 @@ class Checkpoint:
     Build one with :func:`open_checkpoint`. Iteration yields tensor names in file order, then in the order
     their bytes lie in each file.
 
+    In an FP8 block-scaled checkpoint (``quant_method: "fp8"``, io/fp8.py) the listing shows each FP8 weight as a
+    float32 tensor that :meth:`get` dequantizes, and hides its ``weight_scale_inv``: operations see plain weights.
+    :meth:`header` and :attr:`files` still describe the bytes as stored, scales included, for a merge that mirrors
+    them.
+
     Attributes:
         path: what was opened (a directory or a file).
         files: the weight files, in shard order.
         index_path: the ``*.index.json`` of a sharded checkpoint, else None.
         source: the Hub repository and commit ``path`` was fetched from, or None for a local path.
+        fp8: the FP8 block layout when some weights are stored as FP8 codes with block scales, else None.
     """
 
     def __init__(
@@ -157,7 +169,10 @@ class Checkpoint:
         self.files = files
         self.index_path = index_path
         self._headers = headers
-        self._tensors = {name: info for file in files for name, info in headers[file].tensors.items()}
+        self._stored = {name: info for file in files for name, info in headers[file].tensors.items()}
+        has_fp8 = any(info.dtype == FP8_DTYPE for info in self._stored.values())
+        self.fp8: BlockFp8 | None = fp8_layout(self.config) if has_fp8 else None  # config.json only if needed
+        self._tensors = _dequantized_listing(self._stored, self.fp8) if self.fp8 else self._stored
         # Legacy .bin only: the one state dict currently loaded (memory-mapped), as (file, state dict).
         self._loaded_pickle: tuple[Path, dict[str, torch.Tensor]] | None = None
 
@@ -219,7 +234,19 @@ class Checkpoint:
         info = self.info(name)
         if info.file.suffix == ".bin":
             return self._get_from_pickle(info)
+        if info.scale is not None:
+            return dequantize(_read_tensor(self._stored[name]), _read_tensor(self._stored[info.scale]), self.fp8)
         return _read_tensor(info)
+
+    def get_stored(self, name: TensorName) -> torch.Tensor:
+        """Read a tensor as stored: for an FP8 weight its float8 codes; a block-scale tensor by its own name.
+
+        Raises:
+            TensorMissingError: no tensor of that name in the files.
+        """
+        if name not in self._stored:
+            raise TensorMissingError("no such tensor in this checkpoint", path=self.path, tensor=name)
+        return _read_tensor(self._stored[name])
 
     @cached_property
     def config(self) -> dict | None:
@@ -250,6 +277,30 @@ class Checkpoint:
             )
         # A copy into our own memory: the stored tensor is a view of a memory-mapped file (or of a shared storage).
         return stored.clone(memory_format=torch.contiguous_format)
+
+
+def _dequantized_listing(stored: dict[TensorName, TensorInfo], layout: BlockFp8) -> dict[TensorName, TensorInfo]:
+    """The listing of an FP8 block-scaled checkpoint: each float8 weight with a ``weight_scale_inv`` beside it as a
+    float32 weight, scales hidden. Float8 tensors without scales and scales without a float8 weight stay as they
+    are (for the caller's refusal to name).
+
+    Raises:
+        CheckpointFormatError: a scale grid whose shape or dtype does not fit its weight and block size.
+    """
+    listing, scales = {}, set()
+    for name, info in stored.items():
+        scale = stored.get(scale_name(name))
+        if info.dtype != FP8_DTYPE or scale is None or len(info.shape) != 2:
+            continue
+        expected = layout.scale_shape(info.shape)
+        if tuple(scale.shape) != expected or scale.dtype != torch.float32:
+            raise CheckpointFormatError(
+                f"{str(scale.dtype).removeprefix('torch.')} {list(scale.shape)} block scales for a "
+                f"{list(info.shape)} FP8 weight; weight_block_size {list(layout.block)} needs float32 "
+                f"{list(expected)}", path=scale.file, tensor=scale.name)
+        listing[name] = TensorInfo(name, torch.float32, info.shape, info.file, info.start, info.end, scale.name)
+        scales.add(scale.name)
+    return {name: listing.get(name, info) for name, info in stored.items() if name not in scales}
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -289,6 +340,57 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     headers = {shard_path: _read_listing(shard_path) for shard_path in shards}
     _check_index_matches_shards(index_path, weight_map, headers)
     return Checkpoint(ckpt_path, shards, index_path, headers, source)
+
+
+# Tensors beside FP8 weights that hold their per-block scales (DeepSeek-V3 and the FP8 releases built like it):
+# where they exist, the F8 tensor holds codes, and the weight is codes x scale.
+_FP8_SCALE_SUFFIXES = (".weight_scale_inv", ".weight_scale")
+_PARAM_NAMES = ("weight", "bias")
+
+
+def refuse_unsupported_weights(ckpt: Checkpoint) -> None:
+    """Refuse, from the headers and config.json, a checkpoint whose weights deltakit cannot compute on correctly.
+
+    An operation calls this on every checkpoint whose weights it will subtract, factorize or merge into, before
+    any math. FP8 block-scaled weights (io/fp8.py) are read dequantized and pass. Refused, one line each, naming
+    the file and tensor:
+
+    - a ``quantization_config`` in config.json other than FP8 block scales (GPTQ, AWQ, bitsandbytes, per-tensor
+      FP8...: the stored tensors are codes deltakit does not decode), naming the layout;
+    - FP8 block scales (``*.weight_scale_inv``) with no config to read them by;
+    - float8 tensors without scales (no arithmetic of their own; an upcast alone is right only without scales);
+    - complex tensors (their imaginary part would be dropped);
+    - integer or bool parameters (``*.weight``, ``*.bias``): a factor or a merged delta rounds to zero or wraps.
+
+    Integer buffers that are not parameters (``position_ids``) pass: they are only compared and copied.
+
+    Raises:
+        UnsupportedWeightsError: the first such layout or tensor found.
+    """
+    config = ckpt.config or {}
+    if ckpt.fp8 is None:
+        # Every layout but FP8 block scales is refused here, naming it; FP8 weights are listed dequantized.
+        block_fp8_layout(config, ckpt.files[0].parent / "config.json")
+    for name, info in ckpt.tensors.items():
+        if name.endswith(_FP8_SCALE_SUFFIXES):  # the scales of no FP8 weight deltakit could pair them with
+            raise UnsupportedWeightsError(
+                f"FP8 block-scaled weights (this tensor holds the scales of {name.rsplit('.', 1)[0]}.weight), but "
+                "config.json has no quantization_config with weight_block_size to read them by", path=info.file,
+                tensor=name)
+    for name, info in ckpt.tensors.items():
+        dtype_name = DTYPE_NAMES[info.dtype]
+        if info.dtype.is_complex:
+            raise UnsupportedWeightsError(
+                f"dtype {dtype_name}: complex weights are not supported (the imaginary part would be lost)",
+                path=info.file, tensor=name)
+        if info.dtype.is_floating_point and info.dtype.itemsize == 1:
+            raise UnsupportedWeightsError(
+                f"dtype {dtype_name}: 8-bit float weights are not supported yet; use the bf16 release",
+                path=info.file, tensor=name)
+        if not info.dtype.is_floating_point and name.rsplit(".", 1)[-1] in _PARAM_NAMES:
+            raise UnsupportedWeightsError(
+                f"dtype {dtype_name}: integer weights (quantized codes?) cannot be factorized or merged exactly; "
+                "use the unquantized (bf16/fp16/fp32) release", path=info.file, tensor=name)
 
 
 def _find_weight_files(ckpt_dir: Path) -> tuple[Path | None, tuple[Path, ...]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from deltakit.defaults import STORED_DTYPES
 from deltakit.errors import InvalidOptionError
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -39,8 +40,7 @@ SAFETENSORS_DTYPES.update(
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 # What --dtype accepts: the float dtypes deltakit stores factors and merged weights in.
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {name: getattr(torch, attribute) for name, attribute in STORED_DTYPES.items()}
 
 
 def parse_dtype(dtype: str | None) -> torch.dtype | None:

@@ -9,6 +9,11 @@ thread while the next one is transformed (each shard's closing fsync too). With 
 tensor goes that way (cast) into a header-first :class:`~deltakit.io.writer.SafetensorsWriter`. Peak memory is
 the three buffers (three times the largest tensor read) plus what the transform holds, whatever the shard or
 model size.
+
+An FP8 block-scaled weight (io/fp8.py) is two stored tensors, codes and block scales, and one weight to the
+transform: it is handed over dequantized (fp32) and its result stored as FP8 again with fresh scales, or, with a
+``dtype``, written plain without scales. Both stored tensors are written when the first of them comes up in the
+file (safetensors puts the fp32 scales before the float8 codes); the other waits until its own turn.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from tqdm import tqdm
 
 from deltakit.errors import CheckpointFormatError
 from deltakit.io.checkpoint import Checkpoint, SafetensorsHeader, TensorInfo, _readinto_exactly
+from deltakit.io.fp8 import Requantization, dequantize, requantize
 from deltakit.io.prefetch import prefetched
 from deltakit.io.writer import SafetensorsWriter, _write_all, no_room_as_error, write_json
 from deltakit.names import TensorName
@@ -46,6 +52,7 @@ class MirrorResult:
     unchanged: int = 0  # tensors copied byte for byte (or only cast with ``dtype``)
     weight_files: list[str] = field(default_factory=list)
     bytes_written: int = 0
+    requantized: list[Requantization] = field(default_factory=list)  # changed FP8 weights stored as FP8 again
 
 
 @dataclass
@@ -69,12 +76,15 @@ def write_mirror(ckpt: Checkpoint, staging_dir: Path, changed: Collection[Tensor
     next tensor is read ahead on one background thread while this one is transformed, and the one before is
     written out on another (as is each shard's closing sync). They use three reused buffers the size of the
     largest tensor read, in turn (see :func:`_read_ahead`). Fresh memory for each tensor would instead cost a
-    page fault and the kernel's zero-fill per page, about a third of the read time.
+    page fault and the kernel's zero-fill per page, about a third of the read time. (FP8 weights are read in
+    line: they are dequantized into memory of their own.)
     """
     result = MirrorResult()
-    total = sum(info.nbytes for info in ckpt.tensors.values())
-    to_read = [info for path in ckpt.files for name, info in ckpt.header(path).tensors.items()
-               if dtype is not None or name in changed]
+    fp8 = _Fp8Weights(ckpt, changed, transform, dtype, result)
+    infos = [info for file in ckpt.files for info in ckpt.header(file).tensors.values()]
+    total = sum(info.nbytes for info in infos)
+    to_read = [info for info in infos
+               if not fp8.holds(info.name) and (dtype is not None or info.name in changed)]
     with ThreadPoolExecutor(max_workers=1) as pool, ExitStack() as sinks, \
             prefetched(_read_ahead(to_read), depth=1) as stored_tensors, \
             tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, dynamic_ncols=True) as bar:
@@ -88,12 +98,17 @@ def write_mirror(ckpt: Checkpoint, staging_dir: Path, changed: Collection[Tensor
                     sink = sinks.enter_context(_MirroredShard(shard_path, out_path, header))
                 else:
                     specs = [(name, out_dtype(info, dtype), tuple(info.shape))
-                             for name, info in header.tensors.items()]
+                             for name, info in header.tensors.items() if name not in fp8.owner]
                     sink = sinks.enter_context(SafetensorsWriter(out_path, specs, header.metadata))
                 for name, info in header.tensors.items():
                     done += 1
                     bar.update(info.nbytes)
-                    bar.set_postfix_str(f"{done}/{len(ckpt)} tensors", refresh=False)
+                    bar.set_postfix_str(f"{done}/{len(infos)} tensors", refresh=False)
+                    if fp8.holds(name):
+                        value = fp8.value(name)
+                        if value is not None:
+                            writes.submit(sink.write, name, value)
+                        continue
                     is_changed = name in changed
                     if not is_changed and dtype is None:
                         result.unchanged += 1  # the sink copies it
@@ -134,6 +149,53 @@ def _read_ahead(infos: list[TensorInfo]) -> Iterator[torch.Tensor]:
             shard.close()
 
 
+def mirror_order(ckpt: Checkpoint, dtype: torch.dtype | None) -> list[TensorName]:
+    """The tensors of ``ckpt`` in the order :func:`write_mirror` hands them to its transform: file order, an FP8
+    weight at the first of its codes and its scales when it is stored as FP8 again (no ``dtype``)."""
+    owner = {} if dtype is not None else {info.scale: name for name, info in ckpt.tensors.items() if info.scale}
+    stored = (owner.get(name, name) for file in ckpt.files for name in ckpt.header(file).tensors)
+    return [name for name in dict.fromkeys(stored) if name in ckpt]
+
+
+class _Fp8Weights:
+    """The FP8 block-scaled weights of a mirrored checkpoint: two stored tensors each, one weight to the transform."""
+
+    def __init__(self, ckpt: Checkpoint, changed: Collection[TensorName], transform: Transform,
+                 dtype: torch.dtype | None, result: MirrorResult) -> None:
+        self.ckpt, self.changed, self.transform, self.dtype, self.result = ckpt, changed, transform, dtype, result
+        self.owner = {info.scale: name for name, info in ckpt.tensors.items() if info.scale is not None}
+        self.pending: dict[TensorName, torch.Tensor] = {}
+
+    def holds(self, name: TensorName) -> bool:
+        """Whether ``name`` is the codes or the scales of an FP8 weight."""
+        return name in self.owner or (name in self.ckpt and self.ckpt.info(name).scale is not None)
+
+    def value(self, name: TensorName) -> torch.Tensor | None:
+        """What to write under the stored name ``name``; None: nothing (the sink copies it, or it is dropped)."""
+        weight = self.owner.get(name, name)
+        if name in self.pending:
+            return self.pending.pop(name)
+        is_changed = weight in self.changed
+        if self.dtype is None and not is_changed:
+            self.result.unchanged += name == weight  # copied byte for byte, with its scales
+            return None
+        if self.dtype is not None and name != weight:
+            return None  # a plain output has no scales
+        scale = self.ckpt.info(weight).scale
+        codes, scale_inv = self.ckpt.get_stored(weight), self.ckpt.get_stored(scale)
+        value = dequantize(codes, scale_inv, self.ckpt.fp8)  # (out, in) fp32
+        if not is_changed:
+            self.result.unchanged += 1
+            return value.to(self.dtype)
+        value = self.transform(weight, value, self.dtype or torch.float32)
+        if self.dtype is not None:
+            return value
+        new_codes, new_scale, loss = requantize(weight, value, codes, scale_inv, self.ckpt.fp8)
+        self.result.requantized.append(loss)
+        self.pending[weight if name == scale else scale] = new_codes if name == scale else new_scale
+        return new_scale if name == scale else new_codes
+
+
 def write_index(ckpt: Checkpoint, staging_dir: Path, dtype: torch.dtype | None) -> None:
     """The shard index, as it is, or with ``total_size`` recomputed for ``dtype``."""
     if ckpt.index_path is None:
@@ -143,6 +205,8 @@ def write_index(ckpt: Checkpoint, staging_dir: Path, dtype: torch.dtype | None) 
         shutil.copyfile(ckpt.index_path, target)
         return
     index = json.loads(ckpt.index_path.read_text(encoding="utf-8"))
+    if ckpt.fp8 is not None:  # a plain output: the block scales are gone
+        index["weight_map"] = {name: shard for name, shard in index["weight_map"].items() if name in ckpt}
     if isinstance(index.get("metadata"), dict) and "total_size" in index["metadata"]:
         total = 0
         for info in ckpt.tensors.values():
@@ -175,6 +239,8 @@ def copy_other_files(ckpt: Checkpoint, staging_dir: Path | None, dtype: torch.dt
             for key in ("dtype", "torch_dtype"):
                 if key in config:
                     config[key] = str(dtype).removeprefix("torch.")
+            if ckpt.fp8 is not None:
+                del config["quantization_config"]  # the weights are written dequantized
             write_json(staging_dir / path.name, config)
             files.copied.append(path.name)
         elif path.is_file():

@@ -5,8 +5,9 @@ before any data, so tensors can be appended one at a time (``safetensors.save_fi
 memory). :func:`staged_output` builds an output directory beside its final place and renames it in only when
 complete.
 
-Running out of room (disk full, quota, file-size limit) while writing raises :class:`OutputWriteError` naming the
-file, and leaves no partial or temporary file behind.
+An output that cannot be written (disk full, quota, file-size limit, permission denied, read-only filesystem,
+immutable directory) raises :class:`OutputWriteError` naming the file, and leaves no partial or temporary file
+behind; :func:`staged_output` finds the last three before the caller's work starts, also for ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import struct
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,6 +51,17 @@ _NO_ROOM = {
     errno.EDQUOT: ("the disk quota is exceeded", "free some space"),
     errno.EFBIG: ("the file size limit was hit (file too large for `ulimit -f` or the filesystem)", "raise the limit"),
 }
+# The errnos that mean the output may not go where it was asked. Unlike running out of room, reading an input can
+# raise these too, so they become OutputWriteError only where the failing call is known to touch the output.
+_NOT_ALLOWED = {
+    errno.EACCES: ("permission denied", "fix the permissions"),
+    errno.EPERM: ("operation not permitted (an immutable or append-only file or directory?)", "check `lsattr`"),
+    errno.EROFS: ("the filesystem is read-only", "remount it read-write"),
+}
+_CANNOT_WRITE = {**_NO_ROOM, **_NOT_ALLOWED}
+# Signals whose default action kills the process without unwinding: while an output is staged they raise
+# SystemExit(128 + signal) instead, so the staging directory is removed as it is on Ctrl-C.
+_TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 class SafetensorsWriter:
@@ -246,11 +260,16 @@ def staged_output(final_path: Path, *, overwrite: bool, inputs: Sequence[Path] =
     the final move is a rename). On success, an existing ``final_path`` (with ``overwrite``) is renamed aside,
     the new directory renamed in, then the old one deleted: ``final_path`` never holds a partial output. On
     any exception, KeyboardInterrupt and SystemExit included, the staging directory is removed and the
-    exception re-raised; running out of room (an ``OSError`` ENOSPC, EDQUOT or EFBIG, from any code in the
-    block) becomes :class:`OutputWriteError` naming the file under ``final_path``. Parent directories are
-    created as needed. A process killed outright (SIGKILL, power loss) can leave a staging directory behind,
-    never a partial ``final_path``; killed between the two renames of an overwrite, it leaves no ``final_path``
-    and the old output in ``.{name}.deltakit-old-<random>``.
+    exception re-raised; SIGTERM and SIGHUP (where they would kill the process) raise SystemExit(128 + signal)
+    inside the block, so they clean up the same way. Running out of room (an ``OSError`` ENOSPC, EDQUOT or
+    EFBIG, from any code in the block) becomes :class:`OutputWriteError` naming the file under ``final_path``.
+    Before yielding, the output's place is checked: an unwritable or read-only parent, and with ``overwrite``
+    an existing output that cannot be moved aside or deleted, are refused with one line naming the path.
+    Parent directories are created as needed. A process killed outright (SIGKILL, power loss) can leave a
+    staging directory behind, never a partial ``final_path``; killed between the two renames of an overwrite,
+    it leaves no ``final_path`` and the old output in ``.{name}.deltakit-old-<random>``. The next run for the
+    same ``final_path`` cleans up either: it deletes abandoned staging directories and set-aside outputs, and
+    moves a set-aside output back to ``final_path`` where nothing replaced it.
 
     Args:
         final_path: where the output directory should end up.
@@ -265,22 +284,34 @@ def staged_output(final_path: Path, *, overwrite: bool, inputs: Sequence[Path] =
         OutputExistsError: ``final_path`` exists and ``overwrite`` is false (checked before yielding, and again
             before the final rename).
         InvalidOptionError: ``final_path`` overlaps an input.
-        OutputWriteError: the disk is full, or a quota or file-size limit was hit.
+        OutputWriteError: the disk is full, a quota or file-size limit was hit, or the output's directory (or,
+            with ``overwrite``, the existing output) may not be written: permission denied, read-only filesystem,
+            immutable.
     """
     # abspath, not resolve: a symlink at final_path is replaced, not followed.
     final_path = Path(os.path.abspath(final_path))
     refuse_overlap(final_path, inputs)
-    _refuse_existing(final_path, overwrite)
     with no_room_as_error(final_path):
-        final_path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_abandoned_staging(final_path)
-        staging_dir = _make_sibling_dir(final_path, "deltakit-tmp")
-        lock = _hold_lock(staging_dir)
-    try:
-        yield staging_dir
+        if final_path.parent.is_dir():
+            _remove_abandoned_staging(final_path)
         _refuse_existing(final_path, overwrite)
-        _fsync_dir(staging_dir)
-        _replace_dir(staging_dir, final_path)
+        final_path.parent.mkdir(parents=True, exist_ok=True)
+        staging_dir = _make_sibling_dir(final_path, "deltakit-tmp")
+    try:
+        with no_room_as_error(final_path):
+            lock = _hold_lock(staging_dir)
+    except BaseException:
+        shutil.rmtree(staging_dir, ignore_errors=True)
+        raise
+    try:
+        with no_room_as_error(final_path):
+            if overwrite and os.path.lexists(final_path):
+                _check_replaceable(final_path)
+        with _terminating_signals_raise():
+            yield staging_dir
+            _refuse_existing(final_path, overwrite)
+            _fsync_dir(staging_dir)
+            _replace_dir(staging_dir, final_path)
         _release_lock(staging_dir, lock)
     except BaseException as e:
         shutil.rmtree(staging_dir, ignore_errors=True)
@@ -289,6 +320,38 @@ def staged_output(final_path: Path, *, overwrite: bool, inputs: Sequence[Path] =
             cause = e.__cause__ if isinstance(e, OutputWriteError) and e.__cause__ is not None else e
             raise _no_room_in_output(e, staging_dir, final_path) from cause
         raise
+
+
+@contextmanager
+def _terminating_signals_raise() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise SystemExit(128 + signal) where they would otherwise kill the
+    process on the spot (default action, main thread): ignored or handled signals are left to their owner."""
+    def raise_exit(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in _TERMINATING_SIGNALS:
+            if signal.getsignal(sig) is signal.SIG_DFL:
+                previous[sig] = signal.signal(sig, raise_exit)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _check_replaceable(final_path: Path) -> None:
+    """Raise the OSError that replacing ``final_path`` at the end would meet, before any work: it must move aside
+    (a rename there and back: an immutable directory refuses it) and each directory in it must allow deletion."""
+    probe = _free_sibling_name(final_path, "deltakit-old")
+    os.rename(final_path, probe)
+    os.rename(probe, final_path)
+    if final_path.is_symlink() or not final_path.is_dir():
+        return
+    for directory, _, _ in os.walk(final_path):
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), directory)
 
 
 def _lock_path(staging_dir: Path) -> Path:
@@ -310,9 +373,13 @@ def _release_lock(staging_dir: Path, fd: int) -> None:
 
 
 def _remove_abandoned_staging(final_path: Path) -> None:
-    """Delete staging directories of earlier runs for the same output that were killed (SIGKILL, power loss):
-    on a large model each can hold a partial checkpoint. One whose lock another live process holds is kept."""
-    for lock_path in final_path.parent.glob(f".{glob.escape(final_path.name)}.deltakit-lock-*"):
+    """Clean up after earlier runs for the same output that were killed (SIGKILL, power loss): delete their
+    staging directories (on a large model each can hold a partial checkpoint), one whose lock another live process
+    holds excepted; then, if no run is live, deal with outputs set aside by an overwrite: the newest goes back to
+    ``final_path`` where nothing replaced it, the others (full copies of an old output) are deleted."""
+    pattern = f".{glob.escape(final_path.name)}"
+    is_live = False
+    for lock_path in final_path.parent.glob(f"{pattern}.deltakit-lock-*"):
         try:
             fd = os.open(lock_path, os.O_RDWR)
         except FileNotFoundError:
@@ -321,11 +388,19 @@ def _remove_abandoned_staging(final_path: Path) -> None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
+            is_live = True
             continue  # a run in progress
         staging_name = lock_path.name.replace(".deltakit-lock-", ".deltakit-tmp-")
         shutil.rmtree(lock_path.with_name(staging_name), ignore_errors=True)
         lock_path.unlink(missing_ok=True)
         os.close(fd)
+    if is_live:
+        return  # a live run may be between its two renames: its set-aside output is not abandoned
+    set_aside = sorted(final_path.parent.glob(f"{pattern}.deltakit-old-*"), key=lambda p: p.lstat().st_mtime)
+    if set_aside and not os.path.lexists(final_path):
+        os.rename(set_aside.pop(), final_path)
+    for old_path in set_aside:
+        _remove(old_path)
 
 
 def _no_room_in_output(error: OSError, staging_dir: Path, final_path: Path) -> OutputWriteError:
@@ -344,10 +419,12 @@ def _no_room_in_output(error: OSError, staging_dir: Path, final_path: Path) -> O
 
 @contextmanager
 def no_room_as_error(path: Path) -> Iterator[None]:
-    """Turn running out of room inside the block into :class:`OutputWriteError` naming ``path``.
+    """Turn a failure to write inside the block into :class:`OutputWriteError` naming ``path``.
 
     For code that writes a file by other means than this module (``os.write``, ``copy_file_range``): the
-    ``OSError`` of a full disk (ENOSPC), an exceeded quota (EDQUOT) or the file-size limit (EFBIG) names no file.
+    ``OSError`` of a full disk (ENOSPC), an exceeded quota (EDQUOT), the file-size limit (EFBIG), a denied
+    permission (EACCES, EPERM) or a read-only filesystem (EROFS) names no file, or a hidden staging one. Keep
+    reads of inputs out of the block: their permission errors are not the output's.
 
     Args:
         path: the file being written, as the user should see it (inside a staging directory is fine:
@@ -359,13 +436,13 @@ def no_room_as_error(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        if isinstance(e, DeltakitError) or e.errno not in _NO_ROOM:
+        if isinstance(e, DeltakitError) or e.errno not in _CANNOT_WRITE:
             raise
         raise OutputWriteError(_no_room_message(e.errno), path=path) from e
 
 
 def _no_room_message(code: int) -> str:
-    what, fix = _NO_ROOM[code]
+    what, fix = _CANNOT_WRITE[code]
     return f"cannot write: {what}; {fix} or choose another --out"
 
 
@@ -399,10 +476,14 @@ def _replace_dir(staging_dir: Path, final_path: Path) -> None:
         raise
     _fsync_dir(final_path.parent)
     if old_path is not None:
-        if old_path.is_dir() and not old_path.is_symlink():
-            shutil.rmtree(old_path)
-        else:
-            old_path.unlink()
+        _remove(old_path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def _free_sibling_name(path: Path, tag: str) -> Path:

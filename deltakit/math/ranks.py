@@ -24,6 +24,7 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
+from deltakit.defaults import DEFAULT_MAX_RANK, DEFAULT_RANK
 from deltakit.errors import InvalidOptionError
 from deltakit.names import ModuleName, matches_peft_pattern
 
@@ -31,9 +32,6 @@ Weighting = Literal["absolute", "relative"]
 WEIGHTINGS: tuple[Weighting, ...] = ("absolute", "relative")
 
 
-# The defaults of every rank option, for the library's signatures and the CLI's help alike.
-DEFAULT_RANK = 16
-DEFAULT_MAX_RANK = 256
 
 
 @dataclass(frozen=True)

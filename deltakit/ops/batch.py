@@ -20,8 +20,9 @@ A manifest is TOML (or JSON with the same structure)::
 
 Option names are the operation's keyword arguments (the CLI's long names with ``_`` for ``-``; the CLI's
 ``rslora`` is accepted for ``use_rslora``), checked against the function's signature and type hints before any
-job runs. Relative paths are relative to the manifest's folder. Jobs run in order, so a job may read an earlier
-job's ``out``.
+job runs. Relative paths are relative to the manifest's folder. A job may read another job's ``out``: jobs run in
+manifest order, except that a job runs after the jobs whose outputs it reads (a circle is refused), and a job
+whose input this run rewrote is redone. No job's ``out`` may be, or lie inside, another's.
 
 A Hub input is pinned when its job starts: the operation gets ``org/name@<commit>`` and the commit is recorded.
 
@@ -34,28 +35,30 @@ whose marker is stale or still ``running``. An output with no marker at all is n
 with ``overwrite = true``.
 
 The seam for a distributed engine: :func:`load_manifest` turns a manifest into :class:`JobSpec` values (plain
-data: the operation's name, its keyword arguments with absolute paths, the push target, the indices of the
-earlier jobs it reads from), and :func:`run_job` is a function of one JobSpec alone: no mutable state, nothing
-shared between jobs; everything it needs to decide between skip and redo lives on disk beside the output. An engine
-may run JobSpecs on other machines that see the same filesystem (and Hub cache, or network), in any order that
-respects ``depends_on``.
+data: the operation's name, its keyword arguments with absolute paths, the push target, the indices of the jobs it
+reads from, the resources it reserves on a cluster), each listed after the jobs it reads from, and
+:func:`run_after` runs one JobSpec given the results of those jobs: no mutable state, nothing shared between jobs;
+everything it needs to decide between skip and redo lives on disk beside the output. An :class:`Executor` runs
+them: :class:`LocalExecutor` one at a time here, ``deltakit.ops.batch_ray.RayExecutor`` as Ray tasks on machines
+that see the same filesystem (and Hub cache, or network).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
 import hashlib
 import inspect
 import json
 import os
-import shutil
 import time
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from tqdm import tqdm
 
@@ -79,6 +82,7 @@ from deltakit.io.writer import write_json
 
 MARKER_FORMAT = 1
 Status = Literal["done", "skipped", "failed", "blocked", "not run", "would run", "would skip"]
+_SUCCEEDED = ("done", "skipped", "would run", "would skip")  # the statuses a job reading the output may go on from
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,8 @@ OPERATIONS: dict[str, Operation] = {
 # Arguments batch sets itself: progress is one bar over the jobs; a dry run is the whole batch's.
 _BATCH_CONTROLLED = {"progress", "dry_run"}
 # Keys of a job (or of the defaults) that belong to batch, not to the operation.
-_BATCH_KEYS = {"push", "push_repo", "private"}
+_RESOURCE_KEYS = {"num_cpus", "num_gpus", "memory"}
+_BATCH_KEYS = {"push", "push_repo", "private"} | _RESOURCE_KEYS
 _ALIASES = {"ft": "finetuned", "rslora": "use_rslora"}
 # Options whose manifest form differs from the keyword argument: the CLI's REGEX=RANK strings, and a single
 # string where the CLI repeats a flag.
@@ -110,6 +115,19 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "include": lambda value: [value] if isinstance(value, str) else value,
     "exclude": lambda value: [value] if isinstance(value, str) else value,
 }
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What a job reserves on a cluster (``num_cpus``, ``num_gpus``, ``memory`` in a manifest's job or defaults).
+
+    The local executor runs one job at a time with the whole machine and ignores them; the Ray executor reserves
+    them for the job's task (None: Ray's default, one CPU and no GPU). A job with a GPU runs its SVD on it.
+    """
+
+    num_cpus: float | None = None
+    num_gpus: float | None = None
+    memory: int | None = None  # bytes
 
 
 @dataclass(frozen=True)
@@ -122,7 +140,8 @@ class JobSpec:
         options: the operation's keyword arguments; paths are absolute, Hub ids as written.
         push_repo: upload the output to this Hub repo after the job succeeds (None: no upload).
         private: create ``push_repo`` private.
-        depends_on: indices of earlier jobs whose output this job reads.
+        depends_on: indices of the jobs whose output this job reads (they run first).
+        resources: what the job reserves on a cluster.
     """
 
     index: int
@@ -131,6 +150,7 @@ class JobSpec:
     push_repo: str | None = None
     private: bool = True
     depends_on: tuple[int, ...] = ()
+    resources: Resources = Resources()
 
     @property
     def out(self) -> Path:
@@ -204,6 +224,75 @@ class BatchReport:
         return lines
 
 
+Step = Callable[[JobSpec, Sequence[JobResult]], JobResult]
+
+
+class Progress:
+    """One progress bar over the jobs, on stderr: how many are done (or skipped), running and failed, updated as
+    each starts and finishes."""
+
+    def __init__(self, total: int, *, enabled: bool) -> None:
+        self._bar = tqdm(total=total, unit="job", desc="batch", disable=not enabled, dynamic_ncols=True)
+        self._running: set[int] = set()
+        self._finished: dict[str, int] = {}
+
+    def started(self, job: JobSpec) -> None:
+        self._running.add(job.index)
+        self._show()
+
+    def finished(self, result: JobResult) -> None:
+        self._running.discard(result.index)
+        self._finished[result.status] = self._finished.get(result.status, 0) + 1
+        self._bar.update()
+        self._show()
+
+    def close(self) -> None:
+        self._bar.close()
+
+    def _show(self) -> None:
+        counts = {**self._finished, "running": len(self._running)}
+        self._bar.set_postfix_str(", ".join(f"{n} {status}" for status, n in counts.items()), refresh=True)
+
+
+class Executor(Protocol):
+    """Runs a batch's jobs: each once the jobs it reads from have finished, through ``step`` (the batch's
+    :func:`run_after`), given their results."""
+
+    def run(self, jobs: Sequence[JobSpec], step: Step, *, stop_on_failure: bool,
+            progress: Progress) -> list[JobResult]:
+        """Run every job; after a job fails (with ``stop_on_failure``) the jobs not finished are ``not run``.
+
+        Args:
+            jobs: in an order where each job comes after the jobs it reads from (as :func:`load_manifest`
+                returns them).
+            step: called once per job as ``step(job, results of job.depends_on)``.
+            stop_on_failure: stop at the first ``failed`` job.
+            progress: told as each job starts and finishes.
+
+        Returns:
+            One result per job, in manifest order (by index).
+        """
+        ...
+
+
+class LocalExecutor:
+    """One job at a time on this machine, in the order given: the default."""
+
+    def run(self, jobs: Sequence[JobSpec], step: Step, *, stop_on_failure: bool,
+            progress: Progress) -> list[JobResult]:
+        results: dict[int, JobResult] = {}
+        stopped = False
+        for job in jobs:
+            if stopped:
+                results[job.index] = JobResult(job.index, job.op, str(job.out), "not run")
+            else:
+                progress.started(job)
+                results[job.index] = step(job, [results[i] for i in job.depends_on])
+                stopped = stop_on_failure and results[job.index].status == "failed"
+            progress.finished(results[job.index])
+        return [results[index] for index in sorted(results)]
+
+
 def run_batch(
     manifest: str | Path,
     *,
@@ -212,52 +301,44 @@ def run_batch(
     push: bool = False,
     summary: str | Path | None = None,
     progress: bool = False,
+    executor: Executor | None = None,
 ) -> BatchReport:
-    """Run a manifest's jobs in order, skipping those already done, and write a JSON summary.
+    """Run a manifest's jobs, skipping those already done, and write a JSON summary.
 
     Args:
         manifest: the ``.toml`` or ``.json`` manifest.
         continue_on_error: after a job fails, run the others (those that read its output are ``blocked``);
             default: stop at the first failure, leaving the rest ``not run``.
-        dry_run: check every job's inputs (local paths, earlier jobs' outputs, Hub ids from the cache or the Hub)
-            and outputs, and say which jobs would run or be skipped; write nothing.
+        dry_run: check every job's inputs (local paths, other jobs' outputs, Hub ids from the cache or the Hub)
+            and outputs, here, and say which jobs would run or be skipped; write nothing.
         push: upload every job's output to its ``push_repo`` (as ``push = true`` on each job does).
         summary: the JSON summary to write; default ``<manifest stem>.summary.json`` beside the manifest.
         progress: one progress bar over the jobs, on stderr.
+        executor: where the jobs run; default :class:`LocalExecutor` (one at a time, here). See
+            :class:`deltakit.ops.batch_ray.RayExecutor` for a Ray cluster.
 
     Returns:
         The :class:`BatchReport`; jobs that failed are in ``report.failed`` (nothing is raised for them).
 
     Raises:
         InvalidOptionError: the manifest is malformed (unknown operation or option, missing or mistyped value,
-            two jobs writing one output, a push without a repo); raised before any job runs.
+            two jobs writing one output or one inside another's, jobs reading each other in a circle, a push
+            without a repo); raised before any job runs.
     """
     started = time.perf_counter()
     manifest_path = Path(manifest)
     jobs = load_manifest(manifest_path, push=push)
     if dry_run:
-        results = _check_jobs(jobs)
+        results = LocalExecutor().run(jobs, functools.partial(run_after, dry_run=True), stop_on_failure=False,
+                                      progress=Progress(len(jobs), enabled=False))
         return BatchReport(str(manifest_path), results, dry_run=True, seconds=time.perf_counter() - started)
 
-    results: list[JobResult] = []
-    unsuccessful: set[int] = set()
-    stopped = False
-    with tqdm(total=len(jobs), unit="job", desc="batch", disable=not progress, dynamic_ncols=True) as bar:
-        for job in jobs:
-            bar.set_postfix_str(f"{job.label} → {job.out.name}", refresh=True)
-            blockers = [i for i in job.depends_on if i in unsuccessful]
-            if stopped:
-                result = JobResult(job.index, job.op, str(job.out), "not run")
-            elif blockers:
-                result = JobResult(job.index, job.op, str(job.out), "blocked",
-                                   error=f"needs the output of job {blockers[0]}, which did not succeed")
-            else:
-                result = run_job(job)
-            if result.status in ("failed", "blocked", "not run"):
-                unsuccessful.add(job.index)
-            stopped = stopped or (result.status == "failed" and not continue_on_error)
-            results.append(result)
-            bar.update()
+    bar = Progress(len(jobs), enabled=progress)
+    try:
+        results = (executor or LocalExecutor()).run(jobs, run_after, stop_on_failure=not continue_on_error,
+                                                    progress=bar)
+    finally:
+        bar.close()
     summary_path = Path(summary) if summary else manifest_path.with_name(f"{manifest_path.stem}.summary.json")
     report = BatchReport(str(manifest_path), results, seconds=time.perf_counter() - started,
                          summary_path=str(summary_path))
@@ -265,11 +346,33 @@ def run_batch(
     return report
 
 
-def run_job(job: JobSpec) -> JobResult:
+def run_after(job: JobSpec, dependencies: Sequence[JobResult], *, dry_run: bool = False) -> JobResult:
+    """Run a job once the jobs it reads from have finished: ``blocked`` if one of them did not succeed, else
+    :func:`run_job`, told which of its inputs were just rewritten.
+
+    Args:
+        job: the job.
+        dependencies: the results of the jobs named in ``job.depends_on``.
+        dry_run: as :func:`run_job`'s.
+    """
+    unsuccessful = [d for d in dependencies if d.status not in _SUCCEEDED]
+    if unsuccessful:
+        which = "would fail" if dry_run else "did not succeed"
+        return JobResult(job.index, job.op, str(job.out), "blocked",
+                         error=f"needs the output of job {unsuccessful[0].index}, which {which}")
+    rewritten = frozenset(d.out for d in dependencies if d.status in ("done", "would run"))
+    return run_job(job, rewritten=rewritten, dry_run=dry_run)
+
+
+def run_job(job: JobSpec, *, rewritten: Collection[str] = (), dry_run: bool = False) -> JobResult:
     """Run one job unless its output is already done for the same inputs and options; then push it if asked.
 
     Args:
         job: the job; nothing else is read but the files it names (and its marker beside ``out``).
+        rewritten: inputs (earlier jobs' outputs) that this batch has just rewritten, or in a dry run would
+            write: the job is redone whatever its marker says, and in a dry run they need not exist yet.
+        dry_run: decide only, write nothing: ``would run`` or ``would skip``, or ``failed`` on a missing input,
+            an unresolvable Hub id or an output batch may not replace.
 
     Returns:
         Its result: ``done``, ``skipped`` (up to date) or ``failed`` (with the error; nothing is raised for
@@ -278,28 +381,29 @@ def run_job(job: JobSpec) -> JobResult:
     started = time.perf_counter()
     result = JobResult(job.index, job.op, str(job.out), "failed")
     try:
-        options, result.inputs = _pinned_inputs(job)
-        fingerprint = _fingerprint(job, result.inputs)
+        options, result.inputs = _pinned_inputs(job, rewritten if dry_run else ())
         marker_path = _marker_path(job.out)
         marker = _read_marker(marker_path)
-        is_done = marker is not None and _is_done(marker, fingerprint, job.out)
-        if is_done:
+        # A marker (of whatever job or state) means the output there is ours to replace.
+        if marker is None and job.out.exists() and not options.get("overwrite"):
+            raise OutputExistsError("exists and was not written by deltakit batch; set overwrite = true in "
+                                    "the job to replace it", path=job.out)
+        fingerprint = _fingerprint(job, result.inputs)
+        up_to_date = not rewritten and marker is not None and _is_done(marker, fingerprint, job.out)
+        if dry_run:
+            result.status = "would skip" if up_to_date else "would run"
+        elif up_to_date:
             result.status = "skipped"
         else:
-            # A marker (of whatever job or state) means the output there is ours to replace.
-            if marker is not None:
-                _remove_leftovers(job.out)
-            elif job.out.exists() and not options.get("overwrite"):
-                raise OutputExistsError("exists and was not written by deltakit batch; set overwrite = true in "
-                                        "the job to replace it", path=job.out)
-            # Markers are written with write_json: a temporary sibling, then os.replace.
+            # Markers are written with write_json: a temporary sibling, then os.replace. The operation's
+            # staged_output removes what an interrupted run of it left (staging no live process holds).
             write_json(marker_path, {"format": MARKER_FORMAT, "state": "running", "job": fingerprint})
             OPERATIONS[job.op].function(**{**options, "overwrite": True}, progress=False)
             marker = {"format": MARKER_FORMAT, "state": "done", "job": fingerprint,
                       "seconds": round(time.perf_counter() - started, 3)}
             write_json(marker_path, marker)
             result.status = "done"
-        if job.push_repo and (marker.get("pushed") or {}).get("repo_id") != job.push_repo:
+        if not dry_run and job.push_repo and (marker.get("pushed") or {}).get("repo_id") != job.push_repo:
             result.pushed_url = hub.push(job.out, job.push_repo, private=job.private,
                                          commit_message=f"deltakit {job.op}: {job.out.name}")
             write_json(marker_path, {**marker, "pushed": {"repo_id": job.push_repo, "url": result.pushed_url}})
@@ -317,10 +421,11 @@ def load_manifest(path: str | Path, *, push: bool = False) -> list[JobSpec]:
         push: push every job (as ``push = true`` everywhere).
 
     Returns:
-        The jobs in order, with paths made absolute (relative to the manifest's folder) and defaults applied.
+        The jobs in the order they run: the manifest's, except that a job comes after the jobs whose outputs
+        it reads. Paths are absolute (relative to the manifest's folder), defaults applied.
 
     Raises:
-        InvalidOptionError: every problem found, in one message (the first three, then how many more).
+        InvalidOptionError: every problem found, in one message.
     """
     manifest_path = Path(path)
     data = _parse(manifest_path)
@@ -336,19 +441,14 @@ def load_manifest(path: str | Path, *, push: bool = False) -> list[JobSpec]:
         problems.append("no [[jobs]]")
         entries = []
 
-    jobs: list[JobSpec] = []
-    outs: dict[Path, int] = {}
-    for index, entry in enumerate(entries, start=1):
-        job = _job_spec(index, entry, defaults, manifest_path.parent.absolute(), outs, push, problems)
-        if job is not None:
-            if job.out in outs:
-                problems.append(f"{job.label}: out {str(job.out)!r} is also job {outs[job.out]}'s out")
-            outs.setdefault(job.out, index)
-            jobs.append(job)
+    root = manifest_path.parent.absolute()
+    specs = [_job_spec(index, entry, defaults, root, push, problems) for index, entry in enumerate(entries, start=1)]
+    jobs = [job for job in specs if job is not None]
+    outs = _outputs(jobs, problems)
+    jobs = _in_dependency_order([_with_inputs_located(job, root, outs, problems) for job in jobs], problems)
     if problems:
-        more = f" ({len(problems) - 3} more)" if len(problems) > 3 else ""
         count = f"{len(problems)} problems: " if len(problems) > 1 else ""
-        raise InvalidOptionError(count + "; ".join(problems[:3]) + more, path=manifest_path)
+        raise InvalidOptionError(count + "; ".join(problems), path=manifest_path)
     return jobs
 
 
@@ -377,9 +477,10 @@ def _parse(manifest_path: Path) -> dict:
     return data
 
 
-def _job_spec(index: int, entry: object, defaults: dict[str, Any], root: Path, earlier_outs: dict[Path, int],
-              push: bool, problems: list[str]) -> JobSpec | None:
-    """One manifest entry → a JobSpec, or None (with the reasons appended to ``problems``)."""
+def _job_spec(index: int, entry: object, defaults: dict[str, Any], root: Path, push: bool,
+              problems: list[str]) -> JobSpec | None:
+    """One manifest entry → a JobSpec whose inputs are still as written (:func:`_with_inputs_located` places them
+    once every job's output is known), or None (with the reasons appended to ``problems``)."""
     if not isinstance(entry, dict):
         problems.append(f"job {index}: not a table")
         return None
@@ -407,12 +508,13 @@ def _job_spec(index: int, entry: object, defaults: dict[str, Any], root: Path, e
         problems.append(f"{label}: missing {', '.join(repr(m) for m in missing)}")
         return None
     hints = typing.get_type_hints(op.function)
-    depends_on: list[int] = []
     for key, value in list(options.items()):
         if key in op.inputs:
             if isinstance(value, str) and _takes_list(hints.get(key)):
-                value = [value]
-            options[key] = _locate_inputs(value, root, earlier_outs, depends_on, label, key, problems)
+                options[key] = value = [value]
+            values = value if isinstance(value, list) else [value]
+            if not values or not all(isinstance(v, str) and v for v in values):
+                problems.append(f"{label}: {key} = {value!r} is not a path or Hub id (or a list of them where allowed)")
             continue
         try:
             value = _CONVERTERS.get(key, lambda v: v)(value)
@@ -430,33 +532,80 @@ def _job_spec(index: int, entry: object, defaults: dict[str, Any], root: Path, e
     private = merged.get("private", True)
     if not isinstance(private, bool):
         problems.append(f"{label}: private = {private!r} is not true or false")
-    return JobSpec(index, op_name, options, push_repo, bool(private), tuple(sorted(set(depends_on))))
+    return JobSpec(index, op_name, options, push_repo, bool(private), resources=_resources(merged, label, problems))
 
 
-def _locate_inputs(value: Any, root: Path, earlier_outs: dict[Path, int], depends_on: list[int], label: str,
-                   key: str, problems: list[str]) -> Any:
-    """Make local inputs absolute; keep Hub ids; note which earlier jobs' outputs are read."""
-    values = value if isinstance(value, list) else [value]
-    if not values or not all(isinstance(v, str) and v for v in values):
-        problems.append(f"{label}: {key} = {value!r} is not a path or Hub id (or a list of them where allowed)")
-        return value
-    located = []
-    for text in values:
-        path = Path(os.path.normpath(root / text))
-        if path in earlier_outs:
-            depends_on.append(earlier_outs[path])
-        # An existing path, or an earlier job's output, is local; otherwise a well-formed org/name is a Hub id.
-        is_local = path.exists() or path in earlier_outs or not _looks_like_hub_id(text)
-        located.append(str(path) if is_local else text)
-    return located if isinstance(value, list) else located[0]
+def _resources(merged: dict[str, Any], label: str, problems: list[str]) -> Resources:
+    amounts = {}
+    for key in sorted(_RESOURCE_KEYS & set(merged)):
+        value = merged[key]
+        number = float if key != "memory" else int
+        if not _conforms(value, number) or value < 0:
+            what = "a whole number of bytes" if key == "memory" else "a number ≥ 0"
+            problems.append(f"{label}: {key} = {value!r} is not {what}")
+        else:
+            amounts[key] = value
+    return Resources(**amounts)
 
 
-def _looks_like_hub_id(text: str) -> bool:
-    try:
-        hub.parse_hub_id(text)
-    except HubError:
-        return False
-    return True
+def _outputs(jobs: list[JobSpec], problems: list[str]) -> dict[Path, int]:
+    """Every job's output → its index; two jobs writing one place, or one inside the other's (the outer job
+    would replace, or a redo delete, the inner one's finished output), are refused."""
+    outs: dict[Path, int] = {}
+    for job in jobs:
+        if job.out in outs:
+            problems.append(f"{job.label}: out {str(job.out)!r} is also job {outs[job.out]}'s out")
+        outs.setdefault(job.out, job.index)
+    for out, index in outs.items():
+        for parent in out.parents:
+            if parent in outs:
+                problems.append(f"job {index}: out {str(out)!r} is inside job {outs[parent]}'s out {str(parent)!r}")
+    return outs
+
+
+def _with_inputs_located(job: JobSpec, root: Path, outs: dict[Path, int], problems: list[str]) -> JobSpec:
+    """Make local inputs absolute, keep Hub ids, and note which jobs' outputs the job reads."""
+    options, depends_on = dict(job.options), set()
+    for key in OPERATIONS[job.op].inputs:
+        value = options.get(key)
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, str) and v for v in values):
+            continue  # already reported
+        located = []
+        for text in values:
+            path = Path(os.path.normpath(root / text))
+            if outs.get(path) == job.index:
+                problems.append(f"{job.label}: {key} {text!r} is its own out")
+            elif path in outs:
+                depends_on.add(outs[path])
+            # An existing path, or a job's output, is local; otherwise a well-formed org/name is a Hub id.
+            is_local = path.exists() or path in outs or not hub.is_hub_id(text)
+            located.append(str(path) if is_local else text)
+        options[key] = located if isinstance(value, list) else located[0]
+    return dataclasses.replace(job, options=options, depends_on=tuple(sorted(depends_on)))
+
+
+def _in_dependency_order(jobs: list[JobSpec], problems: list[str]) -> list[JobSpec]:
+    """The jobs in manifest order, except that each comes after the jobs it reads from (so a rerun never reads
+    an output that a later job then rewrites); jobs that read each other's outputs in a circle are refused."""
+    by_index = {job.index: job for job in jobs}
+    waiting_on = {job.index: set(job.depends_on) for job in jobs}
+    ordered: list[JobSpec] = []
+    while waiting_on:
+        ready = [index for index, needs in waiting_on.items() if not needs]
+        if not ready:
+            circle = dict(waiting_on)
+            while unread := set(circle) - set().union(*circle.values()):  # jobs after the circle, not in it
+                circle = {index: needs for index, needs in circle.items() if index not in unread}
+            problems.append(f"jobs {', '.join(map(str, sorted(circle)))} read each other's outputs in a circle; "
+                            "no order can run them")
+            break
+        first = min(ready)  # manifest order among the jobs that can run next
+        ordered.append(by_index[first])
+        del waiting_on[first]
+        for needs in waiting_on.values():
+            needs.discard(first)
+    return ordered
 
 
 def _push_repo(merged: dict[str, Any], push: bool, out_name: str, label: str, problems: list[str]) -> str | None:
@@ -479,71 +628,28 @@ def _push_repo(merged: dict[str, Any], push: bool, out_name: str, label: str, pr
     return repo
 
 
-def _check_jobs(jobs: list[JobSpec]) -> list[JobResult]:
-    """A dry run: which jobs would run or be skipped, and which would fail on a missing input or output clash."""
-    results: list[JobResult] = []
-    produced: set[str] = set()  # outputs that jobs before this one would write
-    failing: set[int] = set()
-    for job in jobs:
-        result = JobResult(job.index, job.op, str(job.out), "would run")
-        blockers = [i for i in job.depends_on if i in failing]
-        try:
-            if blockers:
-                result.status, result.error = "blocked", f"needs the output of job {blockers[0]}, which would fail"
-            else:
-                reads_new_output = _check_inputs(job, produced)
-                marker = _read_marker(_marker_path(job.out))
-                if marker is None and job.out.exists() and not job.options.get("overwrite"):
-                    raise OutputExistsError("exists and was not written by deltakit batch; set overwrite = true "
-                                            "in the job to replace it", path=job.out)
-                if not reads_new_output:
-                    _, result.inputs = _pinned_inputs(job)
-                    if marker is not None and _is_done(marker, _fingerprint(job, result.inputs), job.out):
-                        result.status = "would skip"
-        except DeltakitError as e:
-            result.status, result.error, result.exception = "failed", str(e), e
-        if result.status == "would run":
-            produced.add(str(job.out))
-        if result.status in ("failed", "blocked"):
-            failing.add(job.index)
-        results.append(result)
-    return results
-
-
-def _check_inputs(job: JobSpec, produced: set[str]) -> bool:
-    """Check that every input exists locally, will be written by an earlier job (in ``produced``), or is a Hub id
-    that resolves (from the cache when offline); return whether any input is one still to be written."""
-    reads_new_output = False
-    for key in OPERATIONS[job.op].inputs:
-        values = job.options[key] if isinstance(job.options[key], list) else [job.options[key]]
-        for value in values:
-            if not Path(value).is_absolute():
-                hub.resolve_commit(value)
-            elif value in produced:
-                reads_new_output = True
-            elif not Path(value).exists():
-                raise CheckpointNotFoundError(f"no such file or directory ({key})", path=value)
-    return reads_new_output
-
-
-def _pinned_inputs(job: JobSpec) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The job's options with each Hub input pinned to its current commit, and every input's identity."""
+def _pinned_inputs(job: JobSpec, pending: Collection[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The job's options with each Hub input pinned to its current commit, and every input's identity; an input
+    in ``pending`` (an output a dry run would write first) need not exist yet."""
     options = dict(job.options)
     identities: dict[str, Any] = {}
     for key in OPERATIONS[job.op].inputs:
         values = options[key] if isinstance(options[key], list) else [options[key]]
         pinned, ids = [], []
         for value in values:
-            if Path(value).is_absolute():
-                if not Path(value).exists():
-                    raise CheckpointNotFoundError(f"no such file or directory ({key})", path=value)
-                pinned.append(value)
-                ids.append({"path": value, "files": _local_identity(Path(value))})
-            else:
+            if hub.is_hub_id(value):
                 ref = hub.parse_hub_id(value)
                 commit = hub.resolve_commit(ref)
                 pinned.append(f"{ref.repo_id}@{commit}")
                 ids.append({"hub": value, "commit": commit})
+            elif value in pending:
+                pinned.append(value)
+                ids.append({"path": value})
+            elif not Path(value).exists():
+                raise CheckpointNotFoundError(f"no such file or directory ({key})", path=value)
+            else:
+                pinned.append(value)
+                ids.append({"path": value, "files": _local_identity(Path(value))})
         options[key] = pinned if isinstance(options[key], list) else pinned[0]
         identities[key] = ids if isinstance(job.options[key], list) else ids[0]
     return options, identities
@@ -584,17 +690,6 @@ def _read_marker(marker_path: Path) -> dict | None:
     if not isinstance(marker, dict) or marker.get("format") != MARKER_FORMAT:
         return {"state": "unknown format"}
     return marker
-
-
-def _remove_leftovers(out: Path) -> None:
-    """Remove what an interrupted run of this job left beside ``out``: staging and set-aside directories
-    (named by writer.staged_output as ``.<name>.deltakit-tmp-*`` and ``.<name>.deltakit-old-*``)."""
-    for tag in ("deltakit-tmp", "deltakit-old"):
-        for leftover in out.parent.glob(f".{out.name}.{tag}-*"):
-            if leftover.is_dir() and not leftover.is_symlink():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                leftover.unlink(missing_ok=True)
 
 
 def _aliased(table: object, where: str, problems: list[str]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import math
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -23,11 +23,18 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from deltakit.adapters.layers import WeightKind, out_in_shape, target_modules, transpose_embedding_factors
+from deltakit.adapters.layers import (
+    WeightKind,
+    out_in_shape,
+    target_modules,
+    transpose_embedding_factors,
+    weight_kind,
+)
+from deltakit.adapters.moe import conform_experts, expert_summary, moe_family, moe_weight
 from deltakit.adapters.peft_format import CarriedTensor, ModuleFactors, adapter_spec, task_type_for, write_adapter
 from deltakit.adapters.variants import DORA, LORA, AdapterVariant, Fit, FitSettings
-from deltakit.errors import InvalidOptionError, NothingToExtractError
-from deltakit.io.checkpoint import Checkpoint, open_checkpoint
+from deltakit.errors import InvalidOptionError, NothingToExtractError, shorten
+from deltakit.io.checkpoint import Checkpoint, open_checkpoint, refuse_unsupported_weights
 from deltakit.io.dtypes import DTYPES, parse_dtype
 from deltakit.io.prefetch import prefetched
 from deltakit.io.writer import save_tensors, staged_output, write_json, write_text
@@ -37,9 +44,16 @@ from deltakit.math.ranks import DEFAULT_RANK, ModelSize, ModuleSpectrum, RankPol
 from deltakit.names import ModuleName, TensorName, split_tensor_name
 from deltakit.ops.delta import StoredPair, delta_of, is_changed, read_pair
 from deltakit.ops.plan import ExtractPlan, ModuleFates, ModulePlan, module_fates, plan_extract, tied_bias_fates
-from deltakit.ops.report import ExtractReport, ModuleReport, TensorFate, command_line, model_card
+from deltakit.ops.report import (
+    EXTRACT_REPORT_FILE,
+    ExtractReport,
+    ModuleReport,
+    TensorFate,
+    command_line,
+    model_card,
+)
 
-REPORT_FILE = "extract_report.json"
+REPORT_FILE = EXTRACT_REPORT_FILE
 _SPILL_DIR = ".svd-spill"  # inside the staging directory, removed before it is renamed into place
 
 
@@ -57,18 +71,30 @@ class _Run:
     carry: bool
 
 
+@dataclass(frozen=True)
+class _Spilled:
+    """A module's SVD whose rank the policy decides at the end: the singular values in memory, the vectors on
+    disk."""
+
+    path: Path
+    spectrum: ModuleSpectrum
+    method: str
+    residual_energy: float | None
+
+
 @dataclass
 class _Factorized:
-    """One module's weight, fitted; ``fit.pending`` when the rank policy decides its rank at the end."""
+    """One module's weight, fitted, or (its rank left to the policy's second phase) spilled."""
 
     module: ModuleName
     kind: WeightKind
     shape: tuple[int, ...]  # as stored
     dtype: torch.dtype
-    fit: Fit
+    fit: Fit  # without ``pending`` once spilled
     seconds: float
     note: str | None  # e.g. a clamped rank
     tied_head: ModuleName | None = None  # a tied output head that gets these factors too, transposed
+    spilled: _Spilled | None = None
 
 
 @dataclass
@@ -151,20 +177,82 @@ class _Spill:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.paths: dict[ModuleName, Path] = {}
+        self.count = 0
 
-    def put(self, module: ModuleName, svd: TruncatedSVD) -> None:
+    def put(self, factorized: _Factorized) -> _Factorized:
+        """The module with its pending SVD moved to disk."""
+        svd = factorized.fit.pending
         self.directory.mkdir(exist_ok=True)
-        path = self.paths[module] = self.directory / f"{len(self.paths):06d}.safetensors"
+        path = self.directory / f"{self.count:06d}.safetensors"
+        self.count += 1
         save_tensors(path, {"u": svd.u.cpu().contiguous(), "s": svd.s.cpu(), "vh": svd.vh.cpu().contiguous()})
+        spectrum = ModuleSpectrum(factorized.module, out_in_shape(factorized.shape, factorized.kind), svd.s.cpu(),
+                                  svd.total_energy)
+        return replace(factorized, fit=replace(factorized.fit, pending=None),
+                       spilled=_Spilled(path, spectrum, svd.method, svd.residual_energy))
 
-    def take(self, module: ModuleName, spectrum: ModuleSpectrum, method: str,
-             residual_energy: float | None) -> TruncatedSVD:
-        tensors = load_file(self.paths[module])
-        return TruncatedSVD(tensors["u"], tensors["s"], tensors["vh"], spectrum.total_energy, method, residual_energy)
+    @staticmethod
+    def take(spilled: _Spilled) -> TruncatedSVD:
+        tensors = load_file(spilled.path)
+        return TruncatedSVD(tensors["u"], tensors["s"], tensors["vh"], spilled.spectrum.total_energy, spilled.method,
+                            spilled.residual_energy)
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@dataclass
+class _Results:
+    modules: list[_ModuleResult]  # in plan order, then the tied head's bias
+    spill: _Spill  # the SVDs of the modules whose rank the policy decides at the end
+
+    @property
+    def factorized(self) -> list[_Factorized]:
+        return [r.factorized for r in self.modules if r.factorized is not None]
+
+
+def _extract_modules(run: _Run, spill: _Spill, progress: bool) -> _Results:
+    """Phase 1: every module in turn."""
+    results = _Results([], spill)
+    total = sum(run.finetuned.info(n).nbytes for p in run.plan.modules for n in p.tensors)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="extract", disable=not progress,
+              dynamic_ncols=True) as bar:
+        deltas = DeltaBuffer(run.fit.device)
+        # The next module's tensors are read while this one's SVD runs; one module ahead keeps memory at a few
+        # tensors.
+        reads = ((module_plan, _read_module(run, module_plan)) for module_plan in run.plan.modules)
+        with prefetched(reads, depth=1) as modules:
+            for i, (module_plan, stored) in enumerate(modules):
+                result = _extract_module(run, module_plan, stored, deltas)
+                del stored
+                if result.factorized is not None and result.factorized.fit.pending is not None:
+                    result = replace(result, factorized=spill.put(result.factorized))
+                results.modules.append(result)
+                bar.update(sum(run.finetuned.info(n).nbytes for n in module_plan.tensors))
+                bar.set_postfix_str(f"{i + 1}/{len(run.plan.modules)} modules", refresh=False)
+        results.modules.append(_extract_tied_bias(run, any(f.tied_head for f in results.factorized)))
+    return results
+
+
+def _assemble(run: _Run, results: _Results, size: ModelSize) -> tuple[list[ModuleReport], list[ModuleFactors],
+                                                                       dict | None]:
+    """Phase 2, then every module's report row and factors (a tied head's after its embedding's), in plan
+    order, and the rank policy's part of the report."""
+    finished, summary = _finish_ranks(run, results.factorized, results.spill, size)
+    results.spill.remove()
+    rows, factors = [], []
+    for f in results.factorized:
+        if f.module in finished:
+            module_factors, metrics, seconds = finished[f.module]
+            seconds += f.seconds
+        else:
+            module_factors, metrics, seconds = f.fit.factors, f.fit.metrics, f.seconds
+        rows.append(ModuleReport(module=f.module, kind=f.kind.value, shape=f.shape, rank=module_factors.rank,
+                                 delta_norm=f.fit.delta_norm, seconds=seconds, note=f.note, **metrics))
+        factors.append(module_factors)
+        if f.tied_head is not None:
+            factors.append(_transposed_for_head(module_factors, f.tied_head))
+    return rows, factors, summary
 
 
 def _finish_ranks(run: _Run, factorized: list[_Factorized], spill: _Spill,
@@ -172,14 +260,12 @@ def _finish_ranks(run: _Run, factorized: list[_Factorized], spill: _Spill,
     """Phase 2 of the rank policy: the ranks it deferred, decided from the spectra at once, and each deferred
     module's factors cut from its stored SVD (no second SVD). Returns them by module (factors, metrics, seconds
     spent) and the policy's part of the report."""
-    pending = [f for f in factorized if f.fit.pending is not None]
-    spectra = [ModuleSpectrum(f.module, out_in_shape(f.shape, f.kind), f.fit.pending.s.cpu(),
-                              f.fit.pending.total_energy) for f in pending]
-    ranks, summary = run.policy.finish(spectra, size)
+    pending = [f for f in factorized if f.spilled is not None]
+    ranks, summary = run.policy.finish([f.spilled.spectrum for f in pending], size)
     done = {}
-    for f, spectrum, rank in zip(pending, spectra, ranks):
+    for f, rank in zip(pending, ranks):
         started = time.perf_counter()
-        svd = spill.take(f.module, spectrum, f.fit.pending.method, f.fit.pending.residual_energy)
+        svd = spill.take(f.spilled)
         factors, metrics = run.variant.complete(svd, rank, f.module, f.kind, f.dtype, run.fit)
         done[f.module] = factors, metrics, time.perf_counter() - started
     return done, summary
@@ -196,6 +282,50 @@ def _factor_bytes_per_param(dtype: str | None, plan: ExtractPlan, base: Checkpoi
         return DTYPES[dtype].itemsize
     dtypes = Counter(base.info(p.weight).dtype for p in plan.modules if p.weight is not None and p.weight in base)
     return dtypes.most_common(1)[0][0].itemsize if dtypes else 4
+
+
+def _check_expert_options(plan: ExtractPlan, variant: AdapterVariant, use_rslora: bool) -> None:
+    """Refuse, from the headers, what PEFT cannot load for expert and router weights (adapters/moe.py)."""
+    family = moe_family(plan.model_type)
+    experts = [p.module for p in plan.modules
+               if p.weight is not None and p.is_selected and moe_weight(p.module, family) is not None]
+    if not experts:
+        return
+    if variant.expert_refusal:
+        option, why = f"--{variant.name}", variant.expert_refusal
+    elif use_rslora:
+        option, why = "--use-rslora", "with lora_alpha doubled for the fused gate/up, which changes rsLoRA's scaling by √2"
+    else:
+        return
+    raise InvalidOptionError(
+        f"{option}: PEFT 0.21 loads mixture-of-experts weights ({shorten(experts)}) as fused target_parameters, "
+        f"{why}; extract without it, or leave the experts and routers out with --exclude 'experts|gate$'")
+
+
+def _linear_out_in(base: Checkpoint, plan: ExtractPlan) -> dict[ModuleName, tuple[int, int]]:
+    """(out, in) of every Linear weight of the base, by module."""
+    return {split_tensor_name(name)[0]: out_in_shape(info.shape, WeightKind.LINEAR)
+            for name, info in base.tensors.items()
+            if weight_kind(name, info.shape, plan.model_type) is WeightKind.LINEAR}
+
+
+def _experts_summary(rows: list[ModuleReport], fates: list[TensorFate], plan: ExtractPlan, base: Checkpoint,
+                     zero_filled: list[ModuleName]) -> tuple[list[dict], list[str]]:
+    """Which experts changed, per MoE layer (with each one's worst relative error in the adapter, 1 where it is
+    not in it), and notes on what was done for PEFT's sake."""
+    family = moe_family(plan.model_type)
+    changed = [(m.module, m.relative_error) for m in rows]
+    changed += [(split_tensor_name(t.tensor)[0], 1.0) for t in fates if t.fate == "dropped"]
+    layers = expert_summary(changed, sorted({split_tensor_name(n)[0] for n in base.tensors}), family)
+    notes = []
+    if zero_filled:
+        notes.append(f"{len(zero_filled)} unchanged or excluded expert/router weight(s) get zero factors: PEFT "
+                     "targets every expert of every MoE layer once any is targeted, with one rank for all")
+    kept_whole = [m for m in plan.claimed_by_peft if any(t.tensor == f"{m}.weight" for t in fates)]
+    if kept_whole:
+        notes.append(f"{shorten(kept_whole)}: PEFT 0.21 reads LoRA targets named like these as the fused experts "
+                     f"of every {family.name}-family MoE layer, so they are not factorized (carried whole)")
+    return layers, notes
 
 
 def _input_name(given: str | Path, ckpt: Checkpoint) -> str:
@@ -278,7 +408,9 @@ def extract(
         raise InvalidOptionError(variant.budget_refusal)
     math_device = resolve_device(device)
     ft_ckpt, base_ckpt = open_checkpoint(finetuned), open_checkpoint(base)
+    refuse_unsupported_weights(ft_ckpt), refuse_unsupported_weights(base_ckpt)
     plan = plan_extract(ft_ckpt, base_ckpt, include=include, exclude=exclude)
+    _check_expert_options(plan, variant, use_rslora)
     size = ModelSize(sum(math.prod(info.shape) for info in base_ckpt.tensors.values()),
                      _factor_bytes_per_param(dtype, plan, base_ckpt))
     policy.check_size(size)  # fail before work
@@ -287,44 +419,11 @@ def extract(
                factor_dtype, carry)
 
     with staged_output(out_dir, overwrite=overwrite, inputs=[ft_ckpt.path, base_ckpt.path]) as staging_dir:
-        spill = _Spill(staging_dir / _SPILL_DIR)
-        results = []
-        total = sum(ft_ckpt.info(n).nbytes for p in plan.modules for n in p.tensors)
-        with tqdm(total=total, unit="B", unit_scale=True, desc="extract", disable=not progress,
-                  dynamic_ncols=True) as bar:
-            deltas = DeltaBuffer(math_device)
-            # The next module's tensors are read while this one's SVD runs; one module ahead keeps memory at a
-            # few tensors.
-            reads = ((module_plan, _read_module(run, module_plan)) for module_plan in plan.modules)
-            with prefetched(reads, depth=1) as modules:
-                for i, (module_plan, stored) in enumerate(modules):
-                    result = _extract_module(run, module_plan, stored, deltas)
-                    del stored
-                    if result.factorized is not None and result.factorized.fit.pending is not None:
-                        spill.put(result.factorized.module, result.factorized.fit.pending)
-                    results.append(result)
-                    bar.update(sum(ft_ckpt.info(n).nbytes for n in module_plan.tensors))
-                    bar.set_postfix_str(f"{i + 1}/{len(plan.modules)} modules", refresh=False)
-            factorized = [r.factorized for r in results if r.factorized is not None]
-            results.append(_extract_tied_bias(run, any(f.tied_head for f in factorized)))
-        finished, budget_summary = _finish_ranks(run, factorized, spill, size)
-        spill.remove()
-
-        rows, factors = [], []
-        for f in factorized:
-            if f.module in finished:
-                module_factors, metrics, seconds = finished[f.module]
-                seconds += f.seconds
-            else:
-                module_factors, metrics, seconds = f.fit.factors, f.fit.metrics, f.seconds
-            rows.append(ModuleReport(module=f.module, kind=f.kind.value, shape=f.shape, rank=module_factors.rank,
-                                     delta_norm=f.fit.delta_norm, seconds=seconds, note=f.note, **metrics))
-            factors.append(module_factors)
-            if f.tied_head is not None:
-                factors.append(_transposed_for_head(module_factors, f.tied_head))
+        results = _extract_modules(run, _Spill(staging_dir / _SPILL_DIR), progress)
+        rows, factors, budget_summary = _assemble(run, results, size)
         carried = [CarriedTensor(key, ft_ckpt.info(name).dtype, ft_ckpt.info(name).shape,
                                  lambda n=name: ft_ckpt.get(n))
-                   for r in results for name, key in r.fates.keys.items()]
+                   for r in results.modules for name, key in r.fates.keys.items()]
         if not factors and not carried:
             raise NothingToExtractError(
                 "the fine-tuned checkpoint is identical to its base"
@@ -338,27 +437,39 @@ def extract(
             "budget": budget, "avg_rank": avg_rank, "min_rank": min_rank, "max_rank": max_rank,
             "budget_weighting": budget_weighting if policy.defers else None, "dora": dora, "carry": carry,
         }
+        fates = [TensorFate(name, "only-in-base", "not in the fine-tuned checkpoint; left as in the base")
+                 for name in plan.only_in_base] + [fate for r in results.modules for fate in r.fates.fates]
+        notes = [note for r in results.modules for note in r.fates.notes]
+        spec_rank, spec_alpha, expert_layers = None, alpha, None
+        experts = conform_experts(factors, _linear_out_in(base_ckpt, plan), moe_family(plan.model_type), alpha,
+                                  use_rslora)
+        if experts is not None:
+            factors, spec_rank, spec_alpha = experts.factors, experts.rank, experts.alpha
+        if experts is not None or plan.claimed_by_peft:
+            expert_layers, expert_notes = _experts_summary(rows, fates, plan, base_ckpt,
+                                                           experts.zero_filled if experts else [])
+            notes += expert_notes
         report = ExtractReport(
             _input_name(finetuned, ft_ckpt), _input_name(base, base_ckpt), str(out_dir), options,
             finetuned_revision=ft_ckpt.source.commit_hash if ft_ckpt.source else None,
             base_revision=base_ckpt.source.commit_hash if base_ckpt.source else None,
             modules=rows,
-            tensors=[TensorFate(name, "only-in-base", "not in the fine-tuned checkpoint; left as in the base")
-                     for name in plan.only_in_base] + [fate for r in results for fate in r.fates.fates],
-            unchanged=sum(r.unchanged for r in results),
+            tensors=fates,
+            unchanged=sum(r.unchanged for r in results.modules),
             command=command_line(),
-            notes=[note for r in results for note in r.fates.notes],
+            notes=notes,
             budget=budget_summary,
+            experts=expert_layers,
             variant=variant,
         )
         spec = adapter_spec(
-            factors, carried, default_rank=rank if isinstance(rank, int) else 1, alpha=alpha,
+            factors, carried, default_rank=rank if isinstance(rank, int) else 1, alpha=spec_alpha, rank=spec_rank,
             use_rslora=use_rslora,
             variant_config=variant.config(),
             base_model_name_or_path=report.base,
             revision=report.base_revision,
             task_type=task_type_for((ft_ckpt.config or {}).get("architectures")),
-            modules_to_save=[p.module for p, r in zip(plan.modules, results) if r.fates.saves_module],
+            modules_to_save=[p.module for p, r in zip(plan.modules, results.modules) if r.fates.saves_module],
             ensure_weight_tying=plan.tied is not None and plan.tied.head == "lm_head"
             and any(f.module == "lm_head" for f in factors),
             target_modules=target_modules([f.module for f in factors],

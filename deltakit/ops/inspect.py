@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from deltakit.defaults import DEFAULT_INSPECT_RANKS
 from deltakit.ops import plots
-from deltakit.io.checkpoint import open_checkpoint
+from deltakit.io.checkpoint import open_checkpoint, refuse_unsupported_weights
 from deltakit.errors import InvalidOptionError, NothingToExtractError
 from deltakit.math.factorize import DeltaBuffer, SvdMethod, resolve_device, truncated_svd
 from deltakit.names import ModuleName
@@ -44,8 +45,6 @@ from deltakit.ops.report import command_line, format_bytes
 from deltakit.io.writer import refuse_overlap, staged_output, write_json
 
 REPORT_FILE = "report.json"
-# The ranks energy retained is reported at, by default.
-DEFAULT_RANKS = (8, 16, 32, 64, 128, 256)
 # The energy target of the suggested "energy" rank (extract's --energy).
 SUGGESTED_ENERGY = 0.9
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
@@ -233,7 +232,7 @@ def inspect(
     base: str | Path,
     out: str | Path | None = None,
     *,
-    ranks: tuple[int, ...] = DEFAULT_RANKS,
+    ranks: tuple[int, ...] = DEFAULT_INSPECT_RANKS,
     max_rank: int = DEFAULT_MAX_RANK,
     svd: SvdMethod = "auto",
     device: str = "auto",
@@ -274,6 +273,7 @@ def inspect(
     ranks = tuple(sorted(set(ranks)))
     math_device = resolve_device(device)
     ft_ckpt, base_ckpt = open_checkpoint(finetuned), open_checkpoint(base)
+    refuse_unsupported_weights(ft_ckpt), refuse_unsupported_weights(base_ckpt)
     if out is not None:  # before the measurement, not after it
         refuse_overlap(Path(out), [ft_ckpt.path, base_ckpt.path])
     plan = plan_extract(ft_ckpt, base_ckpt, include=include, exclude=exclude)

@@ -42,6 +42,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,15 +51,23 @@ from deltakit.adapters.layers import to_out_in
 from deltakit.adapters.peft_format import Adapter, parse_weights, read_adapter
 from deltakit.adapters.variants import BlockStep
 from deltakit.errors import CheckpointFormatError, InvalidOptionError, NonFiniteError, ReceiptMissingError, shorten
-from deltakit.io.checkpoint import Checkpoint, open_checkpoint
+from deltakit.io.checkpoint import Checkpoint, open_checkpoint, refuse_unsupported_weights
 from deltakit.io.dtypes import parse_dtype
-from deltakit.io.mirror import Transform, copy_other_files, write_index, write_mirror
+from deltakit.io.mirror import (
+    MirrorResult,
+    OtherFiles,
+    Transform,
+    copy_other_files,
+    mirror_order,
+    write_index,
+    write_mirror,
+)
 from deltakit.io.writer import refuse_overlap, staged_output
 from deltakit.math.factorize import resolve_device
 from deltakit.names import TensorName
 from deltakit.ops.plan import FactorStep, MergePlan, TensorJob, plan_merge
 from deltakit.ops.receipt import RECEIPT_DIR, Receipt, ReceiptWriter, read_receipt
-from deltakit.ops.report import MergeReport, command_line
+from deltakit.ops.report import MergeReport, TensorChange, command_line, own_error
 
 __all__ = ["RECEIPT_DIR", "MergeReport", "merge", "unmerge"]
 
@@ -160,37 +169,53 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _write(ckpt: Checkpoint, plan: MergePlan, transform: Transform, staging_dir: Path, report: MergeReport, *,
-           dtype: torch.dtype | None, device: torch.device, progress: bool) -> None:
+@dataclass
+class _Output:
+    """What was (or, in a dry run, would be) written besides the changed tensors."""
+
+    mirrored: MirrorResult
+    files: OtherFiles
+
+
+def _write(ckpt: Checkpoint, plan: MergePlan, transform: Transform, staging_dir: Path, *, operation: str,
+           dtype: torch.dtype | None, device: torch.device, progress: bool) -> _Output:
     """The output checkpoint: ``ckpt`` mirrored with ``transform`` applied to the planned tensors, its index and
     its other files."""
     with _one_cpu_thread(device):
         mirrored = write_mirror(ckpt, staging_dir, plan.jobs, transform, dtype=dtype, progress=progress,
-                                desc=report.operation)
-    report.unchanged, report.weight_files = mirrored.unchanged, mirrored.weight_files
-    report.bytes_written = mirrored.bytes_written
+                                desc=operation)
     write_index(ckpt, staging_dir, dtype)
-    files = copy_other_files(ckpt, staging_dir, dtype, replaced_dirs=(RECEIPT_DIR,))  # a base's receipt is stale
-    report.other_files, report.skipped_files = files.copied, files.skipped
+    # A base's own receipt is not copied: it describes the base, not this output.
+    return _Output(mirrored, copy_other_files(ckpt, staging_dir, dtype, replaced_dirs=(RECEIPT_DIR,)))
+
+
+def _dry_run(ckpt: Checkpoint, plan: MergePlan, out_dir: Path, inputs: list[Path],
+             out_dtype: torch.dtype | None) -> _Output:
+    """What a real run would check and report about its output, without writing it."""
+    refuse_overlap(out_dir, inputs)
+    mirrored = MirrorResult(len(ckpt) - len(plan.jobs), [f.name for f in ckpt.files])
+    return _Output(mirrored, copy_other_files(ckpt, None, out_dtype, replaced_dirs=(RECEIPT_DIR,)))
+
+
+def _report(operation: str, checkpoint: str | Path, adapters: list[str], weights: list[float], out_dir: Path,
+            changes: list[TensorChange], output: _Output, *, dry_run: bool, receipt: str, notes: list[str],
+            seconds: float = 0.0, adapter_errors: list[float | None] | None = None) -> MergeReport:
+    return MergeReport(
+        operation, str(checkpoint), adapters, weights, str(out_dir), dry_run=dry_run, changed=changes,
+        unchanged=output.mirrored.unchanged, weight_files=output.mirrored.weight_files,
+        other_files=output.files.copied, skipped_files=output.files.skipped, receipt=receipt,
+        bytes_written=output.mirrored.bytes_written, seconds=seconds, command=command_line(), notes=notes,
+        requantized=output.mirrored.requantized, adapter_errors=adapter_errors or [])
 
 
 def _open_inputs(checkpoint: str | Path, adapters: list[str | Path]) -> tuple[Checkpoint, list[Adapter]]:
     ckpt = open_checkpoint(checkpoint)
+    refuse_unsupported_weights(ckpt)
     legacy = [f.name for f in ckpt.files if f.suffix == ".bin"]
     if legacy:
         raise CheckpointFormatError(f"legacy weights ({shorten(legacy)}): merged output mirrors safetensors shards; "
                                     "convert the checkpoint to safetensors first", path=ckpt.path)
     return ckpt, [read_adapter(a) for a in adapters]
-
-
-def _dry_run(report: MergeReport, ckpt: Checkpoint, out_dir: Path, inputs: list[Path],
-             out_dtype: torch.dtype | None) -> None:
-    """What a real run would check and report about its output, without writing it."""
-    refuse_overlap(out_dir, inputs)
-    report.unchanged = len(ckpt) - len(report.changed)
-    report.weight_files = [f.name for f in ckpt.files]
-    files = copy_other_files(ckpt, None, out_dtype, replaced_dirs=(RECEIPT_DIR,))
-    report.other_files, report.skipped_files = files.copied, files.skipped
 
 
 def merge(
@@ -249,25 +274,27 @@ def merge(
     ckpt, opened = _open_inputs(base, adapters)
     inputs = [ckpt.path, *(a.path for a in opened)]
     plan = plan_merge(ckpt, opened, is_base=True)
-    report = MergeReport("merge", str(base), [str(a) for a in adapters], weights, str(out_dir), dry_run=dry_run,
-                         command=command_line(), notes=plan.notes)
-    report.changed = plan.changes(ckpt, reverse=False)
+    names, changes, notes = [str(a) for a in adapters], plan.changes(ckpt, reverse=False), list(plan.notes)
     if (ckpt.files[0].parent / RECEIPT_DIR).is_dir():
-        report.notes.append(f"the base holds the {RECEIPT_DIR}/ of an earlier merge; it is not carried over, so "
-                            "that merge can be undone only from the base as it is now")
+        notes.append(f"the base holds the {RECEIPT_DIR}/ of an earlier merge; it is not carried over, so that "
+                     "merge can be undone only from the base as it is now")
     if dry_run:
-        _dry_run(report, ckpt, out_dir, inputs, out_dtype)
+        output = _dry_run(ckpt, plan, out_dir, inputs, out_dtype)
         if out_dir.exists() and not overwrite:
-            report.notes.append(f"{out_dir} exists: a real run needs --overwrite")
-        return report
+            notes.append(f"{out_dir} exists: a real run needs --overwrite")
+        return _report("merge", base, names, weights, out_dir, changes, output, dry_run=True, receipt="",
+                       notes=notes)
 
     with staged_output(out_dir, overwrite=overwrite, inputs=inputs) as staging_dir:
-        with ReceiptWriter(staging_dir, ckpt, plan) as receipt:
-            _write(ckpt, plan, _Merge(plan, opened, weights, math_device, receipt), staging_dir, report,
-                   dtype=out_dtype, device=math_device, progress=progress)
-            report.receipt = receipt.finish(str(base), [str(a) for a in adapters], opened, weights, dtype)
-        report.seconds = time.perf_counter() - started
-    return report
+        with ReceiptWriter(staging_dir, ckpt, plan, mirror_order(ckpt, out_dtype)) as receipt:
+            output = _write(ckpt, plan, _Merge(plan, opened, weights, math_device, receipt), staging_dir,
+                            operation="merge", dtype=out_dtype, device=math_device, progress=progress)
+            receipt_line = receipt.finish(str(base), names, opened, weights, dtype)
+        seconds = time.perf_counter() - started
+    # Beside the requantization error of an FP8 merge, each adapter's own error (from its extract report).
+    own = [own_error(a.path) for a in opened] if output.mirrored.requantized else None
+    return _report("merge", base, names, weights, out_dir, changes, output, dry_run=False, receipt=receipt_line,
+                   notes=notes, seconds=seconds, adapter_errors=own)
 
 
 def unmerge(
@@ -333,16 +360,16 @@ def unmerge(
                 raise ReceiptMissingError(
                     f"adapter {adapter_names[needy[0].adapter]} {what}, and {receipt_state} matches these adapters; "
                     "only the receipt that merge writes can undo that", path=ckpt.path, tensor=job.tensor)
-    report = MergeReport("unmerge", str(merged), adapter_names, weights, str(out_dir), dry_run=dry_run,
-                         command=command_line(), notes=plan.notes)
-    report.changed = plan.changes(ckpt, reverse=True)
-    report.receipt = "used" if receipt is not None else f"none used ({receipt_state}); LoRA subtracted"
+    changes = plan.changes(ckpt, reverse=True)
+    receipt_line = "used" if receipt is not None else f"none used ({receipt_state}); LoRA subtracted"
     if dry_run:
-        _dry_run(report, ckpt, out_dir, inputs, out_dtype)
-        return report
+        output = _dry_run(ckpt, plan, out_dir, inputs, out_dtype)
+        return _report("unmerge", merged, adapter_names, weights, out_dir, changes, output, dry_run=True,
+                       receipt=receipt_line, notes=plan.notes)
 
     with staged_output(out_dir, overwrite=overwrite, inputs=inputs) as staging_dir:
-        _write(ckpt, plan, _Unmerge(plan, weights, math_device, receipt), staging_dir, report, dtype=out_dtype,
-               device=math_device, progress=progress)
-        report.seconds = time.perf_counter() - started
-    return report
+        output = _write(ckpt, plan, _Unmerge(plan, weights, math_device, receipt), staging_dir, operation="unmerge",
+                        dtype=out_dtype, device=math_device, progress=progress)
+        seconds = time.perf_counter() - started
+    return _report("unmerge", merged, adapter_names, weights, out_dir, changes, output, dry_run=False,
+                   receipt=receipt_line, notes=plan.notes, seconds=seconds)

@@ -24,6 +24,7 @@ from deltakit.adapters.layers import (
     transpose_embedding_factors,
     weight_kind,
 )
+from deltakit.adapters.moe import is_claimed_by_peft, moe_family
 from deltakit.adapters.peft_format import WEIGHTS_FILE, Adapter, ModuleFactors, check_supported
 from deltakit.adapters.variants import AdapterVariant, variant_of
 from deltakit.errors import (
@@ -59,6 +60,8 @@ class ExtractPlan:
     model_type: str | None
     tied: TiedHead | None  # an output head that shares the input embedding's weight
     parents: set[ModuleName]  # modules that own other modules (modules_to_save cannot take them)
+    # Linears PEFT's MoE conversion takes for experts (adapters/moe.py): not factorized, carried whole if changed.
+    claimed_by_peft: list[ModuleName] = field(default_factory=list)
 
 
 def _compile(patterns: list[str] | None, option: str) -> list[re.Pattern]:
@@ -98,6 +101,8 @@ def plan_extract(
     model_type = config.get("model_type")
     ft_infos, base_infos = finetuned.tensors, base.tensors
     tied = find_tied_head(ft_infos, config)
+    family = moe_family(model_type)
+    claimed: list[ModuleName] = []
 
     modules: dict[ModuleName, ModulePlan] = {}
     mismatches: list[str] = []
@@ -117,7 +122,9 @@ def plan_extract(
             else:
                 mismatches.append(f"{name} base {list(base_info.shape)} vs fine-tuned {list(info.shape)}")
             continue
-        if kind.is_factorizable and base_info is not None:
+        if kind.is_factorizable and base_info is not None and is_claimed_by_peft(module, family):
+            claimed.append(module)
+        elif kind.is_factorizable and base_info is not None:
             plan.weight, plan.kind = name, kind
         elif param == "bias":
             plan.bias = name
@@ -140,6 +147,7 @@ def plan_extract(
         model_type=model_type,
         tied=tied,
         parents=parents,
+        claimed_by_peft=claimed,
     )
 
 

@@ -53,11 +53,12 @@ class ReceiptWriter:
 
     As a context manager, an exception discards the tensors file (the staging directory goes anyway)."""
 
-    def __init__(self, out_dir: Path, ckpt: Checkpoint, plan: MergePlan) -> None:
+    def __init__(self, out_dir: Path, ckpt: Checkpoint, plan: MergePlan, order: list[TensorName]) -> None:
+        """``order``: the tensors in the order the merge meets them (:func:`~deltakit.io.mirror.mirror_order`)."""
         self.dir = out_dir / RECEIPT_DIR
         self.dir.mkdir()
-        self.specs = []  # in the order the merge produces them: checkpoint order, then step order
-        for name in ckpt:
+        self.specs = []  # in the order the merge produces them: ``order``, then step order
+        for name in order:
             job = plan.jobs.get(name)
             for step in job.steps if job else []:
                 if not isinstance(step, FactorStep):

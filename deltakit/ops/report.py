@@ -10,8 +10,14 @@ import shlex
 import sys
 from dataclasses import asdict, dataclass, field
 
+import json
+from pathlib import Path
+
 from deltakit.adapters.variants import LORA, AdapterVariant
+from deltakit.io.fp8 import Requantization
 from deltakit.names import ModuleName, TensorName
+
+EXTRACT_REPORT_FILE = "extract_report.json"  # beside the adapter; merge reads the adapter's own error from it
 
 
 @dataclass
@@ -56,6 +62,7 @@ class ExtractReport:
     command: str = ""
     notes: list[str] = field(default_factory=list)
     budget: dict | None = None  # under --budget/--avg-rank: asked, allowed, used, predicted error
+    experts: list[dict] | None = None  # mixture-of-experts layers: which experts changed, per-expert error
     variant: AdapterVariant = LORA  # what kind of adapter was written (not in the JSON: its options say)
 
     def fates(self, fate: str) -> list[TensorFate]:
@@ -110,6 +117,7 @@ class ExtractReport:
                 **self.error_summary(),
             },
             "budget": self.budget,
+            "experts": self.experts,
             "notes": self.notes,
             "modules": [asdict(m) for m in self.modules],
             "tensors": [asdict(t) for t in self.tensors],
@@ -135,6 +143,7 @@ class ExtractReport:
               if "total_relative_error" in s else []),
             f"  unchanged tensors  : {self.unchanged}",
             f"  wall time          : {self.seconds:.1f} s",
+            *[f"  experts            : {line}" for line in experts_lines(self.experts or [])],
         ]
         for fate, label in (("carried", "carried exactly"), ("dropped", "DROPPED"), ("only-in-base", "only in base")):
             items = self.fates(fate)
@@ -145,6 +154,25 @@ class ExtractReport:
                     lines.append(f"    ... {len(items) - 10} more in extract_report.json")
         lines += [f"  note: {n}" for n in self.notes]
         return lines
+
+
+def experts_lines(experts: list[dict]) -> list[str]:
+    """One line per MoE layer: the experts that changed (with their worst relative error) and those that did not."""
+    lines = []
+    for layer in experts:
+        errors = ", ".join(f"{e} ({err:.2g})" for e, err in layer["max_relative_error"].items())
+        lines.append(f"{layer['block']}: changed {len(layer['changed'])}/{layer['experts']} [{errors}]; unchanged "
+                     f"{layer['unchanged'] or 'none'}" + ("; router changed" if layer["router_changed"] else ""))
+    return lines
+
+
+def own_error(adapter_dir: Path) -> float | None:
+    """An adapter's worst relative error of ΔW, from the report extract wrote beside it (None if there is none)."""
+    try:
+        report = json.loads((Path(adapter_dir) / EXTRACT_REPORT_FILE).read_text(encoding="utf-8"))
+        return float(report["summary"]["max_relative_error"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def budget_text(budget: dict) -> str:
@@ -253,6 +281,8 @@ class MergeReport:
     seconds: float = 0.0
     command: str = ""
     notes: list[str] = field(default_factory=list)
+    requantized: list[Requantization] = field(default_factory=list)  # FP8 weights stored as FP8 again
+    adapter_errors: list[float | None] = field(default_factory=list)  # each adapter's own worst error, if known
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -283,6 +313,13 @@ class MergeReport:
             rate = self.bytes_written / self.seconds if self.seconds > 0 else 0.0
             lines.append(f"  written            : {format_bytes(self.bytes_written)} in {self.seconds:.1f} s "
                          f"({format_bytes(rate)}/s)")
+        if self.requantized:
+            worst = max(self.requantized, key=lambda r: r.relative_to_delta)
+            own = [e for e in self.adapter_errors if e is not None]
+            lines.append(f"  FP8 requantized    : {len(self.requantized)} weight(s); error ‖Q(W')−W'‖ worst "
+                         f"{worst.relative_to_delta:.4f} of ‖ΔW‖ ({worst.tensor}), "
+                         f"{max(r.relative_to_weight for r in self.requantized):.4f} of ‖W'‖"
+                         + (f"; the adapter's own error (extract report): worst {max(own):.4f} of ‖ΔW‖" if own else ""))
         lines += [f"  skipped: {s}" for s in self.skipped_files]
         lines += [f"  note: {n}" for n in self.notes]
         return lines

@@ -41,6 +41,7 @@ from deltakit.adapters.variants import LORA, variant_of
 from deltakit.errors import InvalidOptionError, TensorMismatchError, shorten
 from deltakit.names import ModuleName, PeftKey
 from deltakit.adapters.layers import WeightKind, parse_peft_key
+from deltakit.adapters.moe import conform_experts, moe_family_by_names
 from deltakit.math.lowrank import balanced_factors
 from deltakit.math.ranks import EnergyRank, FixedRank, rank_for_energy
 from deltakit.ops.report import command_line, format_bytes
@@ -272,8 +273,12 @@ def stack(
             if entry not in modules_to_save and adapter.saved:
                 modules_to_save.append(entry)
     first = opened[0].config
+    # Experts and routers need one rank for all, the config's (adapters/moe.py); every expert is already there.
+    experts = conform_experts(stacked, {}, moe_family_by_names(parts), None, False)
+    if experts is not None:
+        stacked = experts.factors
     spec = adapter_spec(
-        stacked, carried, default_rank=1,
+        stacked, carried, default_rank=1, rank=experts.rank if experts else None,
         variant_config=LORA.config(),
         base_model_name_or_path=first.get("base_model_name_or_path"),
         task_type=first.get("task_type"),

@@ -1,0 +1,13 @@
+"""Defaults and choices the CLI shows in its help, kept free of heavy imports so that ``--help`` loads no torch.
+
+The library reads them from here too (``math.ranks``, ``ops.inspect``, ``io.dtypes``): one definition each.
+"""
+
+DEFAULT_RANK = 16
+DEFAULT_MAX_RANK = 256
+DEFAULT_INSPECT_RANKS = (8, 16, 32, 64, 128, 256)  # inspect's energy-at-rank columns
+
+# What --dtype accepts: the float dtypes deltakit stores factors and merged weights in, by name, mapped to the
+# torch attribute (io.dtypes.DTYPES holds the torch dtypes).
+STORED_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+                 "bfloat16": "bfloat16", "bf16": "bfloat16"}

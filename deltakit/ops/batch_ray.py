@@ -1,0 +1,169 @@
+"""Run a batch on a Ray cluster: each job one Ray task, the jobs it reads from its task's arguments.
+
+The only module that imports ray (the ``ray`` extra); ``deltakit batch --executor ray`` imports it, nothing else
+does. Each task runs the same :func:`deltakit.ops.batch.run_after` as the local executor, so markers, resume,
+skips and errors are the same; what changes is where and how many at once:
+
+- A job's task takes the tasks of the jobs it reads from as arguments: Ray starts it once they have finished,
+  and runs independent jobs in parallel, as the cluster's resources allow (a job reserves its manifest's
+  ``num_cpus``, ``num_gpus`` and ``memory``; by default one CPU).
+- Each job runs in a fresh worker process (``max_calls=1``): it sees only the GPUs Ray reserved for it (a job
+  with none runs its math on the CPU, a job with one its SVD on that GPU), uses as many math threads as CPUs it
+  reserved, and gives its memory back to the node when it ends.
+- A worker that dies mid-job (killed, out of memory, its node lost) is retried by Ray, up to
+  :data:`MAX_RETRIES` times. The retry starts clean: the dead attempt's marker says ``running`` and its staging
+  directory (never the output, which is renamed in only when complete) is removed by the operation's
+  ``staged_output``. A job that fails for its own reasons returns a ``failed`` result; nothing raises, so
+  nothing is retried.
+- Every path in the manifest must mean the same file on this machine and on every worker: shared storage
+  mounted at the same path on all nodes, or Hub ids as inputs (each worker reads them through its own Hub
+  cache) and ``push`` for the outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from deltakit.errors import DeviceUnavailableError, InvalidOptionError
+from deltakit.ops.batch import JobResult, JobSpec, Progress, Step
+
+# Attempts after the first for a job whose worker died; a job's own errors are results, never retried.
+MAX_RETRIES = 3
+
+
+class RayExecutor:
+    """Each job one Ray task (see the module's docstring); an :class:`deltakit.ops.batch.Executor`."""
+
+    def __init__(self, address: str | None = None) -> None:
+        """Check that Ray is installed; connect only when the batch runs.
+
+        Args:
+            address: the cluster: ``auto`` (the one ``ray start`` runs on this machine), ``ray://HOST:PORT``
+                (Ray Client), or a GCS address; None starts Ray on this machine for the run (or uses
+                ``RAY_ADDRESS``, or the Ray this process already initialized).
+
+        Raises:
+            DeviceUnavailableError: Ray is not installed.
+        """
+        try:
+            import ray
+        except ModuleNotFoundError as e:
+            raise DeviceUnavailableError("--executor ray needs Ray, which is not installed; "
+                                         "pip install 'deltakit[ray]'") from e
+        self._ray = ray
+        self.address = address
+
+    def run(self, jobs: Sequence[JobSpec], step: Step, *, stop_on_failure: bool,
+            progress: Progress) -> list[JobResult]:
+        ray = self._ray
+        connected_here = not ray.is_initialized()
+        if connected_here:
+            self._connect()
+        try:
+            if connected_here and self.address is None:
+                _refuse_what_this_machine_lacks(jobs, ray.cluster_resources())
+            return _run_tasks(ray, jobs, step, stop_on_failure, progress)
+        finally:
+            if connected_here:
+                ray.shutdown()  # stops a Ray started here; only disconnects from a cluster
+
+    def _connect(self) -> None:
+        ray = self._ray
+        try:
+            if self.address is None:
+                ray.init(include_dashboard=False, logging_level=logging.WARNING)
+            else:
+                ray.init(address=self.address, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            where = f"at {self.address}" if self.address else "on this machine"
+            raise DeviceUnavailableError(f"--executor ray: cannot start or reach Ray {where} ({reason}); start a "
+                                         "cluster with `ray start --head`, or check --address") from e
+
+
+def _run_tasks(ray: Any, jobs: Sequence[JobSpec], step: Step, stop_on_failure: bool,
+               progress: Progress) -> list[JobResult]:
+    task = ray.remote(max_calls=1, max_retries=MAX_RETRIES, retry_exceptions=False)(_job_task)
+    refs: dict[int, Any] = {}
+    for job in jobs:  # each after the jobs it reads from, whose refs it takes
+        refs[job.index] = task.options(**_task_options(job)).remote(step, job, *(refs[i] for i in job.depends_on))
+    by_ref = {ref: job for job, ref in zip(jobs, refs.values())}
+    results: dict[int, JobResult] = {}
+    started: set[int] = set()
+    pending = list(refs.values())
+    try:
+        while True:
+            # "Running" from here: a job whose inputs are ready is running, or waiting for a free worker.
+            for job in jobs:
+                if job.index not in started and all(i in results for i in job.depends_on):
+                    started.add(job.index)
+                    progress.started(job)
+            if not pending:
+                break
+            [ready], pending = ray.wait(pending, num_returns=1)
+            job = by_ref[ready]
+            results[job.index] = _result(ray, ready, job, results)
+            progress.finished(results[job.index])
+            if stop_on_failure and results[job.index].status == "failed":
+                for ref in pending:  # not started: dropped; running: interrupted (staging removed) → "not run"
+                    ray.cancel(ref)
+                stop_on_failure = False
+    finally:
+        for ref in pending:  # a bug in a job, or Ctrl-C here: leave nothing running for a driver that is gone
+            ray.cancel(ref, force=True)
+    return [results[index] for index in sorted(results)]
+
+
+def _result(ray: Any, ref: Any, job: JobSpec, results: dict[int, JobResult]) -> JobResult:
+    """The job's result, or what its task's failure means for it."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.TaskCancelledError:
+        return JobResult(job.index, job.op, str(job.out), "not run")
+    except ray.exceptions.RayError as e:
+        # A job whose input task failed outright gets that failure as its own, without running.
+        unsuccessful = [i for i in job.depends_on if i not in results or results[i].status not in ("done", "skipped")]
+        if unsuccessful:
+            return JobResult(job.index, job.op, str(job.out), "blocked",
+                             error=f"needs the output of job {unsuccessful[0]}, which did not succeed")
+        if isinstance(e, ray.exceptions.RayTaskError):
+            raise  # a bug in deltakit: keep its traceback, as the local executor does
+        error = DeviceUnavailableError(f"the Ray worker running it died {MAX_RETRIES + 1} times "
+                                       f"({type(e).__name__}); see the Ray logs of its node", path=job.out)
+        return JobResult(job.index, job.op, str(job.out), "failed", error=str(error), exception=error)
+
+
+def _task_options(job: JobSpec) -> dict[str, Any]:
+    options: dict[str, Any] = {"name": f"deltakit {job.label}"}
+    for key, value in vars(job.resources).items():
+        if value is not None:
+            options[key] = value
+    return options
+
+
+def _job_task(step: Step, job: JobSpec, *dependencies: JobResult) -> JobResult:
+    """One job, in a worker process of its own."""
+    import ray
+
+    if not ray.get_gpu_ids():
+        # Ray leaves a task that reserved no GPU free to use every GPU of its node, other jobs' included. CUDA
+        # is not initialized yet in this fresh process, so hiding them here is enough: the job runs on the CPU.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    torch.set_num_threads(max(1, int(job.resources.num_cpus or 1)))
+    return step(job, dependencies)
+
+
+def _refuse_what_this_machine_lacks(jobs: Sequence[JobSpec], available: dict[str, float]) -> None:
+    """On a Ray started here (no autoscaler), a job asking for more than the machine has would wait for ever."""
+    names = {"num_cpus": "CPU", "num_gpus": "GPU", "memory": "memory"}
+    for job in jobs:
+        for key, value in vars(job.resources).items():
+            if value is not None and value > available.get(names[key], 0):
+                raise InvalidOptionError(f"{job.label}: {key} = {value} but this machine's Ray has "
+                                         f"{available.get(names[key], 0):g}; lower it, or run on a cluster "
+                                         "with --address")
