@@ -224,6 +224,14 @@ def _cli_step(name: str, cli_args: list[str], work: Path, inputs: list[Path], nb
     return Step(name, run.seconds, nbytes, _load(), run.anon_peak_bytes - run.anon_start_bytes, f"cold ({how})")
 
 
+class _Steps(list):
+    """The steps measured so far, each printed to stderr as it ends, so that a long run shows where it is."""
+
+    def append(self, step: Step) -> None:
+        super().append(step)
+        print(format_table([step])[-1], file=sys.stderr, flush=True)
+
+
 def format_table(steps: list[Step]) -> list[str]:
     lines = ["| step | wall s | GB/s | load avg | peak RssAnon above start | note |", "| --- | --- | --- | --- | --- | --- |"]
     for step in steps:
@@ -271,7 +279,8 @@ def main() -> None:
         print(f"pair of 2 x {model_bytes / 1e9:.2f} GB ({layers} layers, {len(files) // 2} shards each) ready in "
               f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
 
-        steps = [Step("import floor (median of 3)", import_floor(), load=_load(), note=_IMPORTS)]
+        steps = _Steps()
+        steps.append(Step("import floor (median of 3)", import_floor(), load=_load(), note=_IMPORTS))
         how = drop_page_cache(files)
         steps.append(Step("I/O floor, cold", read_floor(files), pair_bytes, _load(), note=f"both checkpoints; {how}"))
         fits = pair_bytes < 0.8 * _mem_available()
