@@ -17,7 +17,17 @@ from pathlib import Path
 
 import click
 
-from deltakit.defaults import DEFAULT_INSPECT_RANKS, DEFAULT_MAX_RANK, DEFAULT_RANK, STORED_DTYPES
+from deltakit.defaults import (
+    CALIB_SEQ_LEN,
+    CALIB_TOKENS,
+    DEFAULT_INSPECT_RANKS,
+    DEFAULT_MAX_RANK,
+    DEFAULT_RANK,
+    DEFAULT_WEIGHTING,
+    FACTOR_DTYPES,
+    STORED_DTYPES,
+    WEIGHTINGS,
+)
 from deltakit.errors import DeltakitError
 
 
@@ -86,6 +96,9 @@ _DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N."
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
 @click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
 @click.option("--dtype", type=click.Choice(sorted(STORED_DTYPES)), help="Dtype of the stored factors. [default: the base's]")
+@click.option("--factor-dtype", type=click.Choice(FACTOR_DTYPES),
+              help="How the factors are stored: int8 or float8_e4m3fn (8 bits, one scale per factor folded into "
+              "alpha_pattern), or a float dtype (as --dtype).")
 @click.option("--include", multiple=True, help="Regex on module names to include (repeatable).")
 @click.option("--exclude", multiple=True, help="Regex on module names to exclude (repeatable).")
 @click.option("--rank-pattern", "rank_patterns", multiple=True, metavar="REGEX=R",
@@ -100,12 +113,21 @@ _DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N."
 @click.option("--max-rank", type=click.IntRange(min=1),
               help=f"Cap of every module's rank with --energy, --budget, --avg-rank or --rank auto. [default: "
               f"{DEFAULT_MAX_RANK}]")
-@click.option("--budget-weighting", type=click.Choice(["absolute", "relative"]), default="absolute",
-              show_default=True, help="Minimise the total squared error of ΔW (absolute) or the sum of each "
-              "module's squared relative error (relative).")
+@click.option("--budget-weighting", type=click.Choice(list(WEIGHTINGS)), default=DEFAULT_WEIGHTING,
+              show_default=True, help="uniform: the largest uniform rank that fits; absolute: minimise the total "
+              "squared error of ΔW; relative: the sum of each module's squared relative error.")
 @click.option("--dora", is_flag=True, help="Extract a DoRA adapter (per-row magnitude + low-rank direction).")
+@click.option("--calib", metavar="SOURCE", help="Fit each module to its outputs on calibration text: a text file, "
+              "a .jsonl file (\"text\" fields), or 'self' (sampled from FINETUNED). Needs deltakit[calib].")
+@click.option("--calib-tokens", type=click.IntRange(min=2), default=CALIB_TOKENS, show_default=True,
+              help="Calibration tokens.")
+@click.option("--calib-seq-len", type=click.IntRange(min=2), default=CALIB_SEQ_LEN, show_default=True,
+              help="Length of each calibration sequence.")
 @click.option("--carry/--no-carry", default=True, show_default=True,
               help="Store changed biases, norms and heads exactly in the adapter, or drop them (reported).")
+@click.option("--for", "target", type=click.Choice(["peft", "vllm"]), default="peft", show_default=True,
+              help="Who loads the adapter. vllm: only what vLLM's loader accepts (norm changes folded into the "
+              "Linear layers reading them, one scaling for all modules, no modules_to_save/biases/DoRA).")
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 def extract_command(finetuned: str, base: str, out: str | None, rank_patterns: tuple[str, ...],
@@ -119,6 +141,8 @@ def extract_command(finetuned: str, base: str, out: str | None, rank_patterns: t
       deltakit extract ./llama-ft ./llama-base -r 16 -o ./llama-ft-lora-r16
       deltakit extract ft/ base/ --energy 0.9 --max-rank 128
       deltakit extract ft/ base/ --budget 50MB
+      deltakit extract ft/ base/ -r 16 --calib self
+      deltakit extract ft/ base/ -r 64 --for vllm -o ft-vllm-r64
     """
     from deltakit.math.ranks import parse_rank_pattern, rank_policy
     from deltakit.ops.extract import extract
@@ -217,6 +241,7 @@ def unmerge_command(merged: str, adapters: tuple[str, ...], weights: tuple[float
 @click.option("-r", "--rank", type=click.IntRange(min=1), help="Re-truncate every module to this rank (optimal).")
 @click.option("--energy", type=click.FloatRange(min=0, max=1, min_open=True),
               help="Re-truncate each module to the smallest rank keeping this fraction of its ||ΔW||².")
+@click.option("--base", help="The adapters' base: lets weights scale carried tensors, as BASE + w·(T − BASE).")
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No summary.")
 def stack_command(adapters: tuple[str, ...], weights: tuple[float, ...], quiet: bool, **options) -> None:
@@ -248,6 +273,12 @@ def stack_command(adapters: tuple[str, ...], weights: tuple[float, ...], quiet: 
 @click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
 @click.option("--include", multiple=True, help="Regex on module names to include (repeatable).")
 @click.option("--exclude", multiple=True, help="Regex on module names to exclude (repeatable).")
+@click.option("--calib", metavar="SOURCE", help="Also show each module's whitened spectrum on calibration text "
+              "(as extract --calib): a text file, a .jsonl file, or 'self'.")
+@click.option("--calib-tokens", type=click.IntRange(min=2), default=CALIB_TOKENS, show_default=True,
+              help="Calibration tokens.")
+@click.option("--calib-seq-len", type=click.IntRange(min=2), default=CALIB_SEQ_LEN, show_default=True,
+              help="Length of each calibration sequence.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout instead of the table.")
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")

@@ -72,6 +72,11 @@ class ReceiptMissingError(DeltakitError):
     """A DoRA (or replacing) adapter cannot be unmerged without the receipt that merge writes."""
 
 
+class ReceiptMismatchError(DeltakitError):
+    """A merge receipt that does not belong to the checkpoint and adapters given: altered, copied from another
+    merge, or naming other adapters. Unmerging with it would restore a wrong base."""
+
+
 class OutputExistsError(DeltakitError):
     """The output path exists and --overwrite was not given."""
 
@@ -90,6 +95,17 @@ class OutputWriteError(DeltakitError, OSError):
     Example: ``out/model-00002-of-00003.safetensors: cannot write: no space left on device; free some space
     or choose another --out``. The partial output is removed; earlier output under the final name is kept.
     """
+
+
+class CalibrationError(DeltakitError):
+    """Calibration input that cannot be used: a missing or empty text, a bad JSONL line, no tokenizer in the
+    fine-tuned checkpoint, an architecture the block-wise calibration pass does not support."""
+
+
+class ExtraMissingError(DeltakitError):
+    """A feature needs an optional extra that is not installed (e.g. ``--calib`` needs ``deltakit[calib]``)."""
+
+    exit_code = 3
 
 
 class FactorizationError(DeltakitError):

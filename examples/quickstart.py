@@ -141,7 +141,7 @@ def main() -> None:
             ("full fine-tune", accuracy(ft, TIMES), accuracy(ft, PLUS), "-", "-")]
     # Fixed ranks, then a global budget the size of a uniform rank-4 adapter, spent where ΔW needs it most.
     variants = [(f"LoRA r={rank}", f"r{rank}", {"rank": rank}) for rank in args.ranks]
-    variants.append(("budget = r=4 size", "avg4", {"avg_rank": 4}))
+    variants.append(("budget = r=4 size", "avg4", {"avg_rank": 4, "budget_weighting": "absolute"}))
     for label, tag, options in variants:
         adapter_dir = workdir / f"lora-{tag}"
         report = deltakit.extract(workdir / "finetuned", workdir / "base", adapter_dir, overwrite=True, **options)

@@ -69,6 +69,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -480,6 +481,65 @@ def signal_plus_noise(shape: tuple[int, int], rank: int, snr: float, sigma: floa
     theta = snr * edge * torch.linspace(2.0, 1.0, rank, dtype=torch.float64)
     return (u * theta) @ v.T + sigma * torch.randn(out, inp, generator=generator, dtype=torch.float64)
 
+
+
+def save_char_tokenizer(model_dir: Path) -> Path:
+    """Save a character-level tokenizer that fits the tiny models' 128-token vocabulary into ``model_dir``.
+
+    Ids: 0 ``<unk>`` (any character not below), 1 ``<s>`` (prepended to every text, like Llama's BOS), 2 ``</s>``,
+    3 newline, 4.. the printable ASCII characters (98 in all). Loads with ``AutoTokenizer.from_pretrained``.
+
+    Returns:
+        ``model_dir``.
+    """
+    import tokenizers
+    from tokenizers import Regex, models, pre_tokenizers, processors
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "\n": 3}
+    vocab.update({chr(code): 4 + i for i, code in enumerate(range(32, 127))})
+    tokenizer = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>")
+    fast.save_pretrained(model_dir)
+    return Path(model_dir)
+
+
+def make_perturbed_pair(root: Path, arch: str, changed: str, *, seed: int = 0, scale: float = 0.2,
+                        **config_overrides: object) -> ModelPair:
+    """A base (random init) and a "fine-tune" that differs from it only in the parameters whose names fullmatch
+    ``changed``: 1-D ones (norm scales) multiplied by ``1 + scale·N(0, 1)``, others given ``scale·std·N(0, 1)``.
+
+    For what a real fine-tune cannot isolate: e.g. a Qwen2 whose embeddings, head and biases stay as they were,
+    so that everything that changed is something a given adapter format can carry.
+
+    Args:
+        root: parent directory; ``root/base`` and ``root/finetuned`` must not exist yet.
+        arch: one of ``ARCHS``.
+        changed: regex on parameter names.
+        seed: initialisation seed (the perturbation uses ``seed + 1``).
+        scale: size of the perturbation.
+        **config_overrides: passed to ``tiny_config``.
+
+    Returns:
+        The pair (fp32, one file each).
+    """
+    root = Path(root)
+    model = build_model(arch, seed=seed, **config_overrides)
+    save_checkpoint(model, root / "base")
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not re.fullmatch(changed, name):
+                continue
+            noise = torch.randn(param.shape, generator=generator)
+            if param.dim() == 1:
+                param.mul_(1 + scale * noise)
+            else:
+                param.add_(scale * float(param.std()) * noise)
+    save_checkpoint(model, root / "finetuned")
+    return ModelPair(arch, root / "base", root / "finetuned", transformers.AutoConfig.from_pretrained(root / "base"))
 
 
 # --- mixture-of-experts ---------------------------------------------------------------------------------------------

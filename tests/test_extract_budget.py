@@ -12,6 +12,7 @@ from builders import low_rank_delta, write_safetensors_pair
 
 import deltakit
 from deltakit.errors import InvalidOptionError
+from deltakit.math.ranks import BudgetRanks, ModuleSpectrum
 
 SHAPES = {"layers.0.q_proj": (48, 32), "layers.0.up_proj": (64, 32), "layers.1.q_proj": (48, 32)}
 
@@ -29,7 +30,8 @@ def pair(tmp_path):
 
 def test_budget_is_spent_within_its_size_and_reported(pair, tmp_path):
     base_dir, ft_dir = pair
-    report = deltakit.extract(ft_dir, base_dir, tmp_path / "a", budget="2000params", svd="exact")
+    report = deltakit.extract(ft_dir, base_dir, tmp_path / "a", budget="2000params", svd="exact",
+                              budget_weighting="absolute")
     used = sum(m.rank * sum(m.shape) for m in report.modules)
     assert used <= 2000 and report.budget["params"] == 2000 and report.budget["params_used"] == used
     # The biggest delta gets the most rank.
@@ -56,7 +58,7 @@ def test_budget_in_bytes_counts_the_stored_dtype(pair, tmp_path):
 def test_avg_rank_matches_the_uniform_adapter_size(pair, tmp_path):
     base_dir, ft_dir = pair
     uniform = deltakit.extract(ft_dir, base_dir, tmp_path / "u", rank=2, svd="exact")
-    budget = deltakit.extract(ft_dir, base_dir, tmp_path / "b", avg_rank=2, svd="exact")
+    budget = deltakit.extract(ft_dir, base_dir, tmp_path / "b", avg_rank=2, svd="exact", budget_weighting="absolute")
     assert budget.budget["params"] == sum(m.rank * sum(m.shape) for m in uniform.modules)
     squared = [sum((m.relative_error * m.delta_norm) ** 2 for m in r.modules) for r in (uniform, budget)]
     assert squared[1] < squared[0]
@@ -107,3 +109,24 @@ def test_cli_budget_and_auto(pair, tmp_path):
     assert result.returncode == 2 and "give only one" in result.stderr
     result = run("-r", "many", "-o", str(tmp_path / "d"))
     assert result.returncode == 2 and "auto" in result.stderr
+
+
+def test_default_budget_weighting_is_the_largest_uniform_rank_that_fits(pair, tmp_path):
+    """Issue 14: neither spectrum weighting was never-worse than uniform rank on bench_quality.py, so the default
+    allocation is uniform rank at the size asked for."""
+    base_dir, ft_dir = pair
+    uniform = deltakit.extract(ft_dir, base_dir, tmp_path / "u", rank=3, svd="exact")
+    by_rank = deltakit.extract(ft_dir, base_dir, tmp_path / "r", avg_rank=3, svd="exact")
+    assert [m.rank for m in by_rank.modules] == [m.rank for m in uniform.modules]
+    assert by_rank.budget["weighting"] == "uniform"
+    size = sum(m.rank * sum(m.shape) for m in uniform.modules)
+    just_under = deltakit.extract(ft_dir, base_dir, tmp_path / "b", budget=f"{size - 1}params", svd="exact")
+    assert {m.rank for m in just_under.modules} == {2}  # rank 3 no longer fits everywhere
+
+
+def test_uniform_allocation_respects_caps_and_floors():
+    spectra = [ModuleSpectrum("a", (4, 100), torch.ones(4), 4.0), ModuleSpectrum("b", (50, 60), torch.ones(50), 50.0)]
+    # rank r costs min(r, 4)·104 + r·110: r = 10 costs 416 + 1100 = 1516
+    assert BudgetRanks(1516, weighting="uniform").allocate(spectra) == [4, 10]
+    assert BudgetRanks(1515, weighting="uniform").allocate(spectra) == [4, 9]
+    assert BudgetRanks(1515, min_rank=6, weighting="uniform").allocate(spectra) == [4, 9]

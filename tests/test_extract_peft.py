@@ -88,7 +88,7 @@ def test_low_rank_peft_output_equals_direct_application(pair_name, request, tmp_
     """alpha ≠ r and rsLoRA so that a wrong scaling anywhere shows."""
     pair = request.getfixturevalue(pair_name)
     deltakit.extract(pair.ft_dir, pair.base_dir, tmp_path / "adapter", rank=3, alpha=5.0, use_rslora=True,
-                     rank_pattern=[(r"mlp\..*", 5)])
+                     rank_pattern=[(r"(mlp|intermediate)\..*", 5)])  # every arch has such modules
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 3 and config["lora_alpha"] == 5.0 and config["use_rslora"] is True
     got = logits(_peft_model(pair, tmp_path / "adapter"), INPUT_IDS)
@@ -149,7 +149,8 @@ def test_bf16_sharded_checkpoint_extracts_and_loads(llama_pair_bf16_sharded, tmp
 def test_budget_adapter_loads_in_peft_with_its_per_module_ranks(pair_name, request, tmp_path):
     """A budget gives every module its own rank; rank_pattern must carry each one to PEFT, tied heads included."""
     pair = request.getfixturevalue(pair_name)
-    report = deltakit.extract(pair.ft_dir, pair.base_dir, tmp_path / "a", avg_rank=3, alpha=4.0)
+    report = deltakit.extract(pair.ft_dir, pair.base_dir, tmp_path / "a", avg_rank=3, alpha=4.0,
+                              budget_weighting="absolute")
     assert len({m.rank for m in report.modules}) > 1  # the allocation is not uniform on a real fine-tune
     model = _peft_model(pair, tmp_path / "a")
     for m in report.modules:

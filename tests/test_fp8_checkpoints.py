@@ -155,3 +155,21 @@ def test_scales_that_do_not_fit_the_block_size_are_a_one_line_error(fp8_pair, tm
     with pytest.raises(CheckpointFormatError, match=r"weight_block_size \[16, 16\] needs float32") as caught:
         deltakit.open_checkpoint(bad)
     assert "_scale_inv" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_fp8_mixture_of_experts_extracts_and_merges_expert_by_expert(mixtral_pair, tmp_path):
+    """DeepSeek-V3-like: every expert weight FP8 with its own block scales, the routers in bf16."""
+    pair = mixtral_pair
+    base_fp8 = quantize_checkpoint_fp8(pair.base_dir, tmp_path / "base_fp8", block=BLOCK)
+    ft_fp8 = quantize_checkpoint_fp8(pair.ft_dir, tmp_path / "ft_fp8", block=BLOCK)
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight_scale_inv" in load_file(base_fp8 / "model.safetensors")
+    report = deltakit.extract(ft_fp8, base_fp8, tmp_path / "a", rank=128, svd="exact", dtype="float32")
+    assert max(m.relative_error for m in report.modules) < 1e-5
+    # An expert the fine-tune left alone quantizes to the same codes: still seen as unchanged.
+    assert [(layer["changed"], layer["unchanged"]) for layer in report.experts] == [([0, 2, 3], [1])] * 2
+    merged = deltakit.merge(base_fp8, [tmp_path / "a"], tmp_path / "merged")
+    assert any(".experts." in r.tensor for r in merged.requantized)
+    got, want = _dequantized(tmp_path / "merged"), _dequantized(ft_fp8)
+    # A full-rank merge of the dequantized fine-tune, requantized: the fine-tune's own codes come back.
+    name = "model.layers.1.block_sparse_moe.experts.2.w1.weight"
+    assert (got[name] - want[name]).norm() / want[name].norm() < 1e-3

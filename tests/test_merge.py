@@ -29,6 +29,7 @@ from deltakit.errors import (
     InvalidOptionError,
     NonFiniteError,
     OutputExistsError,
+    ReceiptMismatchError,
     ReceiptMissingError,
     TensorMismatchError,
     TensorMissingError,
@@ -315,7 +316,7 @@ def test_unmerge_with_another_adapters_receipt_refuses_dora(llama_pair: ModelPai
     dora = _peft_adapter(llama_pair.base_dir, tmp_path / "dora", ["q_proj"], dora=True, rank=4, alpha=7, seed=1)
     other = _peft_adapter(llama_pair.base_dir, tmp_path / "other", ["q_proj"], dora=True, rank=4, alpha=7, seed=2)
     merge(llama_pair.base_dir, [dora], tmp_path / "merged")
-    with pytest.raises(ReceiptMissingError, match="other adapter"):
+    with pytest.raises(ReceiptMismatchError, match="was not merged into this checkpoint"):
         unmerge(tmp_path / "merged", [other], tmp_path / "unmerged")
     with pytest.raises(InvalidOptionError, match="receipt records weights"):
         unmerge(tmp_path / "merged", [dora], tmp_path / "unmerged", weights=[0.5])

@@ -59,6 +59,9 @@ def test_full_rank_moe_adapter_loads_in_peft_and_reproduces_the_finetune(pair_na
     assert len(unchanged) == 2 * 3 * 2 and not any(weights[k].any() for k in unchanged)
     assert [(layer["changed"], layer["unchanged"]) for layer in report.experts] == [([0, 2, 3], [1])] * 2
     assert all(e < 1e-5 for layer in report.experts for e in layer["max_relative_error"].values())
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "changed 3/4" in card and "unchanged [1]" in card
+    assert any("changed 3/4" in line for line in report.summary_lines())
     expected = logits(pair.ft_dir, INPUT_IDS)
     got = logits(_peft_model(pair, tmp_path / "a"), INPUT_IDS)
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)

@@ -419,7 +419,8 @@ def test_extract_with_a_budget_beats_uniform_rank_at_equal_size(tmp_path):
     base_dir, ft_dir = write_safetensors_pair(tmp_path, base, finetuned)
     uniform = deltakit.extract(ft_dir, base_dir, tmp_path / "uniform", rank=4, svd="exact")
     size = sum(m.rank * sum(m.shape) for m in uniform.modules)
-    budget = deltakit.extract(ft_dir, base_dir, tmp_path / "budget", budget=str(size), svd="exact")
+    budget = deltakit.extract(ft_dir, base_dir, tmp_path / "budget", budget=str(size), svd="exact",
+                              budget_weighting="absolute")
     assert sum(m.rank * sum(m.shape) for m in budget.modules) <= size
 
     def squared_error(report: deltakit.ExtractReport) -> float:

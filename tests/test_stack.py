@@ -142,7 +142,7 @@ def test_saved_modules_are_carried_from_one_adapter_and_conflicts_refused(llama_
 
     with pytest.raises(InvalidOptionError, match="different values"):
         stack([saving, other], tmp_path / "conflict", exact=True)
-    with pytest.raises(InvalidOptionError, match="cannot be scaled"):
+    with pytest.raises(InvalidOptionError, match="cannot scale without the base"):
         stack([saving, plain], tmp_path / "scaled", weights=[0.5, 1.0], exact=True)
     assert not (tmp_path / "conflict").exists() and not (tmp_path / "scaled").exists()
 

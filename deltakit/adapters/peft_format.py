@@ -25,6 +25,7 @@ from deltakit.io.hub import ResolvedRepo, local_path
 from deltakit.names import ModuleName, PeftKey, matches_peft_pattern
 from deltakit.adapters.layers import WeightKind, lora_keys, magnitude_key, module_pattern, parse_peft_key
 from deltakit.io.writer import SafetensorsWriter, write_json
+from deltakit.math.quantize import FactorCodec, product_distance
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -54,6 +55,37 @@ class ModuleFactors:
     def delta(self) -> torch.Tensor:
         """scaling · B @ A in fp32, (out, in)."""
         return self.scaling * (self.b.float() @ self.a.float())
+
+
+def encode_factors(factors: ModuleFactors, codec: FactorCodec) -> tuple[ModuleFactors, float]:
+    """The factors as ``codec`` stores them. An 8-bit codec's scales s_B·s_A multiply the module's ``lora_alpha``
+    (written to ``alpha_pattern``), so PEFT's scaling·B_q@A_q is the stored approximation of scaling·B@A and
+    PEFT loads the file as it is (it copies the stored values into its float parameters, exactly).
+
+    Returns:
+        The stored factors, and ‖ΔW_stored − ΔW‖_F: what the storage alone costs.
+    """
+    encoded = codec.encode(factors.b, factors.a)
+    error = abs(factors.scaling) * product_distance(factors.b, factors.a, encoded.b.float() * encoded.scale,
+                                                    encoded.a.float())
+    stored = ModuleFactors(factors.module, factors.kind, encoded.a, encoded.b, factors.alpha * encoded.scale,
+                           factors.scaling * encoded.scale, factors.magnitude)
+    return stored, error
+
+
+def loading_caveat(factor_dtype: torch.dtype) -> str | None:
+    """What a user must know to load factors of this dtype with PEFT, or None.
+
+    PEFT 0.21 copies stored tensors into its float LoRA parameters (``load_state_dict``), except with
+    ``low_cpu_mem_usage=True``, where it assigns them as they are and then casts only float parameters to the
+    base layer's dtype: integer factors stay integer, its forward casts the input to int8, and the outputs and
+    ``merge_and_unload`` are wrong without an error (checked by a test).
+    """
+    if factor_dtype.is_floating_point:
+        return None
+    return (f"factors are stored as {str(factor_dtype).removeprefix('torch.')}: load with PEFT's default "
+            "low_cpu_mem_usage=False; with low_cpu_mem_usage=True, PEFT 0.21 keeps them as integer parameters "
+            "and computes wrong outputs without an error (float8_e4m3fn factors load either way)")
 
 
 @dataclass

@@ -24,11 +24,13 @@ from pathlib import Path
 import torch
 
 from deltakit.adapters.layers import WeightKind
-from deltakit.adapters.peft_format import Adapter, AdapterModule, ModuleFactors, lora_scaling
-from deltakit.errors import AdapterFormatError
+from deltakit.adapters.peft_format import Adapter, AdapterModule, ModuleFactors, encode_factors, lora_scaling
+from deltakit.errors import AdapterFormatError, NonFiniteError
 from deltakit.math.dora import apply_dora, fit_magnitude, projection_scales, rescaling, row_norms, unapply_dora
 from deltakit.math.factorize import TruncatedSVD
-from deltakit.math.lowrank import SvdOptions, balanced_factors
+from deltakit.math.lowrank import SvdOptions, balanced_factors, stored_relative_error
+from deltakit.math.quantize import FactorCodec, FloatFactors
+from deltakit.math.values import all_finite
 from deltakit.names import ModuleName
 
 # DoRA's projected fit is tried where per-row rescaling of the base explains ≥ 10% of ‖ΔW‖² (see DoRA.fit).
@@ -43,6 +45,7 @@ class FitSettings:
     use_rslora: bool
     svd: SvdOptions
     device: torch.device
+    codec: FactorCodec | None = None  # 8-bit storage of the factors (--factor-dtype); None: cast to the dtype
 
 
 @dataclass
@@ -71,15 +74,29 @@ ChooseRank = Callable[[torch.Tensor, float], "int | None"]
 
 
 def factors_from_svd(svd: TruncatedSVD, rank: int, module: ModuleName, kind: WeightKind, dtype: torch.dtype,
-                     settings: FitSettings, row_scale: torch.Tensor | None = None) -> ModuleFactors:
+                     settings: FitSettings, row_scale: torch.Tensor | None = None) -> tuple[ModuleFactors, float]:
     """The leading ``rank`` triplets as stored factors, 1/scaling folded in, so scaling·B@A = ΔW_r (times
-    ``row_scale`` per output row, for DoRA's projected fit)."""
+    ``row_scale`` per output row, for DoRA's projected fit), in ``dtype`` or by ``settings.codec``.
+
+    Returns:
+        The stored factors, and ‖ΔW_stored − ΔW_r‖_F: the error of storing them."""
     alpha = float(settings.alpha if settings.alpha is not None else rank)
     scaling = lora_scaling(alpha, rank, settings.use_rslora)
     b, a = balanced_factors(svd.u[:, :rank], svd.s[:rank], svd.vh[:rank], scaling)  # (out, r), (r, in)
     if row_scale is not None:
         b = b * row_scale.to(b.device)[:, None]
-    return ModuleFactors(module, kind, a.to(dtype), b.to(dtype), alpha, scaling)
+    factors, storage_error = encode_factors(ModuleFactors(module, kind, a, b, alpha, scaling),
+                                            settings.codec or FloatFactors(dtype))
+    check_stored(module, factors.b.dtype, factors.a, factors.b)
+    return factors, storage_error
+
+
+def check_stored(module: ModuleName, dtype: torch.dtype, *stored: torch.Tensor) -> None:
+    """Raise NonFiniteError if what will be stored overflowed its dtype (fp16 ends at 65504): the check is on the
+    values as written, not on the fp32 values before the cast."""
+    if not all(all_finite(t) for t in stored):
+        raise NonFiniteError(f"its factors exceed the range of {str(dtype).removeprefix('torch.')} (NaN or Inf once "
+                             "stored); use --dtype bfloat16 or float32", tensor=module)
 
 
 class BlockStep:
@@ -140,6 +157,7 @@ class AdapterVariant:
     tied_head_refusal: str | None = None  # merge: the same, read from an adapter
     stack_refusal: str | None = None  # stack: sum with other adapters (``adapter X <refusal>``)
     expert_refusal: str | None = None  # extract: MoE experts and routers, which PEFT targets as fused parameters
+    compact_refusal: str | None = None  # extract: 8-bit factors (--factor-dtype int8, float8_e4m3fn)
 
     def config(self) -> dict[str, bool]:
         """The variant keys of ``adapter_config.json``: each variant's flag, True for this one."""
@@ -162,9 +180,13 @@ class AdapterVariant:
     def complete(self, svd: TruncatedSVD, rank: int, module: ModuleName, kind: WeightKind, dtype: torch.dtype,
                  settings: FitSettings) -> tuple[ModuleFactors, dict]:
         """Cut the factors of a rank decided from ``svd``'s spectrum."""
-        factors = factors_from_svd(svd, rank, module, kind, dtype, settings)
-        return factors, {"relative_error": svd.relative_error(rank), "energy_retained": svd.energy_retained(rank),
-                         "method": svd.method}
+        factors, storage_error = factors_from_svd(svd, rank, module, kind, dtype, settings)
+        delta_norm = math.sqrt(svd.total_energy)
+        # The error of what is stored: after rounding or 8-bit coding, not of the fp32 triplets (issue 10 item 20);
+        # the storage alone beside it (issue 14).
+        error = stored_relative_error(svd, rank, factors.b, factors.a, factors.scaling)
+        return factors, {"relative_error": error, "energy_retained": max(0.0, 1.0 - error**2), "method": svd.method,
+                         "quantization_error": storage_error / delta_norm if delta_norm > 0 else 0.0}
 
     def check_module(self, adapter: Adapter, entry: AdapterModule, out: int, where: Path) -> None:
         """Raise AdapterFormatError if a module's tensors are not this variant's."""
@@ -197,6 +219,8 @@ class DoraVariant(AdapterVariant):
     tied_embedding_refusal = "PEFT cannot tie DoRA magnitudes across the two; extract without --dora to keep it"
     tied_head_refusal = "a DoRA magnitude cannot be shared between the two"
     expert_refusal = "which reject DoRA"
+    compact_refusal = ("8-bit --factor-dtype with --dora is not supported: DoRA's magnitude is fitted to float "
+                       "factors; use --dtype or a float --factor-dtype with --dora")
     stack_refusal = ("is DoRA: its per-row rescaling of W0 + ΔW is not linear in ΔW, so DoRA adapters cannot be "
                      "stacked; merge them into the base instead")
 
@@ -220,9 +244,10 @@ class DoraVariant(AdapterVariant):
         rank = min(rank, len(plain.s))
         best: tuple[float, ModuleFactors, str] | None = None
         for svd, row_scale in fits:
-            factors = factors_from_svd(svd, rank, module, kind, dtype, settings, row_scale)
+            factors, _ = factors_from_svd(svd, rank, module, kind, dtype, settings, row_scale)
             lora_delta = factors.delta().to(settings.device)  # from the stored (rounded) factors: what PEFT sees
             factors.magnitude = fit_magnitude(base_m + lora_delta, ft_m).to(dtype)
+            check_stored(module, dtype, factors.magnitude)
             merged, _ = apply_dora(base_m, lora_delta, factors.magnitude.to(settings.device))
             error = float(torch.linalg.vector_norm(ft_m - merged, dtype=torch.float64)) ** 2
             if best is None or error < best[0]:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from deltakit.errors import CheckpointFormatError
+from deltakit.errors import CheckpointFormatError, NonFiniteError
 from deltakit.io.checkpoint import Checkpoint, SafetensorsHeader, TensorInfo, _readinto_exactly
 from deltakit.io.fp8 import Requantization, dequantize, requantize
 from deltakit.io.prefetch import prefetched
@@ -119,6 +119,9 @@ def write_mirror(ckpt: Checkpoint, staging_dir: Path, changed: Collection[Tensor
                     else:
                         result.unchanged += 1
                         value = stored.to(out_dtype(info, dtype))
+                        if not is_finite(value):
+                            raise NonFiniteError(f"has NaN or Inf once cast to {str(dtype).removeprefix('torch.')}"
+                                                 "; choose a wider --dtype", path=ckpt.path, tensor=name)
                     del stored
                     writes.submit(sink.write, name, value)
                 writes.submit(sink.close)  # syncs while the next shard is read and computed
@@ -147,6 +150,15 @@ def _read_ahead(infos: list[TensorInfo]) -> Iterator[torch.Tensor]:
     finally:
         if shard is not None:
             shard.close()
+
+
+def is_finite(tensor: torch.Tensor) -> bool:
+    """Whether a tensor about to be written holds no NaN or ±Inf. One fp32 sum decides almost always (a NaN or
+    Inf makes it non-finite); only a non-finite sum, which finite values near fp32's limit can also give, costs a
+    full element-wise check."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 def mirror_order(ckpt: Checkpoint, dtype: torch.dtype | None) -> list[TensorName]:

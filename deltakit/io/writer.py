@@ -446,6 +446,18 @@ def _no_room_message(code: int) -> str:
     return f"cannot write: {what}; {fix} or choose another --out"
 
 
+def check_output(final_path: Path, *, overwrite: bool, inputs: Sequence[Path] = ()) -> None:
+    """What :func:`staged_output` refuses on entry, for a caller that enters it only after long work: an output
+    that overlaps an input, or exists without ``overwrite``.
+
+    Raises:
+        InvalidOptionError, OutputExistsError: as :func:`staged_output`.
+    """
+    final_path = Path(os.path.abspath(final_path))
+    refuse_overlap(final_path, inputs)
+    _refuse_existing(final_path, overwrite)
+
+
 def refuse_overlap(final_path: Path, inputs: Sequence[Path]) -> None:
     """Raise InvalidOptionError if ``final_path`` is an input, lies inside one, or contains one."""
     # resolve() on both sides: a symlinked output or input must not hide that they are the same place.

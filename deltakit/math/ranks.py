@@ -24,12 +24,11 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
-from deltakit.defaults import DEFAULT_MAX_RANK, DEFAULT_RANK
+from deltakit.defaults import DEFAULT_MAX_RANK, DEFAULT_RANK, DEFAULT_WEIGHTING, WEIGHTINGS
 from deltakit.errors import InvalidOptionError
 from deltakit.names import ModuleName, matches_peft_pattern
 
-Weighting = Literal["absolute", "relative"]
-WEIGHTINGS: tuple[Weighting, ...] = ("absolute", "relative")
+Weighting = Literal["uniform", "absolute", "relative"]  # defaults.WEIGHTINGS; the default: defaults.DEFAULT_WEIGHTING
 
 
 
@@ -40,6 +39,8 @@ class ModelSize:
 
     params: int
     bytes_per_param: int
+    out_ins: tuple[tuple[int, int], ...] = ()  # (out, in) of every module that may be factorized, from headers
+    carried_bytes: int = 0  # of the tensors the adapter carries whole; a byte budget pays for them first
 
 
 class RankPolicy(Protocol):
@@ -343,7 +344,9 @@ class BudgetRanks:
         params: total adapter parameters allowed, Σ rank_i·(out_i + in_i).
         min_rank: every module gets at least this (or its cap, if smaller).
         max_rank: no module gets more; also how many triplets to compute per module.
-        weighting: ``absolute`` or ``relative`` (see above).
+        weighting: ``absolute`` or ``relative`` (see above), or ``uniform``: the same rank r in every module
+            (min(r, cap_i), at least the floor), the largest that fits; what uniform rank would store, at the size
+            asked for (the default: see :data:`DEFAULT_WEIGHTING`).
     """
 
     params: int
@@ -359,7 +362,7 @@ class BudgetRanks:
         if self.max_rank < self.min_rank:
             raise InvalidOptionError(f"max rank {self.max_rank} is below min rank {self.min_rank}")
         if self.weighting not in WEIGHTINGS:
-            raise InvalidOptionError(f"unknown budget weighting {self.weighting!r}; use absolute or relative")
+            raise InvalidOptionError(f"unknown budget weighting {self.weighting!r}; use {', '.join(WEIGHTINGS)}")
 
     def compute_rank(self, module: ModuleName, out_in: tuple[int, int]) -> int:
         return self.max_rank
@@ -384,7 +387,10 @@ class BudgetRanks:
         if floor_params > self.params:
             raise InvalidOptionError(
                 f"a budget of {self.params:,} parameters cannot pay for rank {self.min_rank} in each of the "
-                f"{len(spectra)} modules ({floor_params:,} parameters); raise the budget or lower --min-rank")
+                f"{len(spectra)} modules ({floor_params:,} parameters): give at least {floor_params}params"
+                + _lower_min_rank(self.min_rank))
+        if self.weighting == "uniform":
+            return _allocate_uniform(caps, floors, costs, self.params)
         gains = [_weighted_energies(spectrum, self.weighting)[floor:cap]
                  for spectrum, floor, cap in zip(spectra, floors, caps)]
         # Past what every remaining triplet costs, more budget changes nothing.
@@ -396,12 +402,27 @@ class BudgetRanks:
         return [f + e for f, e in zip(floors, extra)]
 
 
+def _lower_min_rank(min_rank: int) -> str:
+    return ", or lower --min-rank" if min_rank > 1 else ""
+
+
 def _weighted_energies(spectrum: ModuleSpectrum, weighting: Weighting) -> np.ndarray:
     """w·s_k² for each computed triplet: what keeping it takes off the objective."""
     energies = spectrum.s.detach().double().cpu().numpy() ** 2
     if weighting == "absolute":
         return energies
     return energies / spectrum.total_energy if spectrum.total_energy > 0 else np.zeros_like(energies)
+
+
+def _allocate_uniform(caps: list[int], floors: list[int], costs: list[int], params: int) -> list[int]:
+    """The largest rank r such that every module at min(r, its cap) (at least its floor) fits the budget."""
+    def ranks(r: int) -> list[int]:
+        return [max(floor, min(r, cap)) for floor, cap in zip(floors, caps)]
+
+    rank = max(floors, default=1)
+    while rank < max(caps, default=0) and sum(r * c for r, c in zip(ranks(rank + 1), costs)) <= params:
+        rank += 1
+    return ranks(rank)
 
 
 def _allocate_greedy(gains: list[np.ndarray], costs: list[int], budget: int) -> list[int]:
@@ -517,23 +538,26 @@ _PARAMS = re.compile(rf"{_NUMBER}\s*([kmb]?)\s*params?", re.IGNORECASE)
 _BUDGET_EXAMPLES = "e.g. 50MB, 1.5GiB, 2%, 3Mparams or 1200000 (parameters)"
 
 
-def parse_budget(text: str, *, model_params: int, bytes_per_param: int) -> int:
+def parse_budget(text: str, *, model_params: int, bytes_per_param: int, carried_bytes: int = 0) -> int:
     """``--budget``: a size for the adapter's factors, as a number of parameters.
 
     Accepted forms (one unambiguous spelling each; a unit-less number is always a parameter count):
 
-    - bytes of stored factors: ``50MB``, ``1.5GB``, ``200KiB`` (B, KB, MB, GB, TB are powers of 1000; KiB, MiB,
-      GiB, TiB of 1024; case does not matter), divided by ``bytes_per_param``;
+    - bytes of the adapter's tensors: ``50MB``, ``1.5GB``, ``200KiB`` (B, KB, MB, GB, TB are powers of 1000;
+      KiB, MiB, GiB, TiB of 1024; case does not matter): what the tensors carried whole leave, divided by
+      ``bytes_per_param``;
     - a share of the model: ``2%`` of ``model_params``;
     - a parameter count: ``1200000``, or with a suffix and the word ``params``: ``3Mparams``, ``500k params``,
       ``1.5Bparams`` (k = 10³, M = 10⁶, B = 10⁹). A bare ``3M`` is refused: megabytes or millions?
 
-    Only the factors (A and B) count; tensors carried whole (norms, biases, heads) and DoRA magnitudes do not.
+    A percentage or parameter count sizes only the factors (A and B); a size in bytes is the adapter's real size,
+    so the tensors carried whole (norms, biases, heads: ``carried_bytes``) take their share of it first.
 
     Args:
         text: the option value.
         model_params: the model's parameter count, for percentages.
-        bytes_per_param: bytes per stored factor element (2 for float16/bfloat16, 4 for float32).
+        bytes_per_param: bytes per stored factor element (1 at 8 bits, 2 for float16/bfloat16, 4 for float32).
+        carried_bytes: bytes of the tensors the adapter carries whole.
 
     Returns:
         The budget in parameters, rounded down, at least 1.
@@ -543,7 +567,11 @@ def parse_budget(text: str, *, model_params: int, bytes_per_param: int) -> int:
     """
     value = text.strip()
     if match := _BYTES.fullmatch(value):
-        params = float(match[1]) * _BYTE_UNITS[match[2].lower()] / bytes_per_param
+        size = float(match[1]) * _BYTE_UNITS[match[2].lower()]
+        if carried_bytes and size - carried_bytes < bytes_per_param:
+            raise InvalidOptionError(f"--budget {text!r} leaves no room for factors after the {carried_bytes:,} bytes "
+                                     "of tensors carried exactly (norms, biases, ...); raise it, or use --no-carry")
+        params = (size - carried_bytes) / bytes_per_param
     elif match := _PERCENT.fullmatch(value):
         share = float(match[1])
         if not 0.0 < share <= 100.0:
@@ -593,7 +621,7 @@ class Budget:
     avg_rank: float | None
     min_rank: int = 1
     max_rank: int = DEFAULT_MAX_RANK
-    weighting: Weighting = "absolute"
+    weighting: Weighting = DEFAULT_WEIGHTING
     label = "budget"
     defers = True
 
@@ -610,15 +638,25 @@ class Budget:
         return False
 
     def check_size(self, size: ModelSize) -> None:
-        if self.text is not None:
-            parse_budget(self.text, model_params=size.params, bytes_per_param=size.bytes_per_param)
+        """Refuse a budget that cannot pay for ``min_rank`` in every module that may be factorized (its floor),
+        saying the smallest that can; only the headers are known, so every such module is assumed to change."""
+        if self.text is None:
+            return
+        params = parse_budget(self.text, model_params=size.params, bytes_per_param=size.bytes_per_param)
+        floor = sum(min(self.min_rank, self.max_rank, *out_in) * sum(out_in) for out_in in size.out_ins)
+        if floor > params:
+            raise InvalidOptionError(
+                f"--budget {self.text} = {params:,} factor parameters cannot pay for rank {self.min_rank} in each of "
+                f"the {len(size.out_ins)} modules that may change ({floor:,} parameters): give at least "
+                f"{floor * size.bytes_per_param}B ({floor}params)" + _lower_min_rank(self.min_rank))
 
     def finish(self, spectra: list[ModuleSpectrum], size: ModelSize) -> tuple[list[int], dict | None]:
         out_ins = [s.out_in for s in spectra]
         if self.avg_rank is not None:
             params = budget_for_avg_rank(self.avg_rank, out_ins)
         else:
-            params = parse_budget(self.text, model_params=size.params, bytes_per_param=size.bytes_per_param)
+            params = parse_budget(self.text, model_params=size.params, bytes_per_param=size.bytes_per_param,
+                                  carried_bytes=size.carried_bytes)
         allocator = BudgetRanks(params, self.min_rank, self.max_rank, self.weighting)
         ranks = allocator.allocate(spectra) if spectra else []
         total = sum(s.total_energy for s in spectra)
@@ -628,6 +666,7 @@ class Budget:
             "params": params,
             "params_used": adapter_params(ranks, out_ins),
             "bytes_per_param": size.bytes_per_param,
+            "carried_bytes": size.carried_bytes,
             "weighting": self.weighting,
             "min_rank": self.min_rank,
             "max_rank": self.max_rank,
@@ -643,7 +682,7 @@ def rank_policy(
     max_rank: int | None = None,
     budget: str | None = None,
     avg_rank: float | None = None,
-    budget_weighting: Weighting = "absolute",
+    budget_weighting: Weighting = DEFAULT_WEIGHTING,
     min_rank: int | None = None,
 ) -> RankPolicy:
     """The policy extract's rank options describe: a fixed rank, ``auto`` (noise floor), an energy target, or a

@@ -19,10 +19,10 @@ A manifest is TOML (or JSON with the same structure)::
     out = "merged/ft"
 
 Option names are the operation's keyword arguments (the CLI's long names with ``_`` for ``-``; the CLI's
-``rslora`` is accepted for ``use_rslora``), checked against the function's signature and type hints before any
-job runs. Relative paths are relative to the manifest's folder. A job may read another job's ``out``: jobs run in
-manifest order, except that a job runs after the jobs whose outputs it reads (a circle is refused), and a job
-whose input this run rewrote is redone. No job's ``out`` may be, or lie inside, another's.
+``rslora`` is accepted for ``use_rslora``, ``for`` for ``target``), checked against the function's signature and
+type hints before any job runs. Relative paths are relative to the manifest's folder. A job may read another job's
+``out``: jobs run in manifest order, except that a job runs after the jobs whose outputs it reads (a circle is
+refused), and a job whose input this run rewrote is redone. No job's ``out`` may be, or lie inside, another's.
 
 A Hub input is pinned when its job starts: the operation gets ``org/name@<commit>`` and the commit is recorded.
 
@@ -107,7 +107,7 @@ _BATCH_CONTROLLED = {"progress", "dry_run"}
 # Keys of a job (or of the defaults) that belong to batch, not to the operation.
 _RESOURCE_KEYS = {"num_cpus", "num_gpus", "memory"}
 _BATCH_KEYS = {"push", "push_repo", "private"} | _RESOURCE_KEYS
-_ALIASES = {"ft": "finetuned", "rslora": "use_rslora"}
+_ALIASES = {"ft": "finetuned", "rslora": "use_rslora", "for": "target"}
 # Options whose manifest form differs from the keyword argument: the CLI's REGEX=RANK strings, and a single
 # string where the CLI repeats a flag.
 _CONVERTERS: dict[str, Callable[[Any], Any]] = {

@@ -15,6 +15,7 @@ from deltakit.adapters.variants import DeltaPair
 from deltakit.errors import NonFiniteError
 from deltakit.io.checkpoint import Checkpoint
 from deltakit.math.factorize import DeltaBuffer
+from deltakit.math.norm_fold import fold_into_consumer
 from deltakit.math.values import check_finite, same_values
 from deltakit.names import TensorName
 
@@ -41,15 +42,23 @@ def read_pair(finetuned: Checkpoint, base: Checkpoint, name: TensorName) -> Stor
 
 
 def delta_of(stored: StoredPair, kind: WeightKind, deltas: DeltaBuffer, *, keep_base: bool = False,
-             keep_finetuned: bool = False) -> DeltaPair | None:
+             keep_finetuned: bool = False, column_scale: torch.Tensor | None = None) -> DeltaPair | None:
     """ΔW = W_ft − W0 of one weight, fp32, (out, in), on the buffer's device, with ‖ΔW‖²; None if the two are
     equal. ΔW lives in ``deltas`` (valid until its next use); W0 and W_ft are converted only when asked for.
+
+    ``column_scale``: the g'/g of a changed norm this module reads, folded in first (ΔW = W_ft·diag(g'/g) − W0,
+    :mod:`deltakit.math.norm_fold`); W_ft then means the folded weight, and equal weights still have a ΔW. The
+    folded readers are Linear layers, stored (out, in), so the scale applies to the stored columns.
 
     Raises:
         NonFiniteError: either input holds NaN or Inf (naming it), or ΔW overflows float32.
     """
-    delta, energy = deltas.form(stored.finetuned, stored.base)
-    if energy == 0.0:  # every difference exactly 0: x − y = 0 only for x = y in IEEE arithmetic
+    finetuned = stored.finetuned
+    if column_scale is not None:
+        # A fp32 copy of W_ft with its columns scaled; the stored tensor is left as read.
+        finetuned = fold_into_consumer(finetuned.to(deltas.device, torch.float32, copy=True), column_scale)
+    delta, energy = deltas.form(finetuned, stored.base)
+    if energy == 0.0 and column_scale is None:  # every difference exactly 0: x − y = 0 only for x = y in IEEE
         return None
     if not math.isfinite(energy):
         stored.check_finite()  # names the input that holds the NaN or Inf
@@ -59,7 +68,20 @@ def delta_of(stored: StoredPair, kind: WeightKind, deltas: DeltaBuffer, *, keep_
         return to_out_in(weight.to(deltas.device, torch.float32), kind) if keep else None
 
     return DeltaPair(converted(stored.base, keep_base), to_out_in(delta, kind),
-                     converted(stored.finetuned, keep_finetuned), energy)
+                     converted(finetuned, keep_finetuned), energy)
+
+
+def norm_of(tensor: torch.Tensor) -> float:
+    """‖tensor‖_F, summed in fp64 over blocks of rows (any float dtype, FP8 included; no full-size fp64 copy)."""
+    if tensor.numel() == 0:
+        return 0.0
+    rows = tensor.reshape(tensor.shape[0], -1) if tensor.dim() > 1 else tensor.reshape(1, -1)
+    step = max(1, (1 << 20) // max(1, rows.shape[1]))
+    total = 0.0
+    for block in rows.split(step):
+        widened = block.to(torch.float64).reshape(-1)
+        total += float(torch.dot(widened, widened))
+    return total**0.5
 
 
 def is_changed(stored: StoredPair) -> bool:

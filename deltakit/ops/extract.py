@@ -15,7 +15,7 @@ import math
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -31,7 +31,16 @@ from deltakit.adapters.layers import (
     weight_kind,
 )
 from deltakit.adapters.moe import conform_experts, expert_summary, moe_family, moe_weight
-from deltakit.adapters.peft_format import CarriedTensor, ModuleFactors, adapter_spec, task_type_for, write_adapter
+from deltakit.adapters.output_aware import OutputAwareLora
+from deltakit.adapters.peft_format import (
+    CarriedTensor,
+    ModuleFactors,
+    adapter_spec,
+    loading_caveat,
+    task_type_for,
+    write_adapter,
+)
+from deltakit.adapters.profiles import ExportProfile, Target, export_profile
 from deltakit.adapters.variants import DORA, LORA, AdapterVariant, Fit, FitSettings
 from deltakit.errors import InvalidOptionError, NothingToExtractError, shorten
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint, refuse_unsupported_weights
@@ -40,10 +49,23 @@ from deltakit.io.prefetch import prefetched
 from deltakit.io.writer import save_tensors, staged_output, write_json, write_text
 from deltakit.math.factorize import DeltaBuffer, SvdMethod, TruncatedSVD, resolve_device
 from deltakit.math.lowrank import SvdOptions
+from deltakit.math.norm_fold import NotFoldableError, change_norms, scale_ratio
+from deltakit.math.quantize import FactorCodec, factor_codec
+from deltakit.defaults import DEFAULT_WEIGHTING
 from deltakit.math.ranks import DEFAULT_RANK, ModelSize, ModuleSpectrum, RankPolicy, Weighting, rank_policy
-from deltakit.names import ModuleName, TensorName, split_tensor_name
-from deltakit.ops.delta import StoredPair, delta_of, is_changed, read_pair
-from deltakit.ops.plan import ExtractPlan, ModuleFates, ModulePlan, module_fates, plan_extract, tied_bias_fates
+from deltakit.names import ModuleName, TensorName, matches_peft_pattern, split_tensor_name
+from deltakit.ops.calibrate import CALIB_SEQ_LEN, CALIB_TOKENS, calibrate, check_calibration
+from deltakit.ops.delta import StoredPair, delta_of, is_changed, norm_of, read_pair
+from deltakit.ops.plan import (
+    ExtractPlan,
+    ModuleFates,
+    ModulePlan,
+    NormFold,
+    module_fates,
+    plan_extract,
+    plan_norm_folds,
+    tied_bias_fates,
+)
 from deltakit.ops.report import (
     EXTRACT_REPORT_FILE,
     ExtractReport,
@@ -55,6 +77,34 @@ from deltakit.ops.report import (
 
 REPORT_FILE = EXTRACT_REPORT_FILE
 _SPILL_DIR = ".svd-spill"  # inside the staging directory, removed before it is renamed into place
+_CALIB_DIR = ".calib-moments"  # likewise: the input moments of --calib, one file per block
+
+
+@dataclass
+class _Folds:
+    """The norms whose scale change goes into the modules reading them (the profile's choice, the plan's check,
+    and the values: a changed norm whose base scale can be divided by)."""
+
+    ratios: dict[ModuleName, torch.Tensor] = field(default_factory=dict)  # reader → g'/g of the norm it reads
+    folded: dict[TensorName, NormFold] = field(default_factory=dict)  # norm weight → its fold
+    unfoldable: dict[TensorName, str] = field(default_factory=dict)  # norm weight → why its change cannot fold
+
+
+def _read_folds(finetuned: Checkpoint, base: Checkpoint, folds: list[NormFold],
+                unfoldable: dict[TensorName, str]) -> _Folds:
+    """Each foldable norm's g'/g (two small 1-D reads per norm), for its readers."""
+    result = _Folds(unfoldable=dict(unfoldable))
+    for fold in folds:
+        if not is_changed(read_pair(finetuned, base, fold.weight)):
+            continue
+        try:
+            ratio = scale_ratio(base.get(fold.weight), finetuned.get(fold.weight))
+        except NotFoldableError as e:
+            result.unfoldable[fold.weight] = str(e)
+            continue
+        result.ratios.update(dict.fromkeys(fold.readers, ratio))
+        result.folded[fold.weight] = fold
+    return result
 
 
 @dataclass(frozen=True)
@@ -69,6 +119,8 @@ class _Run:
     fit: FitSettings
     dtype: torch.dtype | None  # of the stored factors; None: the base tensor's
     carry: bool
+    profile: ExportProfile
+    folds: _Folds
 
 
 @dataclass(frozen=True)
@@ -93,6 +145,7 @@ class _Factorized:
     fit: Fit  # without ``pending`` once spilled
     seconds: float
     note: str | None  # e.g. a clamped rank
+    base_norm: float  # ‖W0‖, to tell a fine-tune from an unrelated model
     tied_head: ModuleName | None = None  # a tied output head that gets these factors too, transposed
     spilled: _Spilled | None = None
 
@@ -115,8 +168,11 @@ def _read_module(run: _Run, module: ModulePlan) -> dict[TensorName, StoredPair]:
 def _fit_weight(run: _Run, module: ModulePlan, stored: StoredPair, deltas: DeltaBuffer) -> _Factorized | None:
     """Fit the module's weight; None if it did not change."""
     started = time.perf_counter()
+    column_scale = run.folds.ratios.get(module.module)  # a changed norm feeds this module: its ΔW takes the change
     needs_weights = run.variant.needs_weights
-    pair = delta_of(stored, module.kind, deltas, keep_base=needs_weights, keep_finetuned=needs_weights)
+    pair = delta_of(stored, module.kind, deltas, keep_base=needs_weights, keep_finetuned=needs_weights,
+                    column_scale=column_scale)
+    base_norm = norm_of(stored.base) if pair is not None else 0.0
     del stored  # the caller no longer holds it: the stored pair is freed before the SVD
     if pair is None:
         return None
@@ -125,25 +181,44 @@ def _fit_weight(run: _Run, module: ModulePlan, stored: StoredPair, deltas: Delta
     wanted = run.policy.compute_rank(module.module, out_in)
     note = (f"rank {wanted} > min(out, in) = {min(out_in)}: clamped"
             if run.policy.is_requested(module.module) and wanted > min(out_in) else None)
+    if column_scale is not None:
+        note = "; ".join(filter(None, [note, "ΔW includes the scale change of the norm it reads"]))
     dtype = run.dtype or run.base.info(module.weight).dtype
     fit = run.variant.fit(pair, min(wanted, min(out_in)),
                           lambda s, total: run.policy.choose(module.module, s, total, out_in),
                           module.module, module.kind, dtype, run.fit)
-    return _Factorized(module.module, module.kind, shape, dtype, fit, time.perf_counter() - started, note)
+    return _Factorized(module.module, module.kind, shape, dtype, fit, time.perf_counter() - started, note, base_norm)
+
+
+def _measured(run: _Run, fate: TensorFate) -> TensorFate:
+    """A dropped or folded tensor with the size of its change: what leaving it out of the factors costs."""
+    name = fate.tensor
+    if name not in run.base or run.base.info(name).shape != run.finetuned.info(name).shape:
+        return fate
+    change, scale = change_norms(run.base.get(name), run.finetuned.get(name))
+    return replace(fate, change_norm=change, relative_change=change / scale if scale > 0 else None)
 
 
 def _extract_module(run: _Run, module: ModulePlan, stored: dict[TensorName, StoredPair],
                     deltas: DeltaBuffer) -> _ModuleResult:
-    """Fit the module's weight and decide what becomes of its other changed tensors. ``stored``: the module's
-    tensors as :func:`_read_module` read them; the weight's pair is taken out of it (and freed) once ΔW is formed.
+    """Fit the module's weight (unless the profile's reader cannot take LoRA on it), report the norms folded into
+    other modules, and decide what becomes of its other changed tensors. ``stored``: the module's tensors as
+    :func:`_read_module` read them; the weight's pair is taken out of it (and freed) once ΔW is formed.
     ``deltas``: where ΔW is formed."""
     factorized = None
     compared = set(module.new_in_finetuned) | set(module.resized)
     fates = ModuleFates()
     tied = run.plan.tied if run.plan.tied and run.plan.tied.embedding == module.module else None
+    # Why a changed tensor that the profile cannot carry was not factorized or folded either.
+    reasons = {n: f"vocabulary resized {before[0]} → {after[0]}" for n, (before, after) in module.resized.items()}
+    reasons.update((n, f"not folded: {why}") for n, why in run.folds.unfoldable.items() if n in module.tensors)
+    refusal = (run.profile.lora_refusal(module.module, module.kind)
+               if module.weight is not None and module.is_selected else None)
     if tied is not None and run.variant.tied_embedding_refusal and module.weight is not None:
         fates.drop([module.weight], f"input embedding tied to {tied.head}: {run.variant.tied_embedding_refusal}")
         compared.add(module.weight)
+    elif refusal is not None:
+        reasons[module.weight] = refusal  # left to the rules for changed tensors that are not factorized
     elif module.weight is not None and module.is_selected:
         factorized = _fit_weight(run, module, stored.pop(module.weight), deltas)
         compared.add(module.weight)
@@ -153,14 +228,21 @@ def _extract_module(run: _Run, module: ModulePlan, stored: dict[TensorName, Stor
             factorized.tied_head = tied.head
             fates.notes.append(f"{tied.head} is tied to {tied.embedding}: the embedding's factors are stored for "
                                "it too, transposed")
+    folded = [n for n in module.tensors if n in run.folds.folded]
+    for name in folded:
+        readers = ", ".join(r.rpartition(".")[2] for r in run.folds.folded[name].readers)
+        fates.fates.append(TensorFate(name, "folded", f"scale change folded into {readers}"))
+    compared.update(folded)
     changed = [n for n in module.tensors if n not in compared and is_changed(stored[n])]
     changed += module.new_in_finetuned + list(module.resized)
-    rest = module_fates(run.plan, module, changed, factorized=factorized is not None, carry=run.carry)
-    fates.fates += rest.fates
+    rest = module_fates(run.plan, module, changed, factorized=factorized is not None, carry=run.carry,
+                        profile=run.profile, reasons=reasons)
+    fates.fates = [_measured(run, f) if f.fate in ("dropped", "folded") else f for f in fates.fates + rest.fates]
     fates.keys.update(rest.keys)
     fates.saves_module = rest.saves_module
     fates.notes += rest.notes
-    return _ModuleResult(factorized, fates, len(module.tensors) - (factorized is not None) - len(changed))
+    handled = (factorized is not None) + len(folded) + len(changed)
+    return _ModuleResult(factorized, fates, len(module.tensors) - handled)
 
 
 def _extract_tied_bias(run: _Run, head_factorized: bool) -> _ModuleResult:
@@ -168,7 +250,9 @@ def _extract_tied_bias(run: _Run, head_factorized: bool) -> _ModuleResult:
     tied = run.plan.tied
     if tied is None or tied.bias is None or not is_changed(read_pair(run.finetuned, run.base, tied.bias)):
         return _ModuleResult(None, ModuleFates(), int(tied is not None and tied.bias is not None))
-    return _ModuleResult(None, tied_bias_fates(tied, head_factorized=head_factorized, carry=run.carry), 0)
+    fates = tied_bias_fates(tied, head_factorized=head_factorized, carry=run.carry, profile=run.profile)
+    fates.fates = [_measured(run, f) if f.fate == "dropped" else f for f in fates.fates]
+    return _ModuleResult(None, fates, 0)
 
 
 class _Spill:
@@ -237,7 +321,9 @@ def _extract_modules(run: _Run, spill: _Spill, progress: bool) -> _Results:
 def _assemble(run: _Run, results: _Results, size: ModelSize) -> tuple[list[ModuleReport], list[ModuleFactors],
                                                                        dict | None]:
     """Phase 2, then every module's report row and factors (a tied head's after its embedding's), in plan
-    order, and the rank policy's part of the report."""
+    order, and the rank policy's part of the report. A byte budget pays for the carried tensors first."""
+    carried = [run.finetuned.info(name).nbytes for r in results.modules for name in r.fates.keys]
+    size = replace(size, carried_bytes=sum(carried))
     finished, summary = _finish_ranks(run, results.factorized, results.spill, size)
     results.spill.remove()
     rows, factors = [], []
@@ -276,15 +362,41 @@ def _transposed_for_head(embedding: ModuleFactors, head: ModuleName) -> ModuleFa
     return ModuleFactors(head, WeightKind.LINEAR, a, b, embedding.alpha, embedding.scaling)
 
 
-def _factor_bytes_per_param(dtype: str | None, plan: ExtractPlan, base: Checkpoint) -> int:
-    """Bytes per stored factor element: the --dtype asked for, else the commonest dtype of the weights."""
+def _factor_bytes_per_param(dtype: str | None, codec: FactorCodec | None, plan: ExtractPlan,
+                            base: Checkpoint) -> int:
+    """Bytes per stored factor element: the --factor-dtype or --dtype asked for, else the commonest dtype of the
+    weights."""
+    if codec is not None:
+        return codec.itemsize
     if dtype is not None:
         return DTYPES[dtype].itemsize
     dtypes = Counter(base.info(p.weight).dtype for p in plan.modules if p.weight is not None and p.weight in base)
     return dtypes.most_common(1)[0][0].itemsize if dtypes else 4
 
 
-def _check_expert_options(plan: ExtractPlan, variant: AdapterVariant, use_rslora: bool) -> None:
+def _check_rank_patterns(rank_pattern: list[tuple[str, int]] | None, plan: ExtractPlan) -> None:
+    """A --rank-pattern that matches no module that can be factorized is a typo: refused before any math."""
+    modules = [m.module for m in plan.modules if m.weight is not None and m.is_selected]
+    for pattern, _ in rank_pattern or []:
+        if not any(matches_peft_pattern(pattern, module) for module in modules):
+            example = f" (module names look like {modules[0]})" if modules else ""
+            raise InvalidOptionError(f"--rank-pattern {pattern!r} matches no module that would be factorized"
+                                     f"{example}")
+
+
+def _unrelated_note(factorized: list[_Factorized]) -> list[str]:
+    """A fine-tune moves its weights a little; a ΔW as large as the weights means another model (or the two
+    swapped for a much-changed one): worth a line in the summary, not a refusal."""
+    delta = sum(f.fit.delta_norm ** 2 for f in factorized)
+    base = sum(f.base_norm ** 2 for f in factorized)
+    if base == 0 or delta < 0.25 * base:
+        return []
+    return [f"‖ΔW‖ is {(delta / base) ** 0.5:.0%} of ‖W0‖ over the factorized weights: FINETUNED and BASE look "
+            "nearly unrelated (or swapped); is BASE the model FINETUNED was fine-tuned from?"]
+
+
+def _check_expert_options(plan: ExtractPlan, variant: AdapterVariant, use_rslora: bool,
+                          codec: FactorCodec | None) -> None:
     """Refuse, from the headers, what PEFT cannot load for expert and router weights (adapters/moe.py)."""
     family = moe_family(plan.model_type)
     experts = [p.module for p in plan.modules
@@ -295,6 +407,8 @@ def _check_expert_options(plan: ExtractPlan, variant: AdapterVariant, use_rslora
         option, why = f"--{variant.name}", variant.expert_refusal
     elif use_rslora:
         option, why = "--use-rslora", "with lora_alpha doubled for the fused gate/up, which changes rsLoRA's scaling by √2"
+    elif codec is not None:
+        option, why = "--factor-dtype", "with one alpha for all experts, where each expert's 8-bit scales need their own"
     else:
         return
     raise InvalidOptionError(
@@ -347,6 +461,7 @@ def extract(
     seed: int = 0,
     device: str = "auto",
     dtype: str | None = None,
+    factor_dtype: str | None = None,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     rank_pattern: list[tuple[str, int]] | None = None,
@@ -355,9 +470,13 @@ def extract(
     avg_rank: float | None = None,
     min_rank: int | None = None,
     max_rank: int | None = None,
-    budget_weighting: Weighting = "absolute",
+    budget_weighting: Weighting = DEFAULT_WEIGHTING,
     dora: bool = False,
+    calib: str | Path | None = None,
+    calib_tokens: int = CALIB_TOKENS,
+    calib_seq_len: int = CALIB_SEQ_LEN,
     carry: bool = True,
+    target: Target = "peft",
     overwrite: bool = False,
     progress: bool = False,
 ) -> ExtractReport:
@@ -373,6 +492,10 @@ def extract(
         svd: ``exact``, ``randomized`` or ``auto``; ``oversample``/``niter``/``seed`` tune the randomized route.
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:i``: where the SVD runs.
         dtype: dtype of the stored factors (``float32``, ``float16``, ``bfloat16``); default: the base's.
+        factor_dtype: how the factors are stored: ``int8`` or ``float8_e4m3fn`` (8 bits per element, one scale
+            per factor folded into the module's ``alpha_pattern``: half a bf16 adapter's bytes at the same rank;
+            see :mod:`deltakit.math.quantize`), or ``bfloat16``/``float16``/``float32`` (as ``dtype``). A byte
+            ``budget`` buys ranks at this width. Not with ``dtype``, nor 8 bits with ``dora``.
         include, exclude: regexes (``re.search``) on module names selecting what goes into the adapter.
         rank_pattern: (regex, rank) overrides, matched the way PEFT matches ``rank_pattern`` keys.
         energy: keep the smallest rank holding this fraction of ‖ΔW‖², at most ``max_rank`` (default :data:`~deltakit.math.ranks.DEFAULT_MAX_RANK`).
@@ -383,11 +506,22 @@ def extract(
         avg_rank: a budget equal to the size of a uniform adapter of this rank over the changed modules.
         min_rank, max_rank: bounds of every module's rank under a budget; ``max_rank`` also caps ``energy`` and
             ``rank="auto"``.
-        budget_weighting: ``absolute`` (total squared error of ΔW) or ``relative`` (sum of each module's squared
-            relative error).
+        budget_weighting: ``uniform`` (the default: the largest uniform rank that fits the budget), ``absolute``
+            (minimise the total squared error of ΔW) or ``relative`` (the sum of each module's squared relative
+            error). The default is the one that was never worse than uniform rank on benchmarks/bench_quality.py;
+            the others are options (measurements in the README).
         dora: extract a DoRA adapter (magnitude + low-rank direction, PEFT's ``use_dora``) instead of LoRA.
+        calib: fit each module to its outputs instead of its weights (:mod:`deltakit.adapters.output_aware`):
+            a text file, a JSONL file (``"text"`` fields), or ``"self"`` (sequences sampled from the fine-tuned
+            model); the inputs are collected block by block (:mod:`deltakit.ops.calibrate`). Needs the ``calib``
+            extra (transformers).
+        calib_tokens, calib_seq_len: how many calibration tokens, in sequences of this length.
         carry: store changed tensors that are not factorized (biases, norms, heads) exactly; False drops them
             (each is listed in the report either way).
+        target: who loads the adapter (:mod:`deltakit.adapters.profiles`). ``peft``: everything above. ``vllm``:
+            only what vLLM's loader accepts: changed norms folded into the Linear layers that read them (for the
+            architectures in :mod:`deltakit.adapters.architectures`), one scaling right for every module, no
+            ``modules_to_save``, biases or DoRA; what cannot be written is dropped and reported with its size.
         overwrite: replace ``out`` if it exists.
         progress: show a progress bar on stderr.
 
@@ -400,26 +534,55 @@ def extract(
     """
     started = time.perf_counter()
     out_dir = Path(out)
-    factor_dtype = parse_dtype(dtype)
+    codec = factor_codec(factor_dtype) if factor_dtype is not None else None
+    if codec is not None and dtype is not None:
+        raise InvalidOptionError("--dtype and --factor-dtype both choose how the factors are stored; give one")
+    if codec is not None and not codec.is_compact:
+        dtype, codec = factor_dtype, None  # a float width is just --dtype
+    stored_dtype = parse_dtype(dtype)
     policy = rank_policy(rank, energy=energy, budget=budget, avg_rank=avg_rank, min_rank=min_rank,
                          max_rank=max_rank, budget_weighting=budget_weighting, rank_pattern=rank_pattern)
     variant = DORA if dora else LORA
-    if policy.defers and variant.budget_refusal:
-        raise InvalidOptionError(variant.budget_refusal)
+    if calib is not None and dora:
+        raise InvalidOptionError("--calib with --dora is not supported: the output-aware fit is LoRA's; drop one")
+    for refusal in (variant.budget_refusal, OutputAwareLora.budget_refusal if calib is not None else None):
+        if policy.defers and refusal:
+            raise InvalidOptionError(refusal)
+    if codec is not None and variant.compact_refusal:
+        raise InvalidOptionError(variant.compact_refusal)
+    if codec is not None and target == "vllm":
+        # vLLM before 0.33 drops alpha_pattern, where the 8-bit scales live: its outputs would be silently wrong.
+        raise InvalidOptionError(f"--factor-dtype {factor_dtype} with --for vllm: the 8-bit scales live in "
+                                 "alpha_pattern, which vLLM before 0.33 ignores; use --factor-dtype bfloat16")
     math_device = resolve_device(device)
     ft_ckpt, base_ckpt = open_checkpoint(finetuned), open_checkpoint(base)
     refuse_unsupported_weights(ft_ckpt), refuse_unsupported_weights(base_ckpt)
     plan = plan_extract(ft_ckpt, base_ckpt, include=include, exclude=exclude)
-    _check_expert_options(plan, variant, use_rslora)
+    _check_rank_patterns(rank_pattern, plan)
+    profile = export_profile(target, model_type=plan.model_type, variant_config=variant.config())
+    _check_expert_options(plan, variant, use_rslora, codec)
     size = ModelSize(sum(math.prod(info.shape) for info in base_ckpt.tensors.values()),
-                     _factor_bytes_per_param(dtype, plan, base_ckpt))
+                     _factor_bytes_per_param(dtype, codec, plan, base_ckpt),
+                     tuple(out_in_shape(ft_ckpt.info(p.weight).shape, p.kind) for p in plan.modules
+                           if p.weight is not None and p.is_selected))
     policy.check_size(size)  # fail before work
-    run = _Run(ft_ckpt, base_ckpt, plan, policy, variant,
-               FitSettings(alpha, use_rslora, SvdOptions(svd, oversample, niter, seed), math_device),
-               factor_dtype, carry)
+    if calib is not None:
+        check_calibration(calib, ft_ckpt, tokens=calib_tokens, seq_len=calib_seq_len)
+    folds = _read_folds(ft_ckpt, base_ckpt, *plan_norm_folds(plan, profile))
 
     with staged_output(out_dir, overwrite=overwrite, inputs=[ft_ckpt.path, base_ckpt.path]) as staging_dir:
+        calibration = None
+        if calib is not None:
+            (staging_dir / _CALIB_DIR).mkdir()
+            found, moments = calibrate(calib, ft_ckpt, base_ckpt, staging_dir / _CALIB_DIR, tokens=calib_tokens,
+                                       seq_len=calib_seq_len, device=math_device, seed=seed, progress=progress)
+            variant = OutputAwareLora(moments)
+            calibration = {**found.describe(), "activations": "finetuned", "damping": variant.damping}
+        run = _Run(ft_ckpt, base_ckpt, plan, policy, variant,
+                   FitSettings(alpha, use_rslora, SvdOptions(svd, oversample, niter, seed), math_device, codec),
+                   stored_dtype, carry, profile, folds)
         results = _extract_modules(run, _Spill(staging_dir / _SPILL_DIR), progress)
+        shutil.rmtree(staging_dir / _CALIB_DIR, ignore_errors=True)
         rows, factors, budget_summary = _assemble(run, results, size)
         carried = [CarriedTensor(key, ft_ckpt.info(name).dtype, ft_ckpt.info(name).shape,
                                  lambda n=name: ft_ckpt.get(n))
@@ -432,10 +595,15 @@ def extract(
             )
         options = {
             "rank": rank, "alpha": alpha, "use_rslora": use_rslora, "svd": svd, "oversample": oversample,
-            "niter": niter, "seed": seed, "device": str(math_device), "dtype": dtype, "include": include,
+            "niter": niter, "seed": seed, "device": str(math_device), "dtype": dtype, "factor_dtype": factor_dtype,
+            "include": include,
             "exclude": exclude, "rank_pattern": [list(p) for p in rank_pattern or []], "energy": energy,
             "budget": budget, "avg_rank": avg_rank, "min_rank": min_rank, "max_rank": max_rank,
             "budget_weighting": budget_weighting if policy.defers else None, "dora": dora, "carry": carry,
+            "calib": str(calib) if calib is not None else None,
+            "calib_tokens": calib_tokens if calib is not None else None,
+            "calib_seq_len": calib_seq_len if calib is not None else None,
+            "target": target,
         }
         fates = [TensorFate(name, "only-in-base", "not in the fine-tuned checkpoint; left as in the base")
                  for name in plan.only_in_base] + [fate for r in results.modules for fate in r.fates.fates]
@@ -449,6 +617,8 @@ def extract(
             expert_layers, expert_notes = _experts_summary(rows, fates, plan, base_ckpt,
                                                            experts.zero_filled if experts else [])
             notes += expert_notes
+        if codec is not None and (caveat := loading_caveat(codec.dtype)):
+            notes.append(caveat)
         report = ExtractReport(
             _input_name(finetuned, ft_ckpt), _input_name(base, base_ckpt), str(out_dir), options,
             finetuned_revision=ft_ckpt.source.commit_hash if ft_ckpt.source else None,
@@ -457,13 +627,16 @@ def extract(
             tensors=fates,
             unchanged=sum(r.unchanged for r in results.modules),
             command=command_line(),
-            notes=notes,
+            notes=notes + _unrelated_note(results.factorized),
             budget=budget_summary,
             experts=expert_layers,
             variant=variant,
+            calibration=calibration,
         )
         spec = adapter_spec(
-            factors, carried, default_rank=rank if isinstance(rank, int) else 1, alpha=spec_alpha, rank=spec_rank,
+            factors, carried, default_rank=rank if isinstance(rank, int) else 1,
+            **({"rank": spec_rank, "alpha": spec_alpha} if experts is not None
+               else profile.config_rank_alpha(factors, alpha, use_rslora)),
             use_rslora=use_rslora,
             variant_config=variant.config(),
             base_model_name_or_path=report.base,

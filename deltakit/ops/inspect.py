@@ -12,8 +12,10 @@ The module is named ``inspect_delta`` so that it does not shadow the standard li
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,13 +26,15 @@ from tqdm import tqdm
 
 from deltakit.defaults import DEFAULT_INSPECT_RANKS
 from deltakit.ops import plots
-from deltakit.io.checkpoint import open_checkpoint, refuse_unsupported_weights
+from deltakit.io.checkpoint import Checkpoint, open_checkpoint, refuse_unsupported_weights
 from deltakit.errors import InvalidOptionError, NothingToExtractError
 from deltakit.math.factorize import DeltaBuffer, SvdMethod, resolve_device, truncated_svd
 from deltakit.names import ModuleName
 from deltakit.adapters.layers import out_in_shape
+from deltakit.math.whiten import DEFAULT_DAMPING, whitened_svd, whitening
+from deltakit.ops.calibrate import CALIB_SEQ_LEN, CALIB_TOKENS, InputMoments, calibrate, check_calibration
 from deltakit.ops.delta import delta_of, read_pair
-from deltakit.ops.plan import plan_extract
+from deltakit.ops.plan import ExtractPlan, plan_extract
 from deltakit.math.ranks import (
     DEFAULT_MAX_RANK,
     BudgetRanks,
@@ -42,7 +46,7 @@ from deltakit.math.ranks import (
     rank_for_energy,
 )
 from deltakit.ops.report import command_line, format_bytes
-from deltakit.io.writer import refuse_overlap, staged_output, write_json
+from deltakit.io.writer import check_output, staged_output, write_json
 
 REPORT_FILE = "report.json"
 # The energy target of the suggested "energy" rank (extract's --energy).
@@ -82,6 +86,10 @@ class ModuleInspection:
     noise: NoiseFloor
     suggested_ranks: dict[str, int] = field(default_factory=dict)
     method: str = ""
+    # With --calib: the whitened spectrum, i.e. the singular values of ΔW·L (L·Lᵀ = E[xxᵀ] + damping), and the
+    # share of the module's output energy E‖ΔW x‖² each rank keeps with the output-aware fit:
+    output_singular_values: list[float] | None = None
+    output_energy_retained: dict[int, float] | None = None
 
     @property
     def relative_change(self) -> float:
@@ -120,6 +128,9 @@ class ModuleInspection:
             "noise_threshold": self.noise.threshold,
             "method": self.method,
             "singular_values": self.singular_values,
+            **({"output_energy_retained": {str(rank): value for rank, value in self.output_energy_retained.items()},
+                "output_singular_values": self.output_singular_values}
+               if self.output_energy_retained is not None else {}),
         }
 
 
@@ -176,6 +187,7 @@ class InspectReport:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     command: str = ""
+    calibration: dict | None = None  # with --calib: the source, its sha256, the tokens
 
     def to_json(self) -> dict:
         total = sum(m.delta_norm**2 for m in self.modules)
@@ -191,6 +203,7 @@ class InspectReport:
                 "bytes_per_param": self.bytes_per_param,
                 "seconds": round(self.seconds, 3),
             },
+            "calibration": self.calibration,
             "frontier": [point.to_json() for point in self.frontier],
             "plots": self.plots,
             "notes": self.notes,
@@ -201,13 +214,18 @@ class InspectReport:
         """A compact table: one row per module, then the uniform-vs-budget frontier and the notes."""
         ranks = self.options["ranks"]
         width = max([len("module"), *(len(m.module) for m in self.modules)])
+        calibrated = any(m.output_energy_retained is not None for m in self.modules)
         head = (f"{'module':<{width}} {'out×in':>11} {'‖ΔW‖':>9} {'‖ΔW‖/‖W0‖':>10} {'σ1':>9} "
                 + " ".join(f"{'E@' + str(r):>6}" for r in ranks)
+                + "".join(f" {'O@' + str(r):>6}" for r in ranks if calibrated)
                 + f" {'r@E' + str(SUGGESTED_ENERGY):>7} {'r auto':>6}")
         lines = [head, "-" * len(head)]
         for m in self.modules:
             energies = " ".join(f"{m.energy_retained[r]:>6.1%}" if r in m.energy_retained else f"{'–':>6}"
                                 for r in ranks)
+            if calibrated:
+                output = m.output_energy_retained or {}
+                energies += "".join(f" {output[r]:>6.1%}" if r in output else f" {'–':>6}" for r in ranks)
             lines.append(
                 f"{m.module:<{width}} {f'{m.out_in[0]}×{m.out_in[1]}':>11} {m.delta_norm:>9.3g} "
                 f"{m.relative_change:>10.3g} {m.singular_values[0]:>9.3g} {energies} "
@@ -215,6 +233,9 @@ class InspectReport:
         lines.append(f"E@r: energy of ΔW retained at rank r; r@E{SUGGESTED_ENERGY}: smallest rank keeping "
                      f"{SUGGESTED_ENERGY:.0%} (at most {self.options['max_rank']}); r auto: above the noise floor "
                      "(--rank auto)")
+        if calibrated:
+            lines.append("O@r: output energy E‖ΔW x‖² on the calibration inputs kept at rank r by the output-aware fit "
+                         "(extract --calib); – where the module has no calibration inputs")
         if self.frontier:
             lines += ["", "adapter size: uniform rank vs --budget allocation of the same size (relative error of ΔW "
                       "over all modules; per-module budget ranks in the JSON report)",
@@ -238,6 +259,9 @@ def inspect(
     device: str = "auto",
     include: list[str] | None = None,
     exclude: list[str] | None = None,
+    calib: str | Path | None = None,
+    calib_tokens: int = CALIB_TOKENS,
+    calib_seq_len: int = CALIB_SEQ_LEN,
     overwrite: bool = False,
     progress: bool = False,
 ) -> InspectReport:
@@ -255,6 +279,8 @@ def inspect(
         svd: ``exact``, ``randomized`` or ``auto``, as for extract.
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:i``.
         include, exclude: regexes (``re.search``) on module names, as for extract.
+        calib, calib_tokens, calib_seq_len: as for extract: also report each module's whitened spectrum, the
+            output energy its output-aware fit keeps at each rank.
         overwrite: replace ``out`` if it exists.
         progress: show a progress bar on stderr.
 
@@ -275,37 +301,26 @@ def inspect(
     ft_ckpt, base_ckpt = open_checkpoint(finetuned), open_checkpoint(base)
     refuse_unsupported_weights(ft_ckpt), refuse_unsupported_weights(base_ckpt)
     if out is not None:  # before the measurement, not after it
-        refuse_overlap(Path(out), [ft_ckpt.path, base_ckpt.path])
+        check_output(Path(out), overwrite=overwrite, inputs=[ft_ckpt.path, base_ckpt.path])
     plan = plan_extract(ft_ckpt, base_ckpt, include=include, exclude=exclude)
     options = {"ranks": list(ranks), "max_rank": max_rank, "svd": svd, "device": str(math_device),
-               "include": include, "exclude": exclude}
+               "include": include, "exclude": exclude, "calib": str(calib) if calib is not None else None}
     report = InspectReport(str(finetuned), str(base), options, out=str(out) if out is not None else None,
                            command=command_line())
+    with contextlib.ExitStack() as stack:
+        moments = None
+        if calib is not None:
+            check_calibration(calib, ft_ckpt, tokens=calib_tokens, seq_len=calib_seq_len)
+            spill_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="deltakit-calib-")))
+            found, moments = calibrate(calib, ft_ckpt, base_ckpt, spill_dir, tokens=calib_tokens,
+                                       seq_len=calib_seq_len, device=math_device, progress=progress)
+            report.calibration = {**found.describe(), "activations": "finetuned", "damping": DEFAULT_DAMPING}
+        _measure(report, plan, ft_ckpt, base_ckpt, moments, math_device, svd, ranks, max_rank, progress)
 
-    jobs = [p for p in plan.modules if p.weight is not None and p.is_selected]
-    base_dtypes: Counter[torch.dtype] = Counter()
-    deltas = DeltaBuffer(math_device)
-    for module_plan in tqdm(jobs, desc="inspect", unit="module", disable=not progress, dynamic_ncols=True):
-        weight = module_plan.weight
-        pair = delta_of(read_pair(ft_ckpt, base_ckpt, weight), module_plan.kind, deltas, keep_base=True)
-        if pair is None:
-            report.unchanged += 1
-            continue
-        base_dtypes[base_ckpt.info(weight).dtype] += 1
-        base_norm = float(torch.linalg.vector_norm(pair.base, dtype=torch.float64))
-        pair.base = None  # only its norm is needed: free it before the SVD
-        out_in = out_in_shape(tuple(ft_ckpt.info(weight).shape), module_plan.kind)
-        result = truncated_svd(pair.delta, min(max_rank, min(out_in)), method=svd, device=math_device,
-                               total_energy=pair.energy)
-        del pair
-        report.modules.append(_inspection(module_plan.module, module_plan.kind.value,
-                                          tuple(ft_ckpt.info(weight).shape), out_in, base_norm, result.s,
-                                          result.total_energy, result.method, ranks, max_rank))
     if not report.modules:
         raise NothingToExtractError(
             "no factorizable weight differs from the base" + (" among the selected modules" if include or exclude
                                                               else ""), path=ft_ckpt.path)
-    report.bytes_per_param = base_dtypes.most_common(1)[0][0].itemsize
     report.frontier = _frontier_and_budget_ranks(report.modules, [r for r in ranks if r <= max_rank], max_rank)
 
     report.seconds = time.perf_counter() - started  # the measurement, not the writing
@@ -319,16 +334,43 @@ def inspect(
     return report
 
 
+def _measure(report: InspectReport, plan: ExtractPlan, ft_ckpt: Checkpoint, base_ckpt: Checkpoint,
+             moments: InputMoments | None, math_device: torch.device, svd: SvdMethod, ranks: tuple[int, ...],
+             max_rank: int, progress: bool) -> None:
+    """Every selected weight's spectrum (and, calibrated, its whitened spectrum) into ``report``."""
+    jobs = [p for p in plan.modules if p.weight is not None and p.is_selected]
+    base_dtypes: Counter[torch.dtype] = Counter()
+    deltas = DeltaBuffer(math_device)
+    for module_plan in tqdm(jobs, desc="inspect", unit="module", disable=not progress, dynamic_ncols=True):
+        weight = module_plan.weight
+        pair = delta_of(read_pair(ft_ckpt, base_ckpt, weight), module_plan.kind, deltas, keep_base=True)
+        if pair is None:
+            report.unchanged += 1
+            continue
+        base_dtypes[base_ckpt.info(weight).dtype] += 1
+        base_norm = float(torch.linalg.vector_norm(pair.base, dtype=torch.float64))
+        pair.base = None  # only its norm is needed: free it before the SVD
+        out_in = out_in_shape(tuple(ft_ckpt.info(weight).shape), module_plan.kind)
+        rank = min(max_rank, min(out_in))
+        result = truncated_svd(pair.delta, rank, method=svd, device=math_device, total_energy=pair.energy)
+        inspection = _inspection(module_plan.module, module_plan.kind.value, tuple(ft_ckpt.info(weight).shape),
+                                 out_in, base_norm, result.s, result.total_energy, result.method, ranks, max_rank)
+        moment = moments.moment(module_plan.module) if moments is not None else None
+        if moment is not None:
+            whitened = whitened_svd(pair.delta, whitening(moment), rank,
+                                    lambda matrix, k: truncated_svd(matrix, k, method=svd, device=math_device))
+            inspection.output_singular_values = [float(v) for v in whitened.s]
+            inspection.output_energy_retained = _retained(whitened.s, whitened.total_energy, out_in, ranks)
+        del pair
+        report.modules.append(inspection)
+    if base_dtypes:
+        report.bytes_per_param = base_dtypes.most_common(1)[0][0].itemsize
+
+
 def _inspection(module: ModuleName, kind: str, shape: tuple[int, ...], out_in: tuple[int, int], base_norm: float,
                 s: torch.Tensor, total_energy: float, method: str, ranks: tuple[int, ...],
                 max_rank: int) -> ModuleInspection:
-    energies = torch.cumsum(s.double().square(), dim=0)
-    retained = {}
-    for rank in ranks:
-        if rank >= min(out_in):
-            retained[rank] = 1.0
-        elif rank <= len(s):
-            retained[rank] = min(float(energies[rank - 1]) / total_energy, 1.0) if total_energy > 0 else 1.0
+    retained = _retained(s, total_energy, out_in, ranks)
     noise = noise_floor(s, total_energy, out_in)
     inspection = ModuleInspection(module, kind, shape, out_in, math.sqrt(total_energy), base_norm,
                                   [float(v) for v in s], retained, noise, method=method)
@@ -337,6 +379,19 @@ def _inspection(module: ModuleName, kind: str, shape: tuple[int, ...], out_in: t
         "noise_floor": max(1, min(noise.rank, max_rank)),
     }
     return inspection
+
+
+def _retained(s: torch.Tensor, total_energy: float, out_in: tuple[int, int],
+              ranks: tuple[int, ...]) -> dict[int, float]:
+    """rank → Σ_{i≤rank} s_i² / total, for the ranks the spectrum covers (1.0 from min(out, in) on)."""
+    energies = torch.cumsum(s.double().square(), dim=0)
+    retained = {}
+    for rank in ranks:
+        if rank >= min(out_in):
+            retained[rank] = 1.0
+        elif rank <= len(s):
+            retained[rank] = min(float(energies[rank - 1]) / total_energy, 1.0) if total_energy > 0 else 1.0
+    return retained
 
 
 def _frontier_and_budget_ranks(modules: list[ModuleInspection], ranks: list[int],

@@ -58,6 +58,7 @@ from deltakit.io.mirror import (
     OtherFiles,
     Transform,
     copy_other_files,
+    is_finite,
     mirror_order,
     write_index,
     write_mirror,
@@ -102,8 +103,17 @@ def _apply_blocks(job: TensorJob, stored: torch.Tensor, out_dtype: torch.dtype, 
         if not torch.isfinite(work.sum()) and not all(bool(torch.isfinite(x)) for x in torch.aminmax(work)):
             raise NonFiniteError(f"the {'unmerged' if inverse else 'merged'} weight has NaN or Inf in rows "
                                  f"{r0}–{r1 - 1}", tensor=job.tensor)
-        result_oi[r0:r1].copy_(work)
+        written = result_oi[r0:r1]
+        written.copy_(work)
+        if out_dtype != torch.float32 and not is_finite(written):  # what is stored: past fp16's 65504 is Inf
+            raise NonFiniteError(f"the {'unmerged' if inverse else 'merged'} weight does not fit in "
+                                 f"{_dtype_name(out_dtype)} (Inf once stored) in rows {r0}–{r1 - 1}; choose a wider "
+                                 "--dtype", tensor=job.tensor)
     return result
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 class _Merge:
@@ -118,23 +128,28 @@ class _Merge:
         if (replace := job.replacement) is not None:
             self.receipt.keep_base(name, stored)
             new_value = self.adapters[replace.adapter].weights.get(replace.key)
-            return _replaced_value(stored, new_value, self.weights[replace.adapter], out_dtype)
-        steps = [s.variant.block_step(s.factors, self.weights[s.adapter], self.device) for s in job.steps]
-        result = _apply_blocks(job, stored, out_dtype, steps, self.device, inverse=False)
-        for step, block_step in zip(job.steps, steps):
-            if block_step.state is not None:
-                self.receipt.keep_state(step.adapter, name, block_step.state)
+            result = _replaced_value(name, stored, new_value, self.weights[replace.adapter], out_dtype)
+        else:
+            steps = [s.variant.block_step(s.factors, self.weights[s.adapter], self.device) for s in job.steps]
+            result = _apply_blocks(job, stored, out_dtype, steps, self.device, inverse=False)
+            for step, block_step in zip(job.steps, steps):
+                if block_step.state is not None:
+                    self.receipt.keep_state(step.adapter, name, block_step.state)
+        self.receipt.bind(name, result)
         return result
 
 
 class _Unmerge:
     """Unmerge's transform: the inverse steps in reverse order, with what the receipt kept (if any)."""
 
-    def __init__(self, plan: MergePlan, weights: list[float], device: torch.device, receipt: Receipt | None) -> None:
-        self.plan, self.weights, self.device, self.receipt = plan, weights, device, receipt
+    def __init__(self, plan: MergePlan, weights: list[float], device: torch.device, receipt: Receipt | None,
+                 where: Path) -> None:
+        self.plan, self.weights, self.device, self.receipt, self.where = plan, weights, device, receipt, where
 
     def __call__(self, name: TensorName, stored: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         job = self.plan.jobs[name]
+        if self.receipt is not None:
+            self.receipt.check_written(name, stored, self.where)
         if job.replacement is not None:
             return self.receipt.base(name).to(out_dtype)
         steps = [s.variant.block_step(s.factors, self.weights[s.adapter], self.device,
@@ -143,11 +158,16 @@ class _Unmerge:
         return _apply_blocks(job, stored, out_dtype, steps[::-1], self.device, inverse=True)
 
 
-def _replaced_value(base_value: torch.Tensor, new_value: torch.Tensor, weight: float,
+def _replaced_value(name: TensorName, base_value: torch.Tensor, new_value: torch.Tensor, weight: float,
                     out_dtype: torch.dtype) -> torch.Tensor:
     if weight == 1.0:
-        return new_value.to(out_dtype)  # exact: the adapter's own value
-    return (base_value.float() + weight * (new_value.float() - base_value.float())).to(out_dtype)
+        value = new_value.to(out_dtype)  # exact: the adapter's own value
+    else:
+        value = (base_value.float() + weight * (new_value.float() - base_value.float())).to(out_dtype)
+    if not is_finite(value):
+        raise NonFiniteError(f"the replaced value has NaN or Inf once stored as {_dtype_name(out_dtype)}",
+                             tensor=name)
+    return value
 
 
 # --- the shared driver ---------------------------------------------------------------------------------------------
@@ -338,7 +358,7 @@ def unmerge(
     if weights is not None:
         weights = parse_weights(weights, len(adapters))
     ckpt, opened = _open_inputs(merged, adapters)
-    receipt, receipt_state = read_receipt(ckpt, opened)
+    receipt, receipt_state = read_receipt(ckpt, opened, [str(a) for a in adapters])
     if receipt is not None:
         # From here on adapters are in merge order, so step positions are the receipt's positions.
         if weights is not None and [weights[i] for i in receipt.order] != receipt.weights:
@@ -368,8 +388,8 @@ def unmerge(
                        receipt=receipt_line, notes=plan.notes)
 
     with staged_output(out_dir, overwrite=overwrite, inputs=inputs) as staging_dir:
-        output = _write(ckpt, plan, _Unmerge(plan, weights, math_device, receipt), staging_dir, operation="unmerge",
-                        dtype=out_dtype, device=math_device, progress=progress)
+        output = _write(ckpt, plan, _Unmerge(plan, weights, math_device, receipt, ckpt.path), staging_dir,
+                        operation="unmerge", dtype=out_dtype, device=math_device, progress=progress)
         seconds = time.perf_counter() - started
     return _report("unmerge", merged, adapter_names, weights, out_dir, changes, output, dry_run=False,
                    receipt=receipt_line, notes=plan.notes, seconds=seconds)

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 
+from deltakit.adapters.architectures import norm_readers
 from deltakit.adapters.layers import (
     TiedHead,
     WeightKind,
@@ -26,6 +27,8 @@ from deltakit.adapters.layers import (
 )
 from deltakit.adapters.moe import is_claimed_by_peft, moe_family
 from deltakit.adapters.peft_format import WEIGHTS_FILE, Adapter, ModuleFactors, check_supported
+from deltakit.adapters.profiles import PEFT_PROFILE, ExportProfile
+from deltakit.adapters.targeting import is_targeted
 from deltakit.adapters.variants import AdapterVariant, variant_of
 from deltakit.errors import (
     AdapterFormatError,
@@ -82,6 +85,29 @@ def _is_vocab_resize(name: TensorName, kind: WeightKind, base_shape: tuple, ft_s
     return kind is WeightKind.EMBEDDING or (len(base_shape) >= 1 and "head" in name)
 
 
+def _check_same_model(finetuned: Checkpoint, base: Checkpoint) -> None:
+    """Refuse, from configs and headers, a base of another model: it would turn the whole fine-tune into carried
+    tensors (or garbage deltas) and still exit 0.
+
+    Raises:
+        TensorMismatchError: the configs' ``model_type`` or ``architectures`` differ, or no 2-D weight of the
+            fine-tune has a tensor of the same name in the base.
+    """
+    ft_config, base_config = finetuned.config or {}, base.config or {}
+    for key in ("model_type", "architectures"):
+        ft_value, base_value = ft_config.get(key), base_config.get(key)
+        if ft_value is not None and base_value is not None and ft_value != base_value:
+            raise TensorMismatchError(f"{key} is {ft_value!r} here but {base_value!r} in the base {base.path}: not "
+                                      "the same model; give the base this checkpoint was fine-tuned from",
+                                      path=finetuned.path)
+    base_infos = base.tensors
+    # Names only: a shape that differs gets its own, more precise message from the plan.
+    if not any(len(info.shape) == 2 and name in base_infos for name, info in finetuned.tensors.items()):
+        raise TensorMismatchError(f"no 2-D weight pairs with a tensor of the same name in the base "
+                                  f"{base.path}: not the same model; give the base this checkpoint was fine-tuned "
+                                  "from", path=finetuned.path)
+
+
 def plan_extract(
     finetuned: Checkpoint,
     base: Checkpoint,
@@ -97,6 +123,7 @@ def plan_extract(
         InvalidOptionError: an --include/--exclude regex does not compile.
     """
     includes, excludes = _compile(include, "--include"), _compile(exclude, "--exclude")
+    _check_same_model(finetuned, base)
     config = finetuned.config or base.config or {}
     model_type = config.get("model_type")
     ft_infos, base_infos = finetuned.tensors, base.tensors
@@ -170,9 +197,11 @@ class ModuleFates:
 
 
 def module_fates(plan: ExtractPlan, module: ModulePlan, changed: list[TensorName], *, factorized: bool,
-                 carry: bool) -> ModuleFates:
+                 carry: bool, profile: ExportProfile = PEFT_PROFILE,
+                 reasons: dict[TensorName, str] | None = None) -> ModuleFates:
     """The fate of each changed tensor of ``module`` (in ``changed``) that is not its factorized weight, from
-    the plan, which of its tensors changed and whether its weight was factorized."""
+    the plan, which of its tensors changed, whether its weight was factorized, and what the profile's reader
+    loads. ``reasons``: why a tensor that cannot be carried was not factorized or folded either."""
     result = ModuleFates()
     if not changed:
         return result
@@ -180,6 +209,8 @@ def module_fates(plan: ExtractPlan, module: ModulePlan, changed: list[TensorName
         result.drop(changed, "changed, but excluded by --include/--exclude")
     elif not carry:
         result.drop(changed, "changed and not factorizable; --no-carry")
+    elif factorized and changed == [module.bias] and (why := profile.carry_refusal(is_bias=True)) is not None:
+        result.drop(changed, why)
     elif factorized and changed == [module.bias]:
         # PEFT's bias="lora_only" loads a targeted module's bias from `<module>.base_layer.bias`.
         result.carry(module.bias, base_bias_key(module.module), "bias of a factorized module")
@@ -190,6 +221,9 @@ def module_fates(plan: ExtractPlan, module: ModulePlan, changed: list[TensorName
         result.drop(changed, "a parameter of a module with submodules; PEFT's modules_to_save would replace the "
                              "whole subtree" if module.module else
                              "a top-level parameter; PEFT's modules_to_save needs a module")
+    elif (why := profile.carry_refusal(is_bias=False)) is not None:
+        for n in changed:
+            result.drop([n], "; ".join(filter(None, [(reasons or {}).get(n), why])))
     else:
         # modules_to_save replaces the whole module, so every param of it is stored, changed or not.
         result.saves_module = True
@@ -207,18 +241,67 @@ def module_fates(plan: ExtractPlan, module: ModulePlan, changed: list[TensorName
     return result
 
 
-def tied_bias_fates(tied: TiedHead, *, head_factorized: bool, carry: bool) -> ModuleFates:
+def tied_bias_fates(tied: TiedHead, *, head_factorized: bool, carry: bool,
+                    profile: ExportProfile = PEFT_PROFILE) -> ModuleFates:
     """The fate of a tied head's changed bias that lives under another module's name (BERT's
     ``cls.predictions.bias``)."""
     result = ModuleFates()
     if not carry:
         result.drop([tied.bias], "changed and not factorizable; --no-carry")
+    elif (why := profile.carry_refusal(is_bias=True)) is not None:
+        result.drop([tied.bias], why)
     elif head_factorized:
         result.carry(tied.bias, base_bias_key(tied.head), f"bias of the tied head {tied.head}")
     else:
         result.drop([tied.bias], f"the bias of the tied head {tied.head}, which is not factorized; PEFT can only "
                                  "carry it as the base_layer bias of a targeted head")
     return result
+
+@dataclass(frozen=True)
+class NormFold:
+    """A norm whose scale change is to be folded into the Linear modules that read its output."""
+
+    norm: ModuleName
+    weight: TensorName
+    readers: tuple[ModuleName, ...]
+
+
+def plan_norm_folds(plan: ExtractPlan, profile: ExportProfile) -> tuple[list[NormFold], dict[TensorName, str]]:
+    """The norms the profile wants folded whose readers can all take the fold (every reader a selected Linear
+    that the profile lets have LoRA, none a tied head), and, for each norm that cannot, why. Headers only: whether
+    a norm changed, and whether its scale can be divided by, is known once its values are read.
+    """
+    arch = profile.architecture
+    if arch is None:
+        return [], {}
+    modules = {m.module: m for m in plan.modules}
+    folds: list[NormFold] = []
+    unfoldable: dict[TensorName, str] = {}
+    for norm, readers in norm_readers(arch, modules).items():
+        weight = f"{norm}.weight"
+        norm_plan = modules[norm]
+        if weight not in norm_plan.tensors or weight in norm_plan.new_in_finetuned or weight in norm_plan.resized:
+            continue
+        problem = None
+        for reader in readers:
+            reader_plan = modules.get(reader)
+            if plan.tied is not None and plan.tied.head == reader:
+                # The head's weight is the embedding's: scaling its columns would scale the input side too.
+                problem = f"its reader {reader} is tied to {plan.tied.embedding}, which the fold would change too"
+            elif reader_plan is None or reader_plan.weight is None or reader_plan.kind is not WeightKind.LINEAR:
+                problem = f"its reader {reader} has no Linear weight in both checkpoints"
+            elif not reader_plan.is_selected:
+                problem = f"its reader {reader} is excluded by --include/--exclude"
+            elif (refusal := profile.lora_refusal(reader, reader_plan.kind)) is not None:
+                problem = f"its reader {reader} cannot be in the adapter ({refusal})"
+            if problem is not None:
+                break
+        if problem is None:
+            folds.append(NormFold(norm, weight, readers))
+        else:
+            unfoldable[weight] = problem
+    return folds, unfoldable
+
 
 # --- merge and unmerge: every check from headers (and the small adapters) before anything is written -------------
 
@@ -407,6 +490,15 @@ def _check_tied_head(adapter: Adapter, module: str, tied: TiedHead, to_base: Cal
                              path=adapter.path / WEIGHTS_FILE, tensor=f"{module}.weight")
 
 
+def _is_applied(adapter: Adapter, module: ModuleName, tied: TiedHead | None) -> bool:
+    """Whether PEFT, loading the adapter, would apply its entry for ``module``: targeted by the config, or a tied
+    head that PEFT's ``ensure_weight_tying`` gives the targeted embedding's factors."""
+    if is_targeted(adapter.config, module):
+        return True
+    return (tied is not None and module == tied.head and bool(adapter.config.get("ensure_weight_tying"))
+            and is_targeted(adapter.config, tied.embedding))
+
+
 def plan_merge(ckpt: Checkpoint, adapters: list[Adapter], *, is_base: bool) -> MergePlan:
     """Every step of every adapter, by base tensor, in adapter order; all input errors raised here.
 
@@ -434,7 +526,18 @@ def plan_merge(ckpt: Checkpoint, adapters: list[Adapter], *, is_base: bool) -> M
         variant = variant_of(adapter)
         to_base = _name_map(adapter, ckpt, tied)
         where = adapter.path / WEIGHTS_FILE
+        ignored = [module for module in adapter.modules if not _is_applied(adapter, module, tied)]
+        if ignored:
+            if len(ignored) == len(adapter.modules) and not adapter.saved:
+                raise AdapterFormatError(f"its config targets none of the {len(ignored)} module(s) in "
+                                         f"{WEIGHTS_FILE} (target_modules, exclude_modules, layers_to_transform); "
+                                         "merging it would change nothing", path=adapter.path / "adapter_config.json")
+            notes.append(f"adapter #{k + 1}: {len(ignored)} module(s) in {WEIGHTS_FILE} not targeted by its config "
+                         f"(target_modules, exclude_modules, layers_to_transform), ignored as PEFT ignores them: "
+                         f"{shorten(ignored)}")
         for module, entry in adapter.modules.items():
+            if module in ignored:
+                continue
             is_tied_head = tied is not None and module == tied.head
             if entry.key_a is None:
                 if entry.magnitude_key is not None:

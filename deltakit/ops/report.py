@@ -32,9 +32,43 @@ class ModuleReport:
     seconds: float
     method: str
     note: str | None = None  # e.g. a clamped rank
+    # ‖ΔW_stored − ΔW_r‖ / ‖ΔW‖: what storing the rank-r factors (rounding, 8-bit codes) adds to relative_error
+    quantization_error: float | None = None
     # With --dora, relative_error is ‖W_ft − W_dora‖ / ‖ΔW‖; these are plain LoRA's on the same ΔW:
     lora_relative_error: float | None = None  # at the same rank
     lora_relative_error_same_params: float | None = None  # at rank + 1, at least DoRA's parameter count
+    # With --calib: the fit kept ("whitened" or "plain"), its predicted output error √(E‖(ΔW − ΔW_r)x‖² / E‖ΔW x‖²)
+    # over the calibration inputs, the plain SVD's at the same rank, and the held-out (whitened, plain) output
+    # errors that chose between them:
+    fit: str | None = None
+    output_relative_error: float | None = None
+    plain_output_relative_error: float | None = None
+    heldout_output_relative_errors: list[float] | None = None
+
+
+def _calibration_card(report: ExtractReport) -> list[str]:
+    c = report.calibration
+    lines = [
+        "## Output-aware fit",
+        "",
+        "Each module's factors minimise its predicted output error E‖(ΔW − BA)x‖² over calibration inputs x "
+        "(truncated SVD of ΔW·L with L·Lᵀ = E[xxᵀ] + damping, mapped back), except where a held-out half of the "
+        "calibration text predicted a lower error for the plain SVD of ΔW, which is then kept.",
+        "",
+        f"- calibration source: `{c['source']}` (sha256 `{c['sha256']}`), {c['tokens']:,} tokens in "
+        f"{c['sequences']} sequences of {c['seq_len']}" + (f", sampled with seed {c['seed']}" if c.get("seed") is not
+                                                          None else ""),
+        f"- inputs taken from the {c['activations']} model; damping {c['damping']:g}",
+        f"- summary: {calibration_text(report)}",
+        "",
+        "| module | rank | fit | relative error of ΔW | predicted output error | plain SVD's output error |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in report.modules:
+        output = f"{m.output_relative_error:.4f}" if m.output_relative_error is not None else "–"
+        plain = f"{m.plain_output_relative_error:.4f}" if m.plain_output_relative_error is not None else "–"
+        lines.append(f"| `{m.module}` | {m.rank} | {m.fit or 'plain'} | {m.relative_error:.4f} | {output} | {plain} |")
+    return lines + [""]
 
 
 @dataclass
@@ -42,8 +76,19 @@ class TensorFate:
     """A tensor that was not factorized, and why: carried exactly, dropped, or only present on one side."""
 
     tensor: TensorName
-    fate: str  # "carried", "dropped", "only-in-base"
+    fate: str  # "carried", "folded" (a norm's scale, into the Linear layers reading it), "dropped", "only-in-base"
     reason: str
+    # Of a dropped or folded tensor, what leaving it out costs: ‖t_ft − t_base‖, and that over ‖t_base‖ (None for
+    # a zero base, e.g. a bias initialised to 0, or where the shapes differ).
+    change_norm: float | None = None
+    relative_change: float | None = None
+
+    def describe(self) -> str:
+        if self.relative_change is not None:
+            return f"{self.reason} (relative change {self.relative_change:.3g})"
+        if self.change_norm is not None:
+            return f"{self.reason} (‖Δ‖ = {self.change_norm:.3g}; the base is 0)"
+        return self.reason
 
 
 @dataclass
@@ -64,6 +109,7 @@ class ExtractReport:
     budget: dict | None = None  # under --budget/--avg-rank: asked, allowed, used, predicted error
     experts: list[dict] | None = None  # mixture-of-experts layers: which experts changed, per-expert error
     variant: AdapterVariant = LORA  # what kind of adapter was written (not in the JSON: its options say)
+    calibration: dict | None = None  # with --calib: the source, its sha256, the tokens, whose activations
 
     def fates(self, fate: str) -> list[TensorFate]:
         return [t for t in self.tensors if t.fate == fate]
@@ -81,6 +127,13 @@ class ExtractReport:
             "max_relative_error_module": worst.module,
             "energy_retained": kept / total if total > 0 else 1.0,
         }
+        stored = [m for m in self.modules if m.quantization_error is not None]
+        if stored and total > 0:
+            # ‖ΔW‖-weighted totals, as the budget's predicted error: ‖Σ errors‖ / ‖Σ ΔW‖ over all modules.
+            summary["total_truncation_error"] = (sum((m.relative_error * m.delta_norm) ** 2 for m in stored)
+                                                 / total) ** 0.5
+            summary["total_quantization_error"] = (sum((m.quantization_error * m.delta_norm) ** 2 for m in stored)
+                                                   / total) ** 0.5
         compared = [m for m in self.modules if m.lora_relative_error is not None]
         if compared:
             # Totals as ‖Σ errors‖ / ‖Σ ΔW‖ over all modules, so large modules weigh in proportion.
@@ -95,6 +148,13 @@ class ExtractReport:
             summary["modules_where_dora_beats_lora_same_rank"] = sum(
                 m.relative_error < m.lora_relative_error for m in compared)
         return summary
+
+    def factor_storage(self) -> str:
+        """How the factors are stored, in words."""
+        compact = self.options.get("factor_dtype")
+        if compact in ("int8", "float8_e4m3fn"):
+            return f"{compact}, one scale per factor in alpha_pattern"
+        return self.options.get("dtype") or "the base's dtype"
 
     def to_json(self) -> dict:
         return {
@@ -111,12 +171,14 @@ class ExtractReport:
                 "adapter_bytes": self.adapter_bytes,
                 "tensors_unchanged": self.unchanged,
                 "tensors_carried": len(self.fates("carried")),
+                "tensors_folded": len(self.fates("folded")),
                 "tensors_dropped": len(self.fates("dropped")),
                 "tensors_only_in_base": len(self.fates("only-in-base")),
                 "seconds": round(self.seconds, 3),
                 **self.error_summary(),
             },
             "budget": self.budget,
+            "calibration": self.calibration,
             "experts": self.experts,
             "notes": self.notes,
             "modules": [asdict(m) for m in self.modules],
@@ -133,9 +195,12 @@ class ExtractReport:
             f"  modules factorized : {len(self.modules)}  rank {rank_text}",
             f"  adapter size       : {format_bytes(self.adapter_bytes)}",
             *([f"  budget             : {budget_text(self.budget)}"] if self.budget else []),
+            *([f"  calibrated fit     : {calibration_text(self)}"] if self.calibration else []),
             f"  relative error     : mean {s['mean_relative_error']:.4f}, worst {s['max_relative_error']:.4f}"
             + (f" ({s['max_relative_error_module']})" if self.modules else ""),
             f"  energy retained    : {s['energy_retained']:.4f}",
+            *([f"  storage error      : {s['total_quantization_error']:.4f} of ΔW ({self.factor_storage()}) beside "
+               f"{s['total_truncation_error']:.4f} from truncation"] if "total_quantization_error" in s else []),
             *([f"  DoRA vs LoRA       : total error {s['total_relative_error']:.4f} vs "
                f"{s['lora_total_relative_error_same_rank']:.4f} (same rank), "
                f"{s['lora_total_relative_error_same_params']:.4f} (rank + 1, ≥ same parameters); DoRA better on "
@@ -145,13 +210,18 @@ class ExtractReport:
             f"  wall time          : {self.seconds:.1f} s",
             *[f"  experts            : {line}" for line in experts_lines(self.experts or [])],
         ]
-        for fate, label in (("carried", "carried exactly"), ("dropped", "DROPPED"), ("only-in-base", "only in base")):
+        for fate, label in (("carried", "carried exactly"), ("folded", "folded into Linear"), ("dropped", "DROPPED"),
+                            ("only-in-base", "only in base")):
             items = self.fates(fate)
             if items:
                 lines.append(f"  {label:<19}: {len(items)}")
-                lines += [f"    {t.tensor}: {t.reason}" for t in items[:10]]
+                lines += [f"    {t.tensor}: {t.describe()}" for t in items[:10]]
                 if len(items) > 10:
                     lines.append(f"    ... {len(items) - 10} more in extract_report.json")
+        noted = [m for m in self.modules if m.note]
+        lines += [f"  note: {m.module}: {m.note}" for m in noted[:10]]
+        if len(noted) > 10:
+            lines.append(f"  note: ... {len(noted) - 10} more modules with notes in extract_report.json")
         lines += [f"  note: {n}" for n in self.notes]
         return lines
 
@@ -182,6 +252,21 @@ def budget_text(budget: dict) -> str:
             f"relative error {budget['predicted_relative_error']:.4f}")
 
 
+def calibration_text(report: ExtractReport) -> str:
+    """One line: how many modules were whitened, and the output error predicted against plain SVD's."""
+    fitted = [m for m in report.modules if m.output_relative_error is not None]
+    whitened = sum(m.fit == "whitened" for m in fitted)
+    total = sum(m.delta_norm**2 for m in fitted)
+
+    def mean(errors: list[float]) -> float:  # weighted by ‖ΔW‖², like the energy retained
+        return sum(e * m.delta_norm**2 for e, m in zip(errors, fitted)) / total if total > 0 else 0.0
+
+    c = report.calibration
+    return (f"{whitened}/{len(report.modules)} modules whitened on {c['tokens']:,} tokens of {c['source']} "
+            f"(sha256 {c['sha256'][:12]}); predicted output error {mean([m.output_relative_error for m in fitted]):.4f} "
+            f"vs plain SVD {mean([m.plain_output_relative_error for m in fitted]):.4f}")
+
+
 def format_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -196,6 +281,14 @@ def command_line() -> str:
 
 def _at(revision: str | None) -> str:
     return f" (Hub commit `{revision}`)" if revision else ""
+
+
+# vllm/config/lora.py: max_lora_rank is one of these (MaxLoRARanks).
+_VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def _vllm_max_lora_rank(rank: int) -> int | str:
+    return next((r for r in _VLLM_MAX_LORA_RANKS if r >= rank), f"{rank} (above vLLM's largest, 512)")
 
 
 def model_card(report: ExtractReport) -> str:
@@ -223,7 +316,11 @@ def model_card(report: ExtractReport) -> str:
         f"| mean relative error of ΔW | {s['mean_relative_error']:.4f} |",
         f"| worst relative error of ΔW | {s['max_relative_error']:.4f} |",
         f"| energy of ΔW retained | {s['energy_retained']:.4f} |",
+        *([f"| factors stored as | {report.factor_storage()} |",
+           f"| error of ΔW from truncation / from storage | {s['total_truncation_error']:.4f} / "
+           f"{s['total_quantization_error']:.4f} |"] if "total_quantization_error" in s else []),
         f"| tensors carried exactly | {len(report.fates('carried'))} |",
+        *([f"| norms folded into Linear layers | {len(report.fates('folded'))} |"] if report.fates("folded") else []),
         f"| tensors dropped | {len(report.fates('dropped'))} |",
         "",
     ]
@@ -241,11 +338,32 @@ def model_card(report: ExtractReport) -> str:
         "```",
         "",
     ]
-    if report.fates("dropped"):
-        lines += ["Dropped tensors (not in the adapter):", ""]
-        lines += [f"- `{t.tensor}`: {t.reason}" for t in report.fates("dropped")]
+    if report.options.get("target") == "vllm":
+        lines += [
+            "Written for vLLM (`--for vllm`: no modules_to_save, no biases, one scaling for every module). Serve it "
+            "with a `--max-lora-rank` of at least the config's `r` (vLLM accepts 1, 8, 16, 32, 64, 128, 256, 320, 512):",
+            "",
+            "```",
+            f"vllm serve {report.base} --enable-lora --lora-modules adapter={report.out} --max-lora-rank "
+            f"{_vllm_max_lora_rank(max(ranks, default=1))}",
+            "```",
+            "",
+        ]
+    if report.fates("folded"):
+        lines += ["Norms whose scale change is folded into the Linear layers reading them (exact at full rank):", ""]
+        lines += [f"- `{t.tensor}`: {t.describe()}" for t in report.fates("folded")]
         lines.append("")
+    if report.fates("dropped"):
+        lines += ["Dropped tensors (not in the adapter; the relative change is what leaving each out costs):", ""]
+        lines += [f"- `{t.tensor}`: {t.describe()}" for t in report.fates("dropped")]
+        lines.append("")
+    if report.calibration:
+        lines += _calibration_card(report)
     lines += [f"Note: {n}" for n in report.notes]
+    if report.experts:
+        lines += ["", "Mixture-of-experts layers (changed experts with their worst relative error of ΔW):", ""]
+        lines += [f"- {line}" for line in experts_lines(report.experts)]
+        lines.append("")
     lines.append("Per-module ranks and errors are in `extract_report.json`.")
     return "\n".join(lines) + "\n"
 

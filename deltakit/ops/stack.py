@@ -38,8 +38,10 @@ from deltakit.adapters.peft_format import (
     write_adapter,
 )
 from deltakit.adapters.variants import LORA, variant_of
-from deltakit.errors import InvalidOptionError, TensorMismatchError, shorten
-from deltakit.names import ModuleName, PeftKey
+from deltakit.errors import InvalidOptionError, TensorMismatchError, TensorMissingError, shorten
+from deltakit.io.checkpoint import Checkpoint, open_checkpoint, refuse_unsupported_weights
+from deltakit.io.dtypes import DTYPES
+from deltakit.names import ModuleName, PeftKey, TensorName
 from deltakit.adapters.layers import WeightKind, parse_peft_key
 from deltakit.adapters.moe import conform_experts, moe_family_by_names
 from deltakit.math.lowrank import balanced_factors
@@ -167,37 +169,73 @@ def _truncated(a: torch.Tensor, b: torch.Tensor, rank: int | None,
     return a_k, b_k, retained, (tail / total) ** 0.5 if total > 0 else 0.0
 
 
-def _carried(adapters: list[Adapter], weights: list[float],
-             lora_modules: set[ModuleName]) -> list[CarriedTensor]:
-    """Tensors carried exactly: each key from the one adapter that has it, or from several that agree."""
+# How to get out of a weighted stack of adapters that carry tensors exactly.
+_WAYS_OUT = ("pass --base BASE (carried tensors become BASE + Σ w·(T − BASE)), or extract the adapters with "
+             "extract --no-carry")
+
+
+def _carried(adapters: list[Adapter], weights: list[float], lora_modules: set[ModuleName],
+             base: Checkpoint | None) -> list[CarriedTensor]:
+    """Tensors carried exactly: each key from the one adapter that has it, or from several that agree. With
+    ``base``, a carried tensor T_k is a change T_k − T_base like any delta: the stack holds
+    T_base + Σ_k w_k (T_k − T_base), each adapter without the key counting as T_base."""
     holders: dict[PeftKey, list[int]] = {}
+    base_names: dict[PeftKey, TensorName] = {}
     for k, adapter in enumerate(adapters):
-        keys = [e.base_bias_key for e in adapter.modules.values() if e.base_bias_key is not None]
-        keys += list(adapter.saved.values())
-        for key in keys:
+        for module, entry in adapter.modules.items():
+            if entry.base_bias_key is not None:
+                holders.setdefault(entry.base_bias_key, []).append(k)
+                base_names[entry.base_bias_key] = f"{module}.bias"
+        for name, key in adapter.saved.items():
             holders.setdefault(key, []).append(k)
+            base_names[key] = name.replace(".base_layer.", ".")
     carried = []
     for key, ks in holders.items():
         module, role = parse_peft_key(key)
         if role.startswith("saved:") and module in lora_modules:
             raise InvalidOptionError(f"{key}: one adapter saves module {module} whole (modules_to_save) while another "
                                      "has LoRA factors for it; PEFT cannot hold both in one adapter")
+        info = adapters[ks[0]].weights.info(key)
         # A targeted layer's own weight (PEFT's save_embedding_layers) is a copy of the base, not a change.
         is_layer_copy = key.endswith(".base_layer.weight")
+        if base is not None and not is_layer_copy:
+            carried.append(CarriedTensor(key, info.dtype, tuple(info.shape), lambda key=key, ks=ks: _interpolated(
+                base, base_names[key], [(adapters[k].weights.get(key), weights[k]) for k in ks], info.dtype)))
+            continue
         scaled = [k + 1 for k in ks if weights[k] != 1.0]
         if scaled and not is_layer_copy:
-            raise InvalidOptionError(f"{key}: adapter #{scaled[0]} carries this tensor exactly, which cannot be "
-                                     "scaled by its weight; use weight 1 for that adapter")
+            raise InvalidOptionError(f"{key}: adapter #{scaled[0]} carries this tensor exactly, which its weight "
+                                     f"cannot scale without the base; {_WAYS_OUT}")
         first = adapters[ks[0]].weights.get(key)
         for k in ks[1:]:
             other = adapters[k].weights.get(key)
             if other.shape != first.shape or not torch.equal(other.to(first.dtype), first):
-                raise InvalidOptionError(f"{key}: adapters #{ks[0] + 1} and #{k + 1} carry different values; "
-                                         "stack cannot choose one")
-        info = adapters[ks[0]].weights.info(key)
+                raise InvalidOptionError(f"{key}: adapters #{ks[0] + 1} and #{k + 1} carry different values, which "
+                                         f"only the base can combine; {_WAYS_OUT}")
         carried.append(CarriedTensor(key, info.dtype, tuple(info.shape),
                                      lambda a=adapters[ks[0]], key=key: a.weights.get(key)))
+    if base is not None:
+        missing = [base_names[key] for key in holders if not key.endswith(".base_layer.weight")
+                   and base_names[key] not in base]
+        if missing:
+            raise TensorMissingError(f"{len(missing)} carried tensor(s) not in the base: {shorten(missing)}; is "
+                                     "this the adapters' base?", path=base.path, tensor=missing[0])
+        for key in holders:
+            name = base_names[key]
+            if name in base and tuple(base.info(name).shape) != tuple(adapters[holders[key][0]].weights.info(key).shape):
+                raise TensorMismatchError(f"shape {list(base.info(name).shape)} in the base, "
+                                          f"{list(adapters[holders[key][0]].weights.info(key).shape)} in {key}",
+                                          path=base.path, tensor=name)
     return carried
+
+
+def _interpolated(base: Checkpoint, name: TensorName, values: list[tuple[torch.Tensor, float]],
+                  dtype: torch.dtype) -> torch.Tensor:
+    base_value = base.get(name).float()
+    result = base_value.clone()
+    for value, weight in values:
+        result.add_(value.float() - base_value, alpha=weight)
+    return result.to(dtype)
 
 
 def stack(
@@ -208,6 +246,7 @@ def stack(
     rank: int | None = None,
     exact: bool = False,
     energy: float | None = None,
+    base: str | Path | None = None,
     overwrite: bool = False,
 ) -> StackReport:
     """Combine LoRA adapters into one PEFT adapter whose ΔW is Σ_k w_k ΔW_k, from the factors alone.
@@ -220,11 +259,13 @@ def stack(
         rank: re-truncate every module to this rank (the optimal one: the truncated SVD of the sum).
         exact: concatenate the factors instead (each module's rank is the sum of its ranks; nothing is lost).
         energy: re-truncate each module to the smallest rank keeping this fraction of ‖Σ w_k ΔW_k‖².
+        base: the adapters' base checkpoint; needed (and only read) when carried tensors (``modules_to_save``,
+            ``base_layer.bias``) are weighted or differ: each becomes T_base + Σ_k w_k (T_k − T_base).
         overwrite: replace ``out`` if it exists.
 
     Exactly one of ``rank``, ``exact`` and ``energy`` must be given. Every module gets ``lora_alpha`` = its
     rank (scaling 1); per-module ranks go to ``rank_pattern``/``alpha_pattern``. Factors are stored in the
-    adapters' dtype if they share one, else fp32.
+    adapters' float dtype if they share one, else fp32 (8-bit factors of compact adapters are stored in fp32).
 
     Returns:
         The :class:`StackReport` (also written as ``stack_report.json``).
@@ -240,6 +281,9 @@ def stack(
     method = _check_modes(rank, exact, energy)
     weights = parse_weights(weights, len(adapters))
     opened = [read_adapter(a) for a in adapters]
+    base_ckpt = open_checkpoint(base) if base is not None else None
+    if base_ckpt is not None:
+        refuse_unsupported_weights(base_ckpt)
     for adapter in opened:
         check_supported(adapter)
         if (refusal := variant_of(adapter).stack_refusal) is not None:
@@ -251,7 +295,8 @@ def stack(
 
     parts = _gather(opened, weights)
     dtypes = {f.a.dtype for entries in parts.values() for _, f, _ in entries}
-    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    # 8-bit factors hold codes whose scales differ per adapter and module: the stack is stored in float.
+    dtype = dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in DTYPES.values() else torch.float32
     report = StackReport([str(a) for a in adapters], weights, str(out), method, command=command_line())
     stacked: list[ModuleFactors] = []
     for module, entries in parts.items():
@@ -264,7 +309,7 @@ def stack(
         stacked.append(ModuleFactors(module, kind, a.to(dtype), b.to(dtype), alpha=float(new_rank), scaling=1.0))
         report.modules.append(StackedModule(module, [k + 1 for k, _, _ in entries], sum(f.rank for _, f, _ in entries),
                                             new_rank, retained, error))
-    carried = _carried(opened, weights, set(parts))
+    carried = _carried(opened, weights, set(parts), base_ckpt)
     report.carried = [c.key for c in carried]
 
     modules_to_save: list[str] = []
@@ -285,7 +330,8 @@ def stack(
         modules_to_save=modules_to_save,
         ensure_weight_tying=any(a.config.get("ensure_weight_tying", False) for a in opened),
     )
-    with staged_output(Path(out), overwrite=overwrite, inputs=[a.path for a in opened]) as staging_dir:
+    inputs = [a.path for a in opened] + ([base_ckpt.path] if base_ckpt is not None else [])
+    with staged_output(Path(out), overwrite=overwrite, inputs=inputs) as staging_dir:
         report.adapter_bytes = write_adapter(staging_dir, stacked, carried, spec)
         report.seconds = time.perf_counter() - started
         write_json(staging_dir / REPORT_FILE, report.to_json())

@@ -1,0 +1,63 @@
+"""LoRA fitted to the model's outputs: per module, the factors minimising E‖(ΔW − BA)x‖² over calibration inputs.
+
+A fitting route behind the :class:`~deltakit.adapters.variants.AdapterVariant` interface: on disk the adapter is
+plain LoRA (merge, stack and PEFT see nothing new); only ``fit`` differs. Each module with calibration
+statistics gets :func:`~deltakit.math.whiten.output_aware_fit` (whitened, or the plain SVD where the held-out
+check prefers it); a module without them (a position embedding, a module the pass did not reach) gets the plain
+SVD, and the report says which route every module took.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from deltakit.adapters.layers import WeightKind
+from deltakit.adapters.variants import AdapterVariant, ChooseRank, DeltaPair, Fit, FitSettings, factors_from_svd
+from deltakit.math.whiten import DEFAULT_DAMPING, output_aware_fit
+from deltakit.names import ModuleName
+
+
+class InputStatistics(Protocol):
+    """Per module, the second moment of its inputs (see :class:`deltakit.ops.calibrate.InputMoments`)."""
+
+    def moment(self, module: ModuleName) -> torch.Tensor | None: ...
+
+    def halves(self, module: ModuleName) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+
+
+class OutputAwareLora(AdapterVariant):
+    """LoRA whose factors minimise the predicted output error of each module on calibration inputs.
+
+    Ranks chosen by a policy (``--energy``, ``--rank auto``) are read from the whitened spectrum, i.e. as shares
+    of the module's output energy E‖ΔW x‖². A global budget, which would compare output energies across modules
+    with and without statistics, is refused.
+    """
+
+    budget_refusal = ("--budget/--avg-rank with --calib is not supported yet: use --rank, --energy or --rank auto "
+                      "with --calib")
+
+    def __init__(self, statistics: InputStatistics, damping: float = DEFAULT_DAMPING) -> None:
+        self.statistics = statistics
+        self.damping = damping
+
+    def fit(self, pair: DeltaPair, compute_rank: int, choose: ChooseRank, module: ModuleName, kind: WeightKind,
+            dtype: torch.dtype, settings: FitSettings) -> Fit:
+        halves = self.statistics.halves(module)
+        if halves is None:
+            fit = super().fit(pair, compute_rank, choose, module, kind, dtype, settings)
+            fit.metrics["fit"] = "plain (no calibration inputs)"
+            return fit
+        delta = pair.delta
+        pair.base = pair.delta = None
+        delta_norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+        chosen = output_aware_fit(delta, self.statistics.moment(module), halves, compute_rank, choose,
+                                  lambda matrix, rank: settings.svd.run(matrix, rank, settings.device),
+                                  self.damping)
+        del delta
+        factors, storage_error = factors_from_svd(chosen.svd, chosen.rank, module, kind, dtype, settings)
+        relative = chosen.weight_relative_error
+        return Fit(delta_norm, factors, {"relative_error": relative, "energy_retained": max(0.0, 1.0 - relative**2),
+                                         "method": chosen.svd.method, **chosen.metrics(),
+                                         "quantization_error": storage_error / delta_norm if delta_norm > 0 else 0.0})
