@@ -49,18 +49,19 @@ HIDDEN, INTERMEDIATE, VOCAB, HEADS = 2048, 5632, 32000, 16
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _layer_shapes(i: int) -> dict[str, tuple[int, ...]]:
+def layer_shapes(i: int, hidden: int = HIDDEN, intermediate: int = INTERMEDIATE) -> dict[str, tuple[int, ...]]:
+    """The tensors of llama decoder layer ``i``, in file order (multi-head attention: k/v as wide as q)."""
     p = f"model.layers.{i}"
     return {
-        f"{p}.input_layernorm.weight": (HIDDEN,),
-        f"{p}.self_attn.q_proj.weight": (HIDDEN, HIDDEN),
-        f"{p}.self_attn.k_proj.weight": (HIDDEN, HIDDEN),
-        f"{p}.self_attn.v_proj.weight": (HIDDEN, HIDDEN),
-        f"{p}.self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-        f"{p}.post_attention_layernorm.weight": (HIDDEN,),
-        f"{p}.mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
-        f"{p}.mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
-        f"{p}.mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
+        f"{p}.input_layernorm.weight": (hidden,),
+        f"{p}.self_attn.q_proj.weight": (hidden, hidden),
+        f"{p}.self_attn.k_proj.weight": (hidden, hidden),
+        f"{p}.self_attn.v_proj.weight": (hidden, hidden),
+        f"{p}.self_attn.o_proj.weight": (hidden, hidden),
+        f"{p}.post_attention_layernorm.weight": (hidden,),
+        f"{p}.mlp.gate_proj.weight": (intermediate, hidden),
+        f"{p}.mlp.up_proj.weight": (intermediate, hidden),
+        f"{p}.mlp.down_proj.weight": (hidden, intermediate),
     }
 
 
@@ -73,11 +74,11 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def build_base(base_dir: Path, size_gb: float, shard_gb: float) -> None:
     """Write a llama-shaped bf16 checkpoint of about ``size_gb`` GB in shards of about ``shard_gb`` GB."""
-    per_layer = sum(_numel(s) for s in _layer_shapes(0).values()) * 2
+    per_layer = sum(_numel(s) for s in layer_shapes(0).values()) * 2
     layers = max(1, round((size_gb * 1e9 - 2 * VOCAB * HIDDEN * 2) / per_layer))
     shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
     for i in range(layers):
-        shapes |= _layer_shapes(i)
+        shapes |= layer_shapes(i)
     shapes |= {"model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)}
 
     shards: list[list[str]] = [[]]
@@ -119,7 +120,7 @@ def build_adapter(adapter_dir: Path, config: dict, rank: int, targets: list[str]
     generator = torch.Generator().manual_seed(1)
     tensors = {}
     for i in range(config["num_hidden_layers"]):
-        for name, shape in _layer_shapes(i).items():
+        for name, shape in layer_shapes(i).items():
             module = name.removesuffix(".weight")
             if module.rsplit(".", 1)[1] not in targets:
                 continue

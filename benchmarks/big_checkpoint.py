@@ -132,13 +132,14 @@ def build_pair(root: Path, *, size_bytes: int, dim: int, shard_bytes: int,
     return base_dir, ft_dir, facts
 
 
-def run_measured(name: str, cli_args: list[str], work: Path) -> Measured:
+def run_measured(name: str, cli_args: list[str], work: Path, checkout: Path = REPO) -> Measured:
     """Run ``deltakit CLI_ARGS`` in a fresh process under PeakMemory; raise SystemExit if it fails.
 
     Args:
         name: label of the run.
         cli_args: the arguments after ``deltakit``.
         work: a directory for the process's result file.
+        checkout: the repository whose ``deltakit`` (and ``benchmarks.memory``) the process imports.
 
     Returns:
         Wall time (process start to exit, imports included) and the memory peaks.
@@ -146,7 +147,8 @@ def run_measured(name: str, cli_args: list[str], work: Path) -> Measured:
     os.sync()  # no dirty pages of the build or an earlier run left to throttle this one
     result_path = work / f"{name}.memory.json"
     started = time.perf_counter()
-    process = subprocess.run([sys.executable, "-c", _CHILD, str(result_path), *cli_args], cwd=REPO)
+    env = os.environ | {"PYTHONPATH": str(checkout)}
+    process = subprocess.run([sys.executable, "-c", _CHILD, str(result_path), *cli_args], cwd=checkout, env=env)
     seconds = time.perf_counter() - started
     if process.returncode != 0:
         raise SystemExit(f"{name} failed (exit {process.returncode}): deltakit {' '.join(cli_args)}")

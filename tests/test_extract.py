@@ -225,3 +225,60 @@ def test_peak_memory_is_bounded_by_tensor_size_not_model_size(tmp_path):
     model = 40 * tensor
     assert peak < 12 * tensor, f"peak anonymous memory {peak / 1e6:.0f} MB for 4 MB tensors"
     assert peak < model / 3
+
+
+# --- reading ahead: the next module is read while this one is factorized ------------------------------------------
+
+_LAYERS = [f"model.layers.{i}.mlp.up_proj" for i in range(4)]
+
+
+def test_next_module_is_read_while_this_one_is_factorized(tmp_path, monkeypatch):
+    import threading
+
+    from deltakit.ops import extract as extract_op
+
+    base_dir, ft_dir = _pair(tmp_path, {m: low_rank_delta(96, 48, 3, seed=i) for i, m in enumerate(_LAYERS)},
+                             shards=2)
+    second_read = threading.Event()
+    real_read, real_delta = extract_op.read_pair, extract_op.delta_of
+
+    def read_pair(finetuned, base, name):
+        if name == f"{_LAYERS[1]}.weight":
+            second_read.set()
+        return real_read(finetuned, base, name)
+
+    def delta_of(stored, *args, **kwargs):
+        if stored.name == f"{_LAYERS[0]}.weight":
+            # Read in line, layer 1 would only be read after this returns: waiting would time out.
+            assert second_read.wait(timeout=30), "the next module was not read ahead"
+        return real_delta(stored, *args, **kwargs)
+
+    monkeypatch.setattr(extract_op, "read_pair", read_pair)
+    monkeypatch.setattr(extract_op, "delta_of", delta_of)
+    report = deltakit.extract(ft_dir, base_dir, tmp_path / "a", rank=3)
+    assert [m.module for m in report.modules] == _LAYERS
+    monkeypatch.undo()
+    deltakit.extract(ft_dir, base_dir, tmp_path / "b", rank=3)  # the same bytes, whatever the read timing
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_read_error_in_a_later_module_is_raised_naming_it_and_leaves_nothing(tmp_path, monkeypatch):
+    from deltakit.errors import CheckpointFormatError
+    from deltakit.io.checkpoint import Checkpoint
+
+    base_dir, ft_dir = _pair(tmp_path, {m: low_rank_delta(96, 48, 3, seed=i) for i, m in enumerate(_LAYERS)},
+                             shards=2)
+    bad = f"{_LAYERS[2]}.weight"
+    real_get = Checkpoint.get
+
+    def get(self, name):
+        if name == bad and self.path == ft_dir:
+            raise CheckpointFormatError("file ends after 10 of 18432 expected bytes", path=self.path, tensor=name)
+        return real_get(self, name)
+
+    monkeypatch.setattr(Checkpoint, "get", get)
+    with pytest.raises(CheckpointFormatError, match=rf"{bad}.*file ends after 10") as caught:
+        deltakit.extract(ft_dir, base_dir, tmp_path / "a", rank=3)
+    assert caught.value.tensor == bad
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "finetuned"]

@@ -13,7 +13,7 @@ import torch
 
 from deltakit.math import factorize
 from deltakit.errors import DeviceUnavailableError, FactorizationError, InvalidOptionError
-from deltakit.math.factorize import TruncatedSVD, resolve_device, truncated_svd
+from deltakit.math.factorize import DeltaBuffer, TruncatedSVD, resolve_device, truncated_svd
 from deltakit.math.lowrank import balanced_factors
 
 
@@ -344,4 +344,63 @@ def test_relative_error_without_measured_residual_uses_total_minus_kept():
 
 
 def test_module_exports():
-    assert set(factorize.__all__) == {"SvdMethod", "TruncatedSVD", "resolve_device", "truncated_svd"}
+    assert set(factorize.__all__) == {"DeltaBuffer", "SvdMethod", "TruncatedSVD", "resolve_device", "truncated_svd"}
+
+
+# --- ΔW in a reused buffer, and the rank-dependent defaults -----------------------------------------------------
+
+
+@pytest.mark.parametrize(("ft_dtype", "base_dtype"), [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.bfloat16),
+                                                      (torch.float32, torch.float16)])
+@pytest.mark.parametrize("shape", [(300, 200), (2, 700_000), (5000, 3)])
+def test_delta_buffer_forms_the_fp32_difference_and_its_fp64_energy(ft_dtype, base_dtype, shape):
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(shape, generator=generator).to(base_dtype)
+    finetuned = (base.float() + 1e-2 * torch.randn(shape, generator=generator)).to(ft_dtype)
+    delta, energy = DeltaBuffer(torch.device("cpu")).form(finetuned, base)
+    expected = finetuned.float() - base.float()
+    assert delta.dtype == torch.float32 and delta.shape == shape
+    assert torch.equal(delta, expected)  # bit for bit: each element converted exactly, subtracted once
+    assert energy == pytest.approx(float(expected.double().square().sum()), rel=1e-12)
+
+
+def test_delta_buffer_reuses_its_memory_across_modules():
+    buffer = DeltaBuffer(torch.device("cpu"))
+    big, _ = buffer.form(torch.ones(64, 48), torch.zeros(64, 48))
+    where = big.data_ptr()
+    for shape in [(48, 64), (10, 7), (64, 48)]:
+        delta, energy = buffer.form(torch.full(shape, 3.0), torch.ones(shape))
+        assert delta.data_ptr() == where  # no fresh allocation for a module no larger than the largest seen
+        assert torch.equal(delta, torch.full(shape, 2.0)) and energy == 4.0 * delta.numel()
+    grown, _ = buffer.form(torch.ones(100, 100), torch.zeros(100, 100))
+    assert torch.equal(grown, torch.ones(100, 100))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_delta_buffer_energy_is_non_finite_exactly_when_the_delta_is(bad):
+    buffer = DeltaBuffer(torch.device("cpu"))
+    finetuned = torch.zeros(300, 200, dtype=torch.bfloat16)
+    finetuned[250, 3] = bad
+    assert not math.isfinite(buffer.form(finetuned, torch.zeros(300, 200))[1])
+    # Huge but finite fp32 differences: their squares would overflow fp32, not the fp64 sum; a difference
+    # beyond fp32's range is infinite, and so is its energy.
+    huge = torch.full((4, 5), 3e38)
+    assert math.isfinite(buffer.form(huge, torch.zeros(4, 5))[1])
+    assert not math.isfinite(buffer.form(huge, -huge)[1])
+
+
+def test_given_total_energy_is_used_as_is():
+    delta = _planted((400, 300), _harmonic(300))
+    measured = truncated_svd(delta, 16, device="cpu")
+    given = truncated_svd(delta, 16, device="cpu", total_energy=measured.total_energy)
+    assert given.total_energy == measured.total_energy
+    assert torch.equal(given.u, measured.u) and torch.equal(given.s, measured.s)
+
+
+@pytest.mark.parametrize(("rank", "niter"), [(16, 2), (64, 2), (65, 3), (96, 3)])
+def test_power_iterations_default_by_rank(rank, niter):
+    delta = _planted((1200, 1000), _harmonic(1000))
+    default = truncated_svd(delta, rank, method="randomized", device="cpu")
+    explicit = truncated_svd(delta, rank, method="randomized", niter=niter, device="cpu")
+    assert torch.equal(default.u, explicit.u) and torch.equal(default.s, explicit.s)
+    assert default.relative_error() / _optimal_error(_harmonic(1000), rank) < 1.01

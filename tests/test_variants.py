@@ -22,7 +22,7 @@ def _pair(rank: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _fit(variant, base, ft, rank, choose=None):
-    pair = DeltaPair(base.clone(), ft - base, ft.clone() if variant.needs_finetuned else None)
+    pair = DeltaPair(base.clone(), ft - base, ft.clone() if variant.needs_weights else None)
     return variant.fit(pair, rank, choose or (lambda s, total: rank), "m", WeightKind.LINEAR, torch.float32, SETTINGS)
 
 

@@ -53,9 +53,10 @@ class DeltaPair:
     """One module's weights on the math device, fp32, (out, in). A fit owns it and may drop what it no longer
     needs, so that memory stays a few copies of one tensor."""
 
-    base: torch.Tensor | None  # W0
+    base: torch.Tensor | None  # W0, for variants with ``needs_weights``
     delta: torch.Tensor | None  # ΔW = W_ft − W0
-    finetuned: torch.Tensor | None = None  # W_ft, for variants with ``needs_finetuned``
+    finetuned: torch.Tensor | None = None  # W_ft, for variants with ``needs_weights``
+    energy: float | None = None  # ‖ΔW‖_F² (fp64) where already summed; None: the fit sums it
 
 
 @dataclass
@@ -148,7 +149,7 @@ class AdapterVariant:
     label = "LoRA"
     card_tags: tuple[str, ...] = ("lora",)  # of the model card
     config_flag: str | None = None  # the adapter_config.json key set True for this variant
-    needs_finetuned = False  # the fit needs W_ft besides ΔW
+    needs_weights = False  # the fit needs W0 and W_ft besides ΔW
     has_state = False  # a merge leaves per-row state the receipt must keep (else unmerge works without one)
     # Why this variant cannot do something, or None where it can:
     budget_refusal: str | None = None  # a rank chosen later from ΔW's spectrum (a global budget)
@@ -167,7 +168,7 @@ class AdapterVariant:
         """Factor one module's ΔW; ``compute_rank`` triplets are computed and ``choose`` picks how many stay."""
         delta = pair.delta
         pair.base = pair.delta = None  # neither W0 nor, after the SVD, ΔW is needed any more
-        svd = settings.svd.run(delta, compute_rank, settings.device)
+        svd = settings.svd.run(delta, compute_rank, settings.device, total_energy=pair.energy)
         del delta
         delta_norm = math.sqrt(svd.total_energy)
         rank = choose(svd.s, svd.total_energy)
@@ -211,7 +212,7 @@ class DoraVariant(AdapterVariant):
     label = "DoRA"
     card_tags = ("lora", "dora")
     config_flag = "use_dora"
-    needs_finetuned = True
+    needs_weights = True
     has_state = True
     budget_refusal = ("--budget/--avg-rank with --dora is not supported: DoRA's fit changes the spectrum the "
                       "allocation needs; use --rank, --energy or --rank auto with --dora")
@@ -236,7 +237,8 @@ class DoraVariant(AdapterVariant):
         if float(torch.linalg.vector_norm(residual, dtype=torch.float64)) ** 2 < _PROJECTED_FIT_GAIN * total:
             fits.append((settings.svd.run(residual, compute_rank, settings.device), 1.0 / scales))
         del residual
-        plain = settings.svd.run(delta, min(compute_rank + 1, min(delta.shape)), settings.device)
+        plain = settings.svd.run(delta, min(compute_rank + 1, min(delta.shape)), settings.device,
+                                 total_energy=pair.energy)
         fits.append((plain, None))
         rank = max(1, choose(fits[0][0].s, fits[0][0].total_energy))
         rank = min(rank, len(plain.s))

@@ -3,11 +3,12 @@ order, dtypes and ``__metadata__``, and the other top-level files (config, token
 
 Without a ``dtype`` override each output shard has the source shard's header bytes and layout, so what no one
 changes (the header, unchanged tensors) is copied file to file by the kernel (``copy_file_range``) and never
-enters this process. A changed tensor is read as raw bytes into one of two reused buffers, handed to the
-caller's transform, and written at its own offset on a background thread while the next one is read (each
-shard's closing fsync too). With a ``dtype`` override every tensor goes that way (cast) into a header-first
-:class:`~deltakit.io.writer.SafetensorsWriter`. Peak memory is the two buffers (twice the largest tensor read)
-plus what the transform holds, whatever the shard or model size.
+enters this process. A changed tensor is read as raw bytes into one of three reused buffers on a background
+thread, one tensor ahead, handed to the caller's transform, and written at its own offset on another background
+thread while the next one is transformed (each shard's closing fsync too). With a ``dtype`` override every
+tensor goes that way (cast) into a header-first :class:`~deltakit.io.writer.SafetensorsWriter`. Peak memory is
+the three buffers (three times the largest tensor read) plus what the transform holds, whatever the shard or
+model size.
 
 An FP8 block-scaled weight (io/fp8.py) is two stored tensors, codes and block scales, and one weight to the
 transform: it is handed over dequantized (fp32) and its result stored as FP8 again with fresh scales, or, with a
@@ -21,7 +22,7 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from tqdm import tqdm
 from deltakit.errors import CheckpointFormatError, NonFiniteError
 from deltakit.io.checkpoint import Checkpoint, SafetensorsHeader, TensorInfo, _readinto_exactly
 from deltakit.io.fp8 import Requantization, dequantize, requantize
+from deltakit.io.prefetch import prefetched
 from deltakit.io.writer import SafetensorsWriter, _write_all, no_room_as_error, write_json
 from deltakit.names import TensorName
 
@@ -70,23 +72,24 @@ def write_mirror(ckpt: Checkpoint, staging_dir: Path, changed: Collection[Tensor
     ``transform``.
 
     Without ``dtype`` each shard is a :class:`_MirroredShard`: unchanged tensors never enter this process. With
-    ``dtype`` every tensor is read, cast and written by a :class:`SafetensorsWriter`. Tensors are read into two
-    reused buffers the size of the largest one read, alternately: one is being written out on a background
-    thread (as is each shard's closing sync) while the next tensor is read and computed in the other. Fresh
-    memory for each tensor would instead cost a page fault and the kernel's zero-fill per page, about a third of
-    the read time.
+    ``dtype`` every tensor is read, cast and written by a :class:`SafetensorsWriter`. Three stages overlap: the
+    next tensor is read ahead on one background thread while this one is transformed, and the one before is
+    written out on another (as is each shard's closing sync). They use three reused buffers the size of the
+    largest tensor read, in turn (see :func:`_read_ahead`). Fresh memory for each tensor would instead cost a
+    page fault and the kernel's zero-fill per page, about a third of the read time. (FP8 weights are read in
+    line: they are dequantized into memory of their own.)
     """
     result = MirrorResult()
     fp8 = _Fp8Weights(ckpt, changed, transform, dtype, result)
-    stored = [info for file in ckpt.files for info in ckpt.header(file).tensors.values()]
-    total = sum(info.nbytes for info in stored)
-    largest = max((info.nbytes for name, info in ckpt.tensors.items()
-                   if info.scale is None and (dtype is not None or name in changed)), default=0)
-    buffers = [torch.empty(largest, dtype=torch.uint8) for _ in range(2)]
+    infos = [info for file in ckpt.files for info in ckpt.header(file).tensors.values()]
+    total = sum(info.nbytes for info in infos)
+    to_read = [info for info in infos
+               if not fp8.holds(info.name) and (dtype is not None or info.name in changed)]
     with ThreadPoolExecutor(max_workers=1) as pool, ExitStack() as sinks, \
+            prefetched(_read_ahead(to_read), depth=1) as stored_tensors, \
             tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, dynamic_ncols=True) as bar:
         writes = _WriteBehind(pool)
-        reads = done = 0
+        done = 0
         try:
             for shard_path in ckpt.files:
                 header = ckpt.header(shard_path)
@@ -97,38 +100,56 @@ def write_mirror(ckpt: Checkpoint, staging_dir: Path, changed: Collection[Tensor
                     specs = [(name, out_dtype(info, dtype), tuple(info.shape))
                              for name, info in header.tensors.items() if name not in fp8.owner]
                     sink = sinks.enter_context(SafetensorsWriter(out_path, specs, header.metadata))
-                with open(shard_path, "rb", buffering=0) as shard:
-                    for name, info in header.tensors.items():
-                        done += 1
-                        bar.update(info.nbytes)
-                        bar.set_postfix_str(f"{done}/{len(stored)} tensors", refresh=False)
-                        if fp8.holds(name):
-                            value = fp8.value(name)
-                            if value is not None:
-                                writes.submit(sink.write, name, value)
-                            continue
-                        is_changed = name in changed
-                        if not is_changed and dtype is None:
-                            result.unchanged += 1  # the sink copies it
-                            continue
-                        # The write in flight uses the other buffer (or a tensor of its own).
-                        stored = _read_raw(shard, info, buffers[reads % 2])
-                        reads += 1
-                        if is_changed:
-                            value = transform(name, stored, out_dtype(info, dtype))
-                        else:
-                            result.unchanged += 1
-                            value = stored.to(out_dtype(info, dtype))
-                            if not is_finite(value):
-                                raise NonFiniteError(f"has NaN or Inf once cast to {str(dtype).removeprefix('torch.')}"
-                                                     "; choose a wider --dtype", path=ckpt.path, tensor=name)
-                        writes.submit(sink.write, name, value)
+                for name, info in header.tensors.items():
+                    done += 1
+                    bar.update(info.nbytes)
+                    bar.set_postfix_str(f"{done}/{len(infos)} tensors", refresh=False)
+                    if fp8.holds(name):
+                        value = fp8.value(name)
+                        if value is not None:
+                            writes.submit(sink.write, name, value)
+                        continue
+                    is_changed = name in changed
+                    if not is_changed and dtype is None:
+                        result.unchanged += 1  # the sink copies it
+                        continue
+                    stored = next(stored_tensors)
+                    if is_changed:
+                        value = transform(name, stored, out_dtype(info, dtype))
+                    else:
+                        result.unchanged += 1
+                        value = stored.to(out_dtype(info, dtype))
+                        if not is_finite(value):
+                            raise NonFiniteError(f"has NaN or Inf once cast to {str(dtype).removeprefix('torch.')}"
+                                                 "; choose a wider --dtype", path=ckpt.path, tensor=name)
+                    del stored
+                    writes.submit(sink.write, name, value)
                 writes.submit(sink.close)  # syncs while the next shard is read and computed
                 result.weight_files.append(shard_path.name)
         finally:
             writes.wait()  # a sink is discarded (on error) only when nothing is in flight
     result.bytes_written = sum((staging_dir / name).stat().st_size for name in result.weight_files)
     return result
+
+
+def _read_ahead(infos: list[TensorInfo]) -> Iterator[torch.Tensor]:
+    """The stored bytes of each tensor in turn, in three reused buffers taken round-robin; read one tensor ahead
+    (:func:`~deltakit.io.prefetch.prefetched`, depth 1), so that when tensor k + 1 is read, tensor k is being
+    transformed and tensor k − 1 written: submitting the write of k waits for that of k − 1, and the caller asks
+    for k + 1 only after it, so the buffer k + 1 takes (k − 2's) is free."""
+    largest = max((info.nbytes for info in infos), default=0)
+    buffers = [torch.empty(largest, dtype=torch.uint8) for _ in range(3)]
+    shard = None
+    try:
+        for k, info in enumerate(infos):
+            if shard is None or shard.name != str(info.file):
+                if shard is not None:
+                    shard.close()
+                shard = open(info.file, "rb", buffering=0)
+            yield _read_raw(shard, info, buffers[k % 3])
+    finally:
+        if shard is not None:
+            shard.close()
 
 
 def is_finite(tensor: torch.Tensor) -> bool:

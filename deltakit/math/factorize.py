@@ -26,13 +26,15 @@ So ``‖M − P M‖² = ‖M‖² − ‖U_kᵀ M‖² = total − Σ_{i≤k} s
 (and for any factors of the form ``U (Uᵀ M)`` with orthonormal ``U``), not for arbitrary
 ``U_k S_k Vh_k``. In fp32 that subtraction cancels: Σ s_i² is off by 1e-7–1e-6 of the total, so relative
 errors below ~1e-3 are noise (a rank-7 2048×1024 delta at r=10: 3.5e-4 reported for a true 5.5e-7). Instead ``residual_energy`` is measured without cancellation:
-the exact route sums the discarded singular values squared, the randomized route computes
-``‖M − Q B‖²`` directly (one more pass over M, in row blocks) and adds the Ritz values it discards.
+the exact route sums the discarded singular values squared, the randomized route adds the Ritz values it
+discards to ``‖M − Q B‖²``, which it measures directly (one more pass over M, in row blocks) when it is below
+1% of ‖M‖²; above that, ‖M‖² − Σ (Ritz values)² is already within 1e-4 of it.
 
 Defaults, measured on 2 cores of an AMD EPYC (Zen 5, MKL, torch 2.13 CPU), planted matrices
 ``U·diag(σ)·Vᵀ`` with known σ so the optimal error is analytic (``benchmarks/bench_svd.py``):
 
-    oversample=8, niter=3. Error over the optimum, err/opt, for σ_i = 1/i (and σ_i = 1/√i):
+    oversample=8; niter=2 up to rank 64, 3 above. Error over the optimum, err/opt, for σ_i = 1/i
+    (and σ_i = 1/√i):
         oversample:niter      r=16             r=64             r=128*           r=256*           r=512*
         8:2             1.0009 (1.0017)  1.0067 (1.0052)  1.0106 (1.0076)  1.0136 (1.0106)  1.0172 (1.0152)
         8:3             1.0001 (1.0005)  1.0024 (1.0022)  1.0044 (1.0035)  1.0062 (1.0051)  1.0084 (1.0076)
@@ -40,13 +42,18 @@ Defaults, measured on 2 cores of an AMD EPYC (Zen 5, MKL, torch 2.13 CPU), plant
         8:4             1.0000 (1.0002)  1.0010 (1.0011)  1.0022 (1.0019)  1.0034 (1.0029)  1.0048 (1.0045)
     (11008×4096; * 4096×4096). niter=2 misses 1.01 from r=128 on, niter=3 stays under it up to r=512
     (1.0102 / 1.0114 at r=1000, where auto switches to exact); oversample 16 gains little for ~10% more
-    time at r=64. Each extra niter is two more passes over M (~+25% time at r=16).
+    time at r=64. Each extra niter is two more passes over M: niter=2 takes 20–24% less CPU time than 3
+    (11008×4096, one thread: 0.37 vs 0.46 s at r=16, 0.69 vs 0.91 s at r=64) for err/opt ≤ 1.0084 up to
+    r=64 (4096×4096: 1.0011 at r=16, 1.0029 at r=32, 1.0084 at r=64), hence the default by rank.
+    niter=1 would save another ~30% of the time but reaches err/opt 1.0102 at r=16 and 1.0328 at r=64
+    (4096×4096) and keeps 0.74× of a flat spectrum's optimal energy: not taken.
     Speed at 11008×4096 (bench_svd.py, load average ~2): full thin SVD 15.9 s, auto (randomized) 0.24 s
     at r=16 (66×) and 0.46 s at r=64 (34×); 4096×4096: 10.4 s vs 0.095 s (109×). With one thread each
     on a loaded machine: 46 s vs 0.46 s (100×) at r=16.
     Flat (Gaussian-noise, Marchenko–Pastur) spectra are the randomized route's weak spot: err/opt stays
-    ≈1.001–1.003 only because every error is near 1; the retained energy is 0.86× the optimum at r=16
-    and 0.87× at r=64 (niter=2: 0.81×, niter=6: 0.92×).
+    ≈1.001–1.005 only because every error is near 1; the retained energy is 0.81–0.82× the optimum at
+    r=16 (niter=3: 0.86×) and 0.84× at r=64 with niter=2 (niter=3: 0.87×, niter=6: 0.92×). Pass
+    ``niter`` (``--niter``) where such spectra matter.
     auto: exact up to min(shape) = 512, where it costs ≤ 0.06 s on one core (randomized 0.004 s) and is
     optimal; and once rank + oversample ≥ min(shape)/4, where randomized is only ~3× faster (4096², r=1000:
     7.3 s vs 22 s on one core) and its err/opt reaches 1.01. In between randomized is 5–25× faster
@@ -63,7 +70,7 @@ import torch
 
 from deltakit.errors import DeviceUnavailableError, FactorizationError, InvalidOptionError
 
-__all__ = ["SvdMethod", "TruncatedSVD", "resolve_device", "truncated_svd"]
+__all__ = ["DeltaBuffer", "SvdMethod", "TruncatedSVD", "resolve_device", "truncated_svd"]
 
 SvdMethod = Literal["exact", "randomized", "auto"]
 
@@ -75,6 +82,17 @@ _AUTO_EXACT_MAX_DIM = 512
 _AUTO_EXACT_FRACTION = 0.25
 # Row blocks of about 4 MiB (fp32) for the energy sums.
 _BLOCK_ELEMENTS = 1 << 20
+# Row blocks of 1 MiB (fp32) for forming ΔW: the block, the base's block and the fp64 widening (4 MiB in all)
+# stay in a core's L2 cache from the conversion to the sum of squares.
+_DELTA_BLOCK_ELEMENTS = 1 << 18
+# The randomized route measures ‖M − Q Qᵀ M‖² directly (a pass over M) only below this fraction of ‖M‖².
+_DIRECT_RESIDUAL_BELOW = 0.01
+# Power iterations by rank when not given: 2 up to here (err/opt ≤ 1.009 measured), 3 above.
+_FEWER_ITERATIONS_MAX_RANK = 64
+
+
+def _default_niter(rank: int) -> int:
+    return 2 if rank <= _FEWER_ITERATIONS_MAX_RANK else 3
 
 
 @dataclass
@@ -165,6 +183,62 @@ class TruncatedSVD:
         return min(max(self._tail_energy(rank) / self.total_energy, 0.0), 1.0)
 
 
+class DeltaBuffer:
+    """ΔW = W_ft − W0 in fp32, formed in memory reused from one module to the next, with ‖ΔW‖_F² on the way.
+
+    A fresh fp32 tensor per module costs a page fault and the kernel's zero-fill for every page of it, as much
+    as the conversion itself; here one buffer grows to the largest module and stays. On the CPU the difference
+    is formed in blocks of rows that stay in cache from the conversion through the subtraction to the fp64 sum of
+    squares, so ΔW is written once and never read back for its energy. That sum is finite exactly when ΔW is (an
+    fp32 value squared cannot overflow fp64): it is also the finiteness check.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._memory = torch.empty(0, dtype=torch.float32, device=device)
+        self._base_block = torch.empty(_DELTA_BLOCK_ELEMENTS, dtype=torch.float32)
+        self._widened = torch.empty(_DELTA_BLOCK_ELEMENTS, dtype=torch.float64)
+
+    def form(self, finetuned: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """ΔW and ‖ΔW‖_F² (fp64; NaN or ±Inf when ΔW holds one).
+
+        Args:
+            finetuned, base: the two stored weights, of one shape, any float dtypes, on the CPU.
+
+        Returns:
+            ΔW in fp32 on the buffer's device, in the stored shape: a view of this buffer, valid until the next
+            call. Each element is ``float32(finetuned) − float32(base)``, rounded once, whatever the route.
+        """
+        if finetuned.shape != base.shape:  # the plan refuses such pairs before any math
+            raise ValueError(f"cannot subtract a {list(base.shape)} weight from a {list(finetuned.shape)} one")
+        numel = finetuned.numel()
+        if self._memory.numel() < numel:
+            self._memory = torch.empty(0, dtype=torch.float32, device=self.device)  # the old one goes first
+            self._memory = torch.empty(numel, dtype=torch.float32, device=self.device)
+        delta = self._memory[:numel].view(finetuned.shape)
+        if self.device.type != "cpu" or numel == 0:
+            delta.copy_(finetuned)
+            delta.sub_(base.to(self.device))  # upcast exactly, subtracted in fp32: the same rounding as below
+            return delta, _sum_squares(delta.reshape(delta.shape[0], -1)) if numel else 0.0
+        rows_out = delta.reshape(delta.shape[0], -1)
+        rows_ft, rows_base = finetuned.reshape(rows_out.shape), base.reshape(rows_out.shape)
+        rows = max(1, _DELTA_BLOCK_ELEMENTS // rows_out.shape[1])
+        if self._widened.numel() < rows * rows_out.shape[1]:  # a single row longer than a block
+            self._base_block = torch.empty(rows * rows_out.shape[1], dtype=torch.float32)
+            self._widened = torch.empty(rows * rows_out.shape[1], dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64)
+        for start in range(0, rows_out.shape[0], rows):
+            block = rows_out[start : start + rows]
+            block.copy_(rows_ft[start : start + rows])
+            base_block = self._base_block[: block.numel()].view(block.shape)
+            base_block.copy_(rows_base[start : start + rows])
+            block.sub_(base_block)
+            widened = self._widened[: block.numel()]
+            widened.view(block.shape).copy_(block)
+            total += torch.dot(widened, widened)
+        return delta, float(total)
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """The device the math runs on.
 
@@ -205,9 +279,10 @@ def truncated_svd(
     *,
     method: SvdMethod = "auto",
     oversample: int = 8,
-    niter: int = 3,
+    niter: int | None = None,
     seed: int = 0,
     device: str | torch.device = "auto",
+    total_energy: float | None = None,
 ) -> TruncatedSVD:
     """The leading ``rank`` singular triplets of ``matrix``.
 
@@ -220,9 +295,12 @@ def truncated_svd(
             whatever ``method`` says, and k = min(out, in).
         method: "exact", "randomized" or "auto" (see the module docstring for the rule).
         oversample: extra sketch columns of the randomized route (the sketch has rank + oversample).
-        niter: power (subspace) iterations of the randomized route.
+        niter: power (subspace) iterations of the randomized route; None: 2 up to rank 64, 3 above (see the
+            module docstring).
         seed: seeds the randomized route's Gaussian test matrix (a local CPU generator).
         device: where the math runs, as for :func:`resolve_device`.
+        total_energy: ‖matrix‖_F² (fp64), where the caller already has it (:meth:`DeltaBuffer.form` sums it
+            while forming ΔW); None: summed here, one more pass over the matrix.
 
     Returns:
         A TruncatedSVD with k = min(rank, out, in) triplets. For a zero matrix no SVD runs: s = 0,
@@ -240,6 +318,8 @@ def truncated_svd(
         raise InvalidOptionError(f"rank must be at least 1, got {rank}")
     if method not in _METHODS:
         raise InvalidOptionError(f"unknown SVD method {method!r}; use one of {', '.join(_METHODS)}")
+    if niter is None:
+        niter = _default_niter(rank)
     if oversample < 0 or niter < 0:
         raise InvalidOptionError(f"oversample and niter must be ≥ 0, got {oversample} and {niter}")
     math_device = resolve_device(device)
@@ -248,7 +328,8 @@ def truncated_svd(
     k = min(rank, min_dim)
 
     delta = matrix.to(device=math_device, dtype=torch.float32)  # (out, in); no copy when already so
-    total_energy = _sum_squares(delta)
+    if total_energy is None:
+        total_energy = _sum_squares(delta)
     if not math.isfinite(total_energy):
         raise FactorizationError(
             f"the {out_features}×{in_features} matrix has non-finite values (or values beyond fp32's range)"
@@ -284,7 +365,7 @@ def truncated_svd(
             if route == "exact":
                 u, s, vh, residual = _exact(work, k, driver)
             else:
-                u, s, vh, residual = _randomized(work, k, oversample, niter, seed, driver)
+                u, s, vh, residual = _randomized(work, k, oversample, niter, seed, driver, total_energy)
         except torch.linalg.LinAlgError as e:
             last_error = e
             continue
@@ -322,7 +403,7 @@ def _exact(
 
 
 def _randomized(
-    delta: torch.Tensor, k: int, oversample: int, niter: int, seed: int, driver: str | None
+    delta: torch.Tensor, k: int, oversample: int, niter: int, seed: int, driver: str | None, total_energy: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     # Sketch the larger side so the Gaussian test matrix and the final small SVD are on the smaller one.
     # Each pass over the matrix costs out·in·width either way.
@@ -345,8 +426,12 @@ def _randomized(
     u = q @ u_small[:, :k]  # (big, k)
 
     # ‖M − Q Qᵀ M‖² is orthogonal to what the Ritz values account for, so the rank-k residual is that
-    # plus the Ritz values dropped from the sketch.
-    outside = _sum_squares(delta, q, projected) if is_tall else _sum_squares(delta, projected.T, q.T)
+    # plus the Ritz values dropped from the sketch. It is ‖M‖² − ‖Qᵀ M‖², whose fp32 rounding (≤ 1e-6 of
+    # ‖M‖²) is below 1e-4 of the difference once that is a percent of ‖M‖²; only a smaller one is worth
+    # another pass over M to measure directly.
+    outside = total_energy - float(s.double().square().sum())
+    if outside < _DIRECT_RESIDUAL_BELOW * total_energy:
+        outside = _sum_squares(delta, q, projected) if is_tall else _sum_squares(delta, projected.T, q.T)
     residual = outside + float(s[k:].double().square().sum())
     if is_tall:
         return u, s[:k], vh[:k], residual

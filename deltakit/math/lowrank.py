@@ -50,6 +50,9 @@ class SvdOptions:
     niter: int | None = None
     seed: int = 0
 
-    def run(self, matrix: torch.Tensor, rank: int, device: torch.device) -> TruncatedSVD:
+    def run(self, matrix: torch.Tensor, rank: int, device: torch.device,
+            total_energy: float | None = None) -> TruncatedSVD:
+        """``total_energy``: ‖matrix‖_F² where the caller already has it (saves a pass over the matrix)."""
         extra = {k: v for k, v in (("oversample", self.oversample), ("niter", self.niter)) if v is not None}
-        return truncated_svd(matrix, rank, method=self.method, seed=self.seed, device=device, **extra)
+        return truncated_svd(matrix, rank, method=self.method, seed=self.seed, device=device,
+                             total_energy=total_energy, **extra)

@@ -1,7 +1,12 @@
-"""One module's weight pair read from two checkpoints as ΔW on the math device: the step extract and inspect
-share before their math."""
+"""One tensor read from two checkpoints, and a weight pair turned into ΔW on the math device: the steps extract
+and inspect share before their math. Reading is separate from the math so that the next module can be read
+ahead (:func:`~deltakit.io.prefetch.prefetched`) while this one is factorized."""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -9,45 +14,77 @@ from deltakit.adapters.layers import WeightKind, to_out_in
 from deltakit.adapters.variants import DeltaPair
 from deltakit.errors import NonFiniteError
 from deltakit.io.checkpoint import Checkpoint
+from deltakit.math.factorize import DeltaBuffer
 from deltakit.math.norm_fold import fold_into_consumer
-from deltakit.math.values import all_finite, check_finite, same_values
+from deltakit.math.values import check_finite, same_values
 from deltakit.names import TensorName
 
 
-def read_delta(finetuned: Checkpoint, base: Checkpoint, weight: TensorName, kind: WeightKind, device: torch.device,
-               *, keep_finetuned: bool = False, column_scale: torch.Tensor | None = None) -> DeltaPair | None:
-    """W0 and ΔW = W_ft − W0 of one weight, fp32, (out, in), on ``device``; None if the two are equal.
+@dataclass(frozen=True)
+class StoredPair:
+    """One tensor as each checkpoint stores it, and where each came from (for errors)."""
+
+    name: TensorName
+    finetuned: torch.Tensor
+    base: torch.Tensor
+    finetuned_path: Path
+    base_path: Path
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteError naming the tensor and the checkpoint that holds a NaN or Inf."""
+        check_finite(self.base, self.name, self.base_path)
+        check_finite(self.finetuned, self.name, self.finetuned_path)
+
+
+def read_pair(finetuned: Checkpoint, base: Checkpoint, name: TensorName) -> StoredPair:
+    """Read one tensor from both checkpoints."""
+    return StoredPair(name, finetuned.get(name), base.get(name), finetuned.path, base.path)
+
+
+def delta_of(stored: StoredPair, kind: WeightKind, deltas: DeltaBuffer, *, keep_base: bool = False,
+             keep_finetuned: bool = False, column_scale: torch.Tensor | None = None) -> DeltaPair | None:
+    """ΔW = W_ft − W0 of one weight, fp32, (out, in), on the buffer's device, with ‖ΔW‖²; None if the two are
+    equal. ΔW lives in ``deltas`` (valid until its next use); W0 and W_ft are converted only when asked for.
 
     ``column_scale``: the g'/g of a changed norm this module reads, folded in first (ΔW = W_ft·diag(g'/g) − W0,
-    :mod:`deltakit.math.norm_fold`); W_ft then means the folded weight, and equal weights still have a ΔW.
-
-    Memory: the stored pair, then W0 and ΔW in fp32 (and W_ft with ``keep_finetuned``), never more.
+    :mod:`deltakit.math.norm_fold`); W_ft then means the folded weight, and equal weights still have a ΔW. The
+    folded readers are Linear layers, stored (out, in), so the scale applies to the stored columns.
 
     Raises:
         NonFiniteError: either input holds NaN or Inf (naming it), or ΔW overflows float32.
     """
-    base_w, ft_w = base.get(weight), finetuned.get(weight)
-    if column_scale is None and same_values(base_w, ft_w) and all_finite(base_w):
-        return None
-    base_m = to_out_in(base_w.to(device, torch.float32), kind)  # (out, in)
-    del base_w
-    delta = to_out_in(ft_w.to(device, torch.float32), kind)
-    del ft_w
+    finetuned = stored.finetuned
     if column_scale is not None:
-        fold_into_consumer(delta, column_scale)
-    ft_m = delta.clone() if keep_finetuned else None
-    delta.sub_(base_m)
-    if not all_finite(delta):
-        # Only now is the cost of reading both again worth it: it names the input that holds the NaN or Inf.
-        check_finite(base.get(weight), weight, base.path)
-        check_finite(finetuned.get(weight), weight, finetuned.path)
-        raise NonFiniteError("ΔW overflows float32", path=finetuned.path, tensor=weight)
-    return DeltaPair(base_m, delta, ft_m)
+        # A fp32 copy of W_ft with its columns scaled; the stored tensor is left as read.
+        finetuned = fold_into_consumer(finetuned.to(deltas.device, torch.float32, copy=True), column_scale)
+    delta, energy = deltas.form(finetuned, stored.base)
+    if energy == 0.0 and column_scale is None:  # every difference exactly 0: x − y = 0 only for x = y in IEEE
+        return None
+    if not math.isfinite(energy):
+        stored.check_finite()  # names the input that holds the NaN or Inf
+        raise NonFiniteError("ΔW overflows float32", path=stored.finetuned_path, tensor=stored.name)
+
+    def converted(weight: torch.Tensor, keep: bool) -> torch.Tensor | None:
+        return to_out_in(weight.to(deltas.device, torch.float32), kind) if keep else None
+
+    return DeltaPair(converted(stored.base, keep_base), to_out_in(delta, kind),
+                     converted(finetuned, keep_finetuned), energy)
 
 
-def is_changed(finetuned: Checkpoint, base: Checkpoint, name: TensorName) -> bool:
+def norm_of(tensor: torch.Tensor) -> float:
+    """‖tensor‖_F, summed in fp64 over blocks of rows (any float dtype, FP8 included; no full-size fp64 copy)."""
+    if tensor.numel() == 0:
+        return 0.0
+    rows = tensor.reshape(tensor.shape[0], -1) if tensor.dim() > 1 else tensor.reshape(1, -1)
+    step = max(1, (1 << 20) // max(1, rows.shape[1]))
+    total = 0.0
+    for block in rows.split(step):
+        widened = block.to(torch.float64).reshape(-1)
+        total += float(torch.dot(widened, widened))
+    return total**0.5
+
+
+def is_changed(stored: StoredPair) -> bool:
     """Whether a tensor differs between the checkpoints; NonFiniteError if either holds NaN or Inf."""
-    base_t, ft_t = base.get(name), finetuned.get(name)
-    check_finite(base_t, name, base.path)
-    check_finite(ft_t, name, finetuned.path)
-    return not same_values(base_t, ft_t)
+    stored.check_finite()
+    return not same_values(stored.base, stored.finetuned)

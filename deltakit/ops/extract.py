@@ -45,8 +45,9 @@ from deltakit.adapters.variants import DORA, LORA, AdapterVariant, Fit, FitSetti
 from deltakit.errors import InvalidOptionError, NothingToExtractError, shorten
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint, refuse_unsupported_weights
 from deltakit.io.dtypes import DTYPES, parse_dtype
+from deltakit.io.prefetch import prefetched
 from deltakit.io.writer import save_tensors, staged_output, write_json, write_text
-from deltakit.math.factorize import SvdMethod, TruncatedSVD, resolve_device
+from deltakit.math.factorize import DeltaBuffer, SvdMethod, TruncatedSVD, resolve_device
 from deltakit.math.lowrank import SvdOptions
 from deltakit.math.norm_fold import NotFoldableError, change_norms, scale_ratio
 from deltakit.math.quantize import FactorCodec, factor_codec
@@ -54,7 +55,7 @@ from deltakit.defaults import DEFAULT_WEIGHTING
 from deltakit.math.ranks import DEFAULT_RANK, ModelSize, ModuleSpectrum, RankPolicy, Weighting, rank_policy
 from deltakit.names import ModuleName, TensorName, matches_peft_pattern, split_tensor_name
 from deltakit.ops.calibrate import CALIB_SEQ_LEN, CALIB_TOKENS, calibrate, check_calibration
-from deltakit.ops.delta import is_changed, read_delta
+from deltakit.ops.delta import StoredPair, delta_of, is_changed, norm_of, read_pair
 from deltakit.ops.plan import (
     ExtractPlan,
     ModuleFates,
@@ -94,7 +95,7 @@ def _read_folds(finetuned: Checkpoint, base: Checkpoint, folds: list[NormFold],
     """Each foldable norm's g'/g (two small 1-D reads per norm), for its readers."""
     result = _Folds(unfoldable=dict(unfoldable))
     for fold in folds:
-        if not is_changed(finetuned, base, fold.weight):
+        if not is_changed(read_pair(finetuned, base, fold.weight)):
             continue
         try:
             ratio = scale_ratio(base.get(fold.weight), finetuned.get(fold.weight))
@@ -158,12 +159,21 @@ class _ModuleResult:
     unchanged: int
 
 
-def _fit_weight(run: _Run, module: ModulePlan) -> _Factorized | None:
+def _read_module(run: _Run, module: ModulePlan) -> dict[TensorName, StoredPair]:
+    """Every tensor of the module that both checkpoints hold at the same shape: what its step may compare."""
+    return {name: read_pair(run.finetuned, run.base, name) for name in module.tensors
+            if name not in module.new_in_finetuned and name not in module.resized}
+
+
+def _fit_weight(run: _Run, module: ModulePlan, stored: StoredPair, deltas: DeltaBuffer) -> _Factorized | None:
     """Fit the module's weight; None if it did not change."""
     started = time.perf_counter()
     column_scale = run.folds.ratios.get(module.module)  # a changed norm feeds this module: its ΔW takes the change
-    pair = read_delta(run.finetuned, run.base, module.weight, module.kind, run.fit.device,
-                      keep_finetuned=run.variant.needs_finetuned, column_scale=column_scale)
+    needs_weights = run.variant.needs_weights
+    pair = delta_of(stored, module.kind, deltas, keep_base=needs_weights, keep_finetuned=needs_weights,
+                    column_scale=column_scale)
+    base_norm = norm_of(stored.base) if pair is not None else 0.0
+    del stored  # the caller no longer holds it: the stored pair is freed before the SVD
     if pair is None:
         return None
     shape = tuple(run.finetuned.info(module.weight).shape)
@@ -174,7 +184,6 @@ def _fit_weight(run: _Run, module: ModulePlan) -> _Factorized | None:
     if column_scale is not None:
         note = "; ".join(filter(None, [note, "ΔW includes the scale change of the norm it reads"]))
     dtype = run.dtype or run.base.info(module.weight).dtype
-    base_norm = float(torch.linalg.vector_norm(pair.base, dtype=torch.float64))
     fit = run.variant.fit(pair, min(wanted, min(out_in)),
                           lambda s, total: run.policy.choose(module.module, s, total, out_in),
                           module.module, module.kind, dtype, run.fit)
@@ -190,9 +199,12 @@ def _measured(run: _Run, fate: TensorFate) -> TensorFate:
     return replace(fate, change_norm=change, relative_change=change / scale if scale > 0 else None)
 
 
-def _extract_module(run: _Run, module: ModulePlan) -> _ModuleResult:
+def _extract_module(run: _Run, module: ModulePlan, stored: dict[TensorName, StoredPair],
+                    deltas: DeltaBuffer) -> _ModuleResult:
     """Fit the module's weight (unless the profile's reader cannot take LoRA on it), report the norms folded into
-    other modules, and decide what becomes of its other changed tensors."""
+    other modules, and decide what becomes of its other changed tensors. ``stored``: the module's tensors as
+    :func:`_read_module` read them; the weight's pair is taken out of it (and freed) once ΔW is formed.
+    ``deltas``: where ΔW is formed."""
     factorized = None
     compared = set(module.new_in_finetuned) | set(module.resized)
     fates = ModuleFates()
@@ -208,7 +220,7 @@ def _extract_module(run: _Run, module: ModulePlan) -> _ModuleResult:
     elif refusal is not None:
         reasons[module.weight] = refusal  # left to the rules for changed tensors that are not factorized
     elif module.weight is not None and module.is_selected:
-        factorized = _fit_weight(run, module)
+        factorized = _fit_weight(run, module, stored.pop(module.weight), deltas)
         compared.add(module.weight)
         if factorized is not None and tied is not None:
             # The tied head sees the embedding's delta too: store the same factors, transposed, as its Linear
@@ -221,7 +233,7 @@ def _extract_module(run: _Run, module: ModulePlan) -> _ModuleResult:
         readers = ", ".join(r.rpartition(".")[2] for r in run.folds.folded[name].readers)
         fates.fates.append(TensorFate(name, "folded", f"scale change folded into {readers}"))
     compared.update(folded)
-    changed = [n for n in module.tensors if n not in compared and is_changed(run.finetuned, run.base, n)]
+    changed = [n for n in module.tensors if n not in compared and is_changed(stored[n])]
     changed += module.new_in_finetuned + list(module.resized)
     rest = module_fates(run.plan, module, changed, factorized=factorized is not None, carry=run.carry,
                         profile=run.profile, reasons=reasons)
@@ -236,7 +248,7 @@ def _extract_module(run: _Run, module: ModulePlan) -> _ModuleResult:
 def _extract_tied_bias(run: _Run, head_factorized: bool) -> _ModuleResult:
     """The tied head's bias lives under another module's name (BERT's cls.predictions.bias)."""
     tied = run.plan.tied
-    if tied is None or tied.bias is None or not is_changed(run.finetuned, run.base, tied.bias):
+    if tied is None or tied.bias is None or not is_changed(read_pair(run.finetuned, run.base, tied.bias)):
         return _ModuleResult(None, ModuleFates(), int(tied is not None and tied.bias is not None))
     fates = tied_bias_fates(tied, head_factorized=head_factorized, carry=run.carry, profile=run.profile)
     fates.fates = [_measured(run, f) if f.fate == "dropped" else f for f in fates.fates]
@@ -289,13 +301,19 @@ def _extract_modules(run: _Run, spill: _Spill, progress: bool) -> _Results:
     total = sum(run.finetuned.info(n).nbytes for p in run.plan.modules for n in p.tensors)
     with tqdm(total=total, unit="B", unit_scale=True, desc="extract", disable=not progress,
               dynamic_ncols=True) as bar:
-        for i, module_plan in enumerate(run.plan.modules):
-            result = _extract_module(run, module_plan)
-            if result.factorized is not None and result.factorized.fit.pending is not None:
-                result = replace(result, factorized=spill.put(result.factorized))
-            results.modules.append(result)
-            bar.update(sum(run.finetuned.info(n).nbytes for n in module_plan.tensors))
-            bar.set_postfix_str(f"{i + 1}/{len(run.plan.modules)} modules", refresh=False)
+        deltas = DeltaBuffer(run.fit.device)
+        # The next module's tensors are read while this one's SVD runs; one module ahead keeps memory at a few
+        # tensors.
+        reads = ((module_plan, _read_module(run, module_plan)) for module_plan in run.plan.modules)
+        with prefetched(reads, depth=1) as modules:
+            for i, (module_plan, stored) in enumerate(modules):
+                result = _extract_module(run, module_plan, stored, deltas)
+                del stored
+                if result.factorized is not None and result.factorized.fit.pending is not None:
+                    result = replace(result, factorized=spill.put(result.factorized))
+                results.modules.append(result)
+                bar.update(sum(run.finetuned.info(n).nbytes for n in module_plan.tensors))
+                bar.set_postfix_str(f"{i + 1}/{len(run.plan.modules)} modules", refresh=False)
         results.modules.append(_extract_tied_bias(run, any(f.tied_head for f in results.factorized)))
     return results
 

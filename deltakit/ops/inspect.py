@@ -28,12 +28,12 @@ from deltakit.defaults import DEFAULT_INSPECT_RANKS
 from deltakit.ops import plots
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint, refuse_unsupported_weights
 from deltakit.errors import InvalidOptionError, NothingToExtractError
-from deltakit.math.factorize import SvdMethod, resolve_device, truncated_svd
+from deltakit.math.factorize import DeltaBuffer, SvdMethod, resolve_device, truncated_svd
 from deltakit.names import ModuleName
 from deltakit.adapters.layers import out_in_shape
 from deltakit.math.whiten import DEFAULT_DAMPING, whitened_svd, whitening
 from deltakit.ops.calibrate import CALIB_SEQ_LEN, CALIB_TOKENS, InputMoments, calibrate, check_calibration
-from deltakit.ops.delta import read_delta
+from deltakit.ops.delta import delta_of, read_pair
 from deltakit.ops.plan import ExtractPlan, plan_extract
 from deltakit.math.ranks import (
     DEFAULT_MAX_RANK,
@@ -340,9 +340,10 @@ def _measure(report: InspectReport, plan: ExtractPlan, ft_ckpt: Checkpoint, base
     """Every selected weight's spectrum (and, calibrated, its whitened spectrum) into ``report``."""
     jobs = [p for p in plan.modules if p.weight is not None and p.is_selected]
     base_dtypes: Counter[torch.dtype] = Counter()
+    deltas = DeltaBuffer(math_device)
     for module_plan in tqdm(jobs, desc="inspect", unit="module", disable=not progress, dynamic_ncols=True):
         weight = module_plan.weight
-        pair = read_delta(ft_ckpt, base_ckpt, weight, module_plan.kind, math_device)
+        pair = delta_of(read_pair(ft_ckpt, base_ckpt, weight), module_plan.kind, deltas, keep_base=True)
         if pair is None:
             report.unchanged += 1
             continue
@@ -351,7 +352,7 @@ def _measure(report: InspectReport, plan: ExtractPlan, ft_ckpt: Checkpoint, base
         pair.base = None  # only its norm is needed: free it before the SVD
         out_in = out_in_shape(tuple(ft_ckpt.info(weight).shape), module_plan.kind)
         rank = min(max_rank, min(out_in))
-        result = truncated_svd(pair.delta, rank, method=svd, device=math_device)
+        result = truncated_svd(pair.delta, rank, method=svd, device=math_device, total_energy=pair.energy)
         inspection = _inspection(module_plan.module, module_plan.kind.value, tuple(ft_ckpt.info(weight).shape),
                                  out_in, base_norm, result.s, result.total_energy, result.method, ranks, max_rank)
         moment = moments.moment(module_plan.module) if moments is not None else None

@@ -7,7 +7,7 @@ base's shards, index, tensor order, dtypes and metadata, copies what no adapter 
 each changed tensor's raw bytes to the transform. The transform works in blocks of rows of the (out, in) matrix:
 every variant's step is row-local (:class:`~deltakit.adapters.variants.BlockStep`), so the fp32 working set is
 one block, and the result is written over the tensor's own bytes when the dtype stays the same. Peak memory is
-the mirror's two buffers, a block, and the adapters (held whole; they are small), whatever the shard or model
+the mirror's three buffers, a block, and the adapters (held whole; they are small), whatever the shard or model
 size. The output is built in a staging sibling and renamed into place only when complete.
 
 Semantics, with W0 the base weight, ΔW_k = w_k · s_k · B_k @ A_k (w_k the merge weight, s_k the adapter's
