@@ -682,3 +682,23 @@ def dequantize_fp8_by_hand(codes: torch.Tensor, scale_inv: torch.Tensor, block: 
     rows = torch.arange(codes.shape[0])[:, None] // block[0]
     cols = torch.arange(codes.shape[1])[None, :] // block[1]
     return codes.float() * scale_inv.float()[rows, cols]
+
+
+def peft_model(pair, adapter_dir: Path) -> "nn.Module":
+    """PEFT's load of ``adapter_dir`` onto a fresh copy of ``pair``'s base, failing on missing or unexpected adapter
+    keys (``from_pretrained`` drops unexpected keys silently, so they are checked with a second load)."""
+    import warnings
+
+    from peft import PeftModel, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    base = load_model(pair.base_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(base, adapter_dir)
+    missing = [str(w.message) for w in caught if "missing adapter keys" in str(w.message)]
+    assert not missing, missing
+    result = set_peft_model_state_dict(model, load_peft_weights(str(adapter_dir)), adapter_name="default")
+    assert result.unexpected_keys == []
+    assert [k for k in result.missing_keys if "lora_" in k] == []
+    return model.eval()

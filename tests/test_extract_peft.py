@@ -9,13 +9,10 @@ again with ``set_peft_model_state_dict``, which reports them).
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
-from builders import ModelPair, load_model, logits
-from peft import PeftModel
-from peft.utils import load_peft_weights, set_peft_model_state_dict
+from builders import ModelPair, load_model, logits, peft_model
 
 import deltakit
 from deltakit.math.dora import apply_dora
@@ -25,18 +22,6 @@ PAIRS = ["llama_pair", "qwen2_pair", "bert_pair", "gpt2_pair", "llama_tied_pair"
 INPUT_IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(7))
 
 
-def _peft_model(pair: ModelPair, adapter_dir) -> PeftModel:
-    """Load the adapter onto a fresh base with PEFT; fail on missing or unexpected adapter keys."""
-    base = load_model(pair.base_dir)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = PeftModel.from_pretrained(base, adapter_dir)
-    missing = [str(w.message) for w in caught if "missing adapter keys" in str(w.message)]
-    assert not missing, missing
-    result = set_peft_model_state_dict(model, load_peft_weights(str(adapter_dir)), adapter_name="default")
-    assert result.unexpected_keys == []
-    assert [k for k in result.missing_keys if "lora_" in k] == []
-    return model.eval()
 
 
 def _apply_directly(pair: ModelPair, adapter_dir) -> torch.nn.Module:
@@ -79,7 +64,7 @@ def test_full_rank_adapter_reproduces_finetune_in_peft(pair_name, request, tmp_p
     assert report.modules and max(m.relative_error for m in report.modules) < 1e-5
     assert not report.fates("dropped"), report.fates("dropped")
     expected = logits(pair.ft_dir, INPUT_IDS)
-    got = logits(_peft_model(pair, tmp_path / "adapter"), INPUT_IDS)
+    got = logits(peft_model(pair, tmp_path / "adapter"), INPUT_IDS)
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
 
 
@@ -91,7 +76,7 @@ def test_low_rank_peft_output_equals_direct_application(pair_name, request, tmp_
                      rank_pattern=[(r"(mlp|intermediate)\..*", 5)])  # every arch has such modules
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 3 and config["lora_alpha"] == 5.0 and config["use_rslora"] is True
-    got = logits(_peft_model(pair, tmp_path / "adapter"), INPUT_IDS)
+    got = logits(peft_model(pair, tmp_path / "adapter"), INPUT_IDS)
     expected = logits(_apply_directly(pair, tmp_path / "adapter"), INPUT_IDS)
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
     assert not torch.allclose(expected, logits(pair.ft_dir, INPUT_IDS), atol=1e-3)  # rank 3 is lossy here
@@ -100,7 +85,7 @@ def test_low_rank_peft_output_equals_direct_application(pair_name, request, tmp_
 def test_rank_pattern_reaches_peft_per_module(llama_pair, tmp_path):
     deltakit.extract(llama_pair.ft_dir, llama_pair.base_dir, tmp_path / "a", rank=4,
                      rank_pattern=[(r"mlp\.down_proj", 7), (r"layers\.1\..*", 2)])
-    model = _peft_model(llama_pair, tmp_path / "a")
+    model = peft_model(llama_pair, tmp_path / "a")
     layers = model.base_model.model.model.layers
     assert layers[0].mlp.down_proj.r["default"] == 7
     assert layers[1].mlp.down_proj.r["default"] == 7  # first matching pattern wins, as in PEFT
@@ -120,7 +105,7 @@ def test_dora_full_rank_reproduces_finetune_in_peft(pair_name, request, tmp_path
         # PEFT cannot tie DoRA magnitudes across embedding and head: the tied embedding is dropped, and said so.
         assert [t.tensor for t in report.fates("dropped")] == ["transformer.wte.weight"]
         return
-    got = logits(_peft_model(pair, tmp_path / "dora"), INPUT_IDS)
+    got = logits(peft_model(pair, tmp_path / "dora"), INPUT_IDS)
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
 
 
@@ -128,7 +113,7 @@ def test_dora_full_rank_reproduces_finetune_in_peft(pair_name, request, tmp_path
 def test_dora_low_rank_peft_output_equals_direct_application(pair_name, request, tmp_path):
     pair = request.getfixturevalue(pair_name)
     deltakit.extract(pair.ft_dir, pair.base_dir, tmp_path / "dora", rank=4, alpha=8.0, dora=True)
-    got = logits(_peft_model(pair, tmp_path / "dora"), INPUT_IDS)
+    got = logits(peft_model(pair, tmp_path / "dora"), INPUT_IDS)
     expected = logits(_apply_directly(pair, tmp_path / "dora"), INPUT_IDS)
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
 
@@ -140,7 +125,7 @@ def test_bf16_sharded_checkpoint_extracts_and_loads(llama_pair_bf16_sharded, tmp
     weights = deltakit.open_checkpoint(tmp_path / "a" / "adapter_model.safetensors")
     assert {weights.info(n).dtype for n in weights} == {torch.bfloat16}
     expected = logits(pair.ft_dir, INPUT_IDS)
-    got = logits(_peft_model(pair, tmp_path / "a"), INPUT_IDS)
+    got = logits(peft_model(pair, tmp_path / "a"), INPUT_IDS)
     # bf16 factors of a full-rank delta: the rounding of B and A is what remains.
     assert (got - expected).abs().max() < 0.05 * expected.abs().max()
 
@@ -152,7 +137,7 @@ def test_budget_adapter_loads_in_peft_with_its_per_module_ranks(pair_name, reque
     report = deltakit.extract(pair.ft_dir, pair.base_dir, tmp_path / "a", avg_rank=3, alpha=4.0,
                               budget_weighting="absolute")
     assert len({m.rank for m in report.modules}) > 1  # the allocation is not uniform on a real fine-tune
-    model = _peft_model(pair, tmp_path / "a")
+    model = peft_model(pair, tmp_path / "a")
     for m in report.modules:
         assert model.get_submodule(f"base_model.model.{m.module}").r["default"] == m.rank, m.module
     got = logits(model, INPUT_IDS)

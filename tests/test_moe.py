@@ -4,14 +4,11 @@ match PEFT's merge_and_unload (adapters/moe.py has the rules these tests hold de
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from builders import MoePair, load_model, logits
-from peft import PeftModel
-from peft.utils import load_peft_weights, set_peft_model_state_dict
+from builders import MoePair, logits, peft_model
 from safetensors.torch import load_file
 
 import deltakit
@@ -21,18 +18,6 @@ PAIRS = ["mixtral_pair", "qwen3_moe_pair"]
 INPUT_IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(7))
 
 
-def _peft_model(pair: MoePair, adapter_dir: Path) -> PeftModel:
-    """PEFT's load onto a fresh base, failing on missing or unexpected adapter keys (the MoE conversion included)."""
-    base = load_model(pair.base_dir)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = PeftModel.from_pretrained(base, adapter_dir)
-    missing = [str(w.message) for w in caught if "missing adapter keys" in str(w.message)]
-    assert not missing, missing
-    result = set_peft_model_state_dict(model, load_peft_weights(str(adapter_dir)), adapter_name="default")
-    assert result.unexpected_keys == []
-    assert [k for k in result.missing_keys if "lora_" in k] == []
-    return model.eval()
 
 
 def _weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
@@ -63,7 +48,7 @@ def test_full_rank_moe_adapter_loads_in_peft_and_reproduces_the_finetune(pair_na
     assert "changed 3/4" in card and "unchanged [1]" in card
     assert any("changed 3/4" in line for line in report.summary_lines())
     expected = logits(pair.ft_dir, INPUT_IDS)
-    got = logits(_peft_model(pair, tmp_path / "a"), INPUT_IDS)
+    got = logits(peft_model(pair, tmp_path / "a"), INPUT_IDS)
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
 
 
@@ -78,9 +63,9 @@ def test_low_rank_moe_merge_and_unmerge_match_peft_merge_and_unload(pair_name, r
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["r"] == 6 and config["lora_alpha"] == 5.0 and not config["rank_pattern"]
     assert all(layer["max_relative_error"]["0"] > 0.1 for layer in report.experts)  # lossy: the test can tell
-    peft_model = _peft_model(pair, tmp_path / "a")
-    peft_logits = logits(peft_model, INPUT_IDS)
-    peft_model.merge_and_unload().save_pretrained(tmp_path / "peft_merged")
+    loaded = peft_model(pair, tmp_path / "a")
+    peft_logits = logits(loaded, INPUT_IDS)
+    loaded.merge_and_unload().save_pretrained(tmp_path / "peft_merged")
     deltakit.merge(pair.base_dir, [tmp_path / "a"], tmp_path / "merged")
     ours, theirs = _weights(tmp_path / "merged"), _weights(tmp_path / "peft_merged")
     assert ours.keys() == theirs.keys()
@@ -101,7 +86,7 @@ def test_excluded_experts_are_zero_filled_and_reported_as_dropped(mixtral_pair, 
     assert dropped == {n for n in _expert_weights(pair) if ".experts.2." in n}
     assert [layer["changed"] for layer in report.experts] == [[0, 2, 3]] * 2  # changed, though not in the adapter
     assert [layer["max_relative_error"]["2"] for layer in report.experts] == [1.0, 1.0]
-    _peft_model(pair, tmp_path / "a")  # still loads: the excluded experts are zeros
+    peft_model(pair, tmp_path / "a")  # still loads: the excluded experts are zeros
 
 
 @pytest.mark.parametrize(("option", "words"), [({"dora": True}, "reject DoRA"), ({"use_rslora": True}, "√2")])
@@ -118,7 +103,7 @@ def test_dora_without_the_experts_loads_in_peft(qwen3_moe_pair, tmp_path):
     deltakit.extract(pair.ft_dir, pair.base_dir, tmp_path / "a", rank=128, svd="exact", dora=True,
                      exclude=[r"experts|mlp\.gate$"])
     assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["use_dora"] is True
-    _peft_model(pair, tmp_path / "a")
+    peft_model(pair, tmp_path / "a")
 
 
 def test_dense_mlp_in_a_moe_model_is_carried_since_peft_claims_its_names(tmp_path):
@@ -133,7 +118,7 @@ def test_dense_mlp_in_a_moe_model_is_carried_since_peft_claims_its_names(tmp_pat
     assert sorted(m for m in config["modules_to_save"] if ".mlp." in m) == dense
     assert not [m.module for m in report.modules if m.module in dense]
     assert [layer["block"] for layer in report.experts] == ["model.layers.0.mlp"]
-    torch.testing.assert_close(logits(_peft_model(pair, tmp_path / "a"), INPUT_IDS), logits(pair.ft_dir, INPUT_IDS),
+    torch.testing.assert_close(logits(peft_model(pair, tmp_path / "a"), INPUT_IDS), logits(pair.ft_dir, INPUT_IDS),
                                atol=2e-4, rtol=1e-4)
 
 
@@ -145,6 +130,6 @@ def test_stacked_moe_adapters_load_in_peft(mixtral_pair, tmp_path):
     deltakit.stack([tmp_path / "a", tmp_path / "b"], tmp_path / "s", energy=0.9)
     config = json.loads((tmp_path / "s" / "adapter_config.json").read_text())
     assert not [k for k in config["rank_pattern"] if "experts" in k]
-    stacked = logits(_peft_model(pair, tmp_path / "s"), INPUT_IDS)
+    stacked = logits(peft_model(pair, tmp_path / "s"), INPUT_IDS)
     deltakit.merge(pair.base_dir, [tmp_path / "s"], tmp_path / "merged")
     torch.testing.assert_close(stacked, logits(tmp_path / "merged", INPUT_IDS), atol=2e-4, rtol=1e-4)
