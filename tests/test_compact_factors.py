@@ -11,10 +11,10 @@ import json
 
 import pytest
 import torch
-from builders import ModelPair, load_model, logits
+from builders import ModelPair, load_model, logits, peft_model
 from click.testing import CliRunner
 from peft import PeftModel
-from test_extract_peft import INPUT_IDS, _apply_directly, _peft_model
+from test_extract_peft import INPUT_IDS, _apply_directly
 
 import deltakit
 from deltakit.adapters.layers import WeightKind
@@ -45,7 +45,7 @@ def test_compact_adapter_loads_in_peft_as_written(pair_name, factor_dtype, reque
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     modules = {k.removeprefix("base_model.model.").split(".lora_")[0] for k in factor_keys}
     assert len(config["alpha_pattern"]) == len(modules)  # every module carries its own scales
-    model = _peft_model(pair, adapter_dir)
+    model = peft_model(pair, adapter_dir)
     lora_dtypes = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
     assert lora_dtypes == {torch.float32}  # PEFT copied the 8-bit values into its float parameters
     got = logits(model, INPUT_IDS)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import ModelPair, load_model, logits, make_perturbed_pair, write_safetensors_pair
+from builders import ModelPair, load_model, logits, make_perturbed_pair, peft_model, write_safetensors_pair
 from safetensors.torch import load_file
-from test_extract_peft import INPUT_IDS, _peft_model
+from test_extract_peft import INPUT_IDS
 from torch import nn
 
 import deltakit
@@ -137,7 +137,7 @@ def test_llama_full_finetune_reproduced_without_modules_to_save(llama_pair, tmp_
     assert all(t.relative_change > 0.01 for t in report.fates("folded"))  # they did change
     assert report.fates("dropped") == [] and report.fates("carried") == []
     expected = logits(llama_pair.ft_dir, INPUT_IDS)
-    torch.testing.assert_close(logits(_peft_model(llama_pair, tmp_path / "a"), INPUT_IDS), expected,
+    torch.testing.assert_close(logits(peft_model(llama_pair, tmp_path / "a"), INPUT_IDS), expected,
                                atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(logits(_apply_as_vllm(llama_pair, tmp_path / "a"), INPUT_IDS), expected,
                                atol=2e-4, rtol=1e-4)
@@ -160,7 +160,7 @@ def test_qwen2_norm_changes_reproduced_without_modules_to_save(qwen2_norms_pair,
     assert len(report.fates("folded")) == 4 and report.fates("dropped") == []
     expected = logits(pair.ft_dir, INPUT_IDS)
     assert not torch.allclose(logits(pair.base_dir, INPUT_IDS), expected, atol=1e-2)
-    torch.testing.assert_close(logits(_peft_model(pair, tmp_path / "a"), INPUT_IDS), expected, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(logits(peft_model(pair, tmp_path / "a"), INPUT_IDS), expected, atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(logits(_apply_as_vllm(pair, tmp_path / "a"), INPUT_IDS), expected,
                                atol=2e-4, rtol=1e-4)
 
@@ -195,7 +195,7 @@ def test_per_module_ranks_and_alpha_are_right_under_one_scaling(llama_pair, tmp_
     assert config["r"] == max(ranks) and config["lora_alpha"] == 5.0 and config["use_rslora"] is True
     assert vllm_violations(tmp_path / "a", load_model(llama_pair.base_dir)) == []
     torch.testing.assert_close(logits(_apply_as_vllm(llama_pair, tmp_path / "a"), INPUT_IDS),
-                               logits(_peft_model(llama_pair, tmp_path / "a"), INPUT_IDS), atol=2e-4, rtol=1e-4)
+                               logits(peft_model(llama_pair, tmp_path / "a"), INPUT_IDS), atol=2e-4, rtol=1e-4)
 
 
 def test_tied_head_keeps_its_lora_and_reports_the_final_norm(llama_tied_pair, tmp_path):
@@ -205,7 +205,7 @@ def test_tied_head_keeps_its_lora_and_reports_the_final_norm(llama_tied_pair, tm
     assert vllm_violations(tmp_path / "a", load_model(llama_tied_pair.base_dir)) == []
     [dropped] = report.fates("dropped")
     assert dropped.tensor == "model.norm.weight" and "tied" in dropped.reason and dropped.relative_change > 0
-    _peft_model(llama_tied_pair, tmp_path / "a")  # loads with no missing or unexpected keys
+    peft_model(llama_tied_pair, tmp_path / "a")  # loads with no missing or unexpected keys
 
 
 # --- refusals, one line each, before any work ----------------------------------------------------------------
