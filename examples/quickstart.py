@@ -1,6 +1,6 @@
 """deltakit quickstart: a real fine-tune, extracted into LoRA adapters at a few ranks, merged back, evaluated.
 
-Runs on a CPU in well under a minute, with no downloads:
+Runs on a CPU in about 8 s (7.9 s wall on 2 idle cores, torch 2.13), with no downloads:
 
 1. pretrain a small Llama-shaped transformer a little on modular addition  (a + b = ?)  → the *base*;
 2. fully fine-tune every parameter of it on modular multiplication         (a * b = ?)  → the *fine-tune*;
