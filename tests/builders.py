@@ -255,6 +255,15 @@ def save_checkpoint(
     return out_dir
 
 
+def _fresh_pair_dirs(root: Path | str, maker: str) -> tuple[Path, Path]:
+    """``root/base`` and ``root/finetuned``, neither of which may exist yet."""
+    base_dir, ft_dir = Path(root) / "base", Path(root) / "finetuned"
+    for out_dir in (base_dir, ft_dir):
+        if out_dir.exists():
+            raise FileExistsError(f"{out_dir} exists; give {maker} a fresh root")
+    return base_dir, ft_dir
+
+
 def make_pair(
     root: Path,
     arch: str,
@@ -285,11 +294,7 @@ def make_pair(
     Raises:
         FileExistsError: ``root/base`` or ``root/finetuned`` exists.
     """
-    root = Path(root)
-    base_dir, ft_dir = root / "base", root / "finetuned"
-    for out_dir in (base_dir, ft_dir):
-        if out_dir.exists():
-            raise FileExistsError(f"{out_dir} exists; give make_pair a fresh root")
+    base_dir, ft_dir = _fresh_pair_dirs(root, "make_pair")
     model = build_model(arch, seed=seed, **config_overrides)
     save_checkpoint(model, base_dir, dtype=dtype, max_shard_size=max_shard_size)
     finetune(model, steps=steps, seed=seed + 1)
@@ -604,11 +609,7 @@ def make_moe_pair(root: Path, arch: str, *, unchanged_experts: tuple[int, ...] =
     Raises:
         FileExistsError: ``root/base`` or ``root/finetuned`` exists.
     """
-    root = Path(root)
-    base_dir, ft_dir = root / "base", root / "finetuned"
-    for out_dir in (base_dir, ft_dir):
-        if out_dir.exists():
-            raise FileExistsError(f"{out_dir} exists; give make_moe_pair a fresh root")
+    base_dir, ft_dir = _fresh_pair_dirs(root, "make_moe_pair")
     config = tiny_moe_config(arch, **config_overrides)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.random.fork_rng(devices=[]):
