@@ -308,6 +308,14 @@ def budget(weighting: str, factor_dtype: str | None = None) -> Route:
     return route
 
 
+def calibrated(source: Callable[[Pair], str | Path]) -> Route:
+    """Output-aware fitting (``--calib``) at uniform rank, calibrated on ``source(pair)``; its factors take the
+    bytes of plain SVD's at the same rank, so equal bytes is equal rank."""
+    def route(pair: Pair, size: Size, out_dir: Path) -> None:
+        deltakit.extract(pair.finetuned, pair.base, out_dir, rank=size.rank, calib=source(pair), overwrite=True)
+    return route
+
+
 BASELINE = "plain SVD"
 ROUTES: dict[str, Route] = {
     BASELINE: uniform(),
@@ -317,6 +325,8 @@ ROUTES: dict[str, Route] = {
     "budget relative": budget("relative"),
     "int8 + budget absolute": budget("absolute", "int8"),
     "int8 + budget relative": budget("relative", "int8"),
+    "calib-self": calibrated(lambda pair: "self"),
+    "calib-text": calibrated(lambda pair: pair.calib_text),
 }
 
 

@@ -118,7 +118,7 @@ def _block_moments(model: BlockwiseModel, weights, index: int, hidden: torch.Ten
     """Collect one block's input moments from given hidden states (collect_moments with the embedding skipped)."""
     from deltakit.ops import calibrate
 
-    moments = calibrate.InputMoments(spill)
+    moments = calibrate.CalibrationMoments(spill)
     block = model.load(weights, model.block_name(index))
     hooks = calibrate._MomentHooks(block, model.block_name(index),
                                    lambda n: model.tensor_name(weights, f"{n}.weight").removesuffix(".weight"))
@@ -126,7 +126,7 @@ def _block_moments(model: BlockwiseModel, weights, index: int, hidden: torch.Ten
     hooks.next_batch(odd)
     model.run_block(block, hidden)
     hooks.remove()
-    calibrate._spill(moments, "block.safetensors", hooks.moments)
+    calibrate._spill(moments, moments.sites, "block.safetensors", hooks.moments)
     return moments
 
 

@@ -76,7 +76,7 @@ def test_modules_sharing_an_input_share_one_moment(llama_pair: ModelPair, tmp_pa
 
 
 def test_at_most_one_block_is_resident(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each block is dropped before the next is built, for collection and for sampling alike."""
+    """Each block is dropped before the next is built, for collection (forward, then backward) and for sampling."""
     pair = make_pair(tmp_path / "deep", "llama", steps=1, num_hidden_layers=4)
     ckpt = open_checkpoint(pair.ft_dir)
     model = BlockwiseModel(ckpt, CPU)
@@ -96,7 +96,7 @@ def test_at_most_one_block_is_resident(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(BlockwiseModel, "load", counting_load)
     collect_moments(model, ckpt, _ids(), tmp_path / "moments")
     sample_sequences(model, ckpt, sequences=2, seq_len=4)
-    assert len(built) == 4 + 3 * 4
+    assert len(built) == 2 * 4 + 3 * 4
     assert most_alive == 0  # no block still referenced when the next one is built
 
 
@@ -201,3 +201,61 @@ def test_sequences_never_exceed_the_models_positions(gpt2_pair: ModelPair, tmp_p
     ft, base = open_checkpoint(gpt2_pair.ft_dir), open_checkpoint(gpt2_pair.base_dir)
     calibration, _ = calibrate("self", ft, base, tmp_path, tokens=128, seq_len=256)
     assert calibration.token_ids.shape == (2, 64) and calibration.describe()["seq_len"] == 64
+
+
+@pytest.mark.parametrize("fixture", ["llama_pair", "gpt2_pair"])
+def test_blockwise_gradient_moments_equal_the_full_backward(fixture: str, request: pytest.FixtureRequest,
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """E[ggᵀ] at every module's output from the block-by-block backward pass equals the one transformers' own
+    full backward gives for the same labels; the head keeps its diagonal, a tied embedding has none."""
+    pair: ModelPair = request.getfixturevalue(fixture)
+    ids = _ids()
+    drawn: list[torch.Tensor] = []
+    original = calib.fisher_labels
+
+    def recording(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        drawn.append(original(logits, generator))
+        return drawn[-1]
+
+    monkeypatch.setattr(calib, "fisher_labels", recording)
+    ckpt = open_checkpoint(pair.ft_dir)
+    moments = collect_moments(BlockwiseModel(ckpt, CPU), ckpt, ids, tmp_path)
+    assert not list(tmp_path.glob("hidden-*"))  # the spilled hidden states are gone once used
+
+    model = load_model(pair.ft_dir)
+    gradients: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if type(module).__name__ in ("Linear", "Conv1D", "Embedding"):
+            def keep(_module, _inputs, output, name=name):
+                output.register_hook(lambda g: gradients.__setitem__(name, g.detach().double()))
+            module.register_forward_hook(keep)
+    logits = model(input_ids=ids).logits
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.cat(drawn).flatten(), reduction="sum").backward()
+
+    odd = torch.arange(ids.shape[0]) % 2 == 1
+    if pair.arch == "gpt2":  # the tied embedding is also the head: weighted by its inputs only
+        assert "transformer.wte" not in moments.output_sites and "lm_head" not in moments.output_sites
+        expected = {n for n in gradients if n.startswith("transformer.h.")}
+    else:
+        expected = set(gradients)
+    assert expected == set(moments.output_sites)
+    for name in expected:
+        g = gradients[name]  # (sequences, seq_len, out)
+        halves = [(h.reshape(-1, h.shape[-1]).T @ h.reshape(-1, h.shape[-1])) / h[..., 0].numel()
+                  for h in (g[~odd], g[odd])]
+        whole = (halves[0] + halves[1]) / 2
+        if name == "lm_head":
+            halves, whole = [h.diagonal() for h in halves], whole.diagonal()
+        torch.testing.assert_close(moments.output_moment(name).double(), whole, rtol=1e-4, atol=1e-7)
+        for ours, theirs in zip(moments.output_halves(name), halves):
+            torch.testing.assert_close(ours.double(), theirs, rtol=1e-4, atol=1e-7)
+
+
+def test_self_pools_samples_of_the_base_model(llama_pair: ModelPair, tmp_path: Path) -> None:
+    """``self`` draws a quarter of its sequences from the base model (seed + 1), the rest from the fine-tune."""
+    ft, base = open_checkpoint(llama_pair.ft_dir), open_checkpoint(llama_pair.base_dir)
+    calibration, _ = calibrate("self", ft, base, tmp_path, tokens=64, seq_len=8, seed=3)
+    assert calibration.token_ids.shape == (8, 8) and calibration.describe()["base_sequences"] == 2
+    model = BlockwiseModel(ft, CPU)
+    assert torch.equal(calibration.token_ids[:6], sample_sequences(model, ft, sequences=6, seq_len=8, seed=3))
+    assert torch.equal(calibration.token_ids[6:], sample_sequences(model, base, sequences=2, seq_len=8, seed=4))

@@ -165,3 +165,110 @@ def test_output_aware_fit_falls_back_to_the_plain_svd_where_whitening_does_not_g
     assert fit.route == "plain" and fit.heldout_relative_errors[0] > fit.heldout_relative_errors[1]
     assert fit.weight_relative_error == pytest.approx(EXACT(delta, 3).relative_error(3))
     assert fit.output_relative_error == fit.plain_output_relative_error
+
+
+# --- the output side: Fisher-weighted (K-FAC) fits
+
+
+def _output_moment(out: int = 14, tokens: int = 300, seed: int = 7) -> torch.Tensor:
+    """G = E[ggᵀ] of gradients at the outputs, with very unequal scales per direction."""
+    generator = torch.Generator().manual_seed(seed)
+    mix = torch.randn(out, out, generator=generator, dtype=torch.float64)
+    g = (torch.randn(tokens, out, generator=generator, dtype=torch.float64) * torch.logspace(.5, -.5, out)) @ mix
+    return (g.T @ g / tokens).float()
+
+
+def _weighted_objective(delta: torch.Tensor, fit: torch.Tensor, moment: torch.Tensor, output: torch.Tensor) -> float:
+    """tr(G (ΔW − M) C (ΔW − M)ᵀ), directly."""
+    residual = delta.double() - fit.double()
+    g = output.double() if output.ndim == 2 else torch.diag(output.double())
+    return float(torch.trace(g @ residual @ moment.double() @ residual.T))
+
+
+def _descend_weighted(delta: torch.Tensor, moment: torch.Tensor, output: torch.Tensor, rank: int, seed: int) -> float:
+    """Alternating least squares on tr(G (ΔW − BA) C (ΔW − BA)ᵀ): each step is exact in one factor."""
+    generator = torch.Generator().manual_seed(seed)
+    target, c, g = delta.double(), moment.double(), output.double()
+    a = torch.randn(rank, delta.shape[1], generator=generator, dtype=torch.float64)
+    for _ in range(500):
+        b = target @ c @ a.T @ torch.linalg.pinv(a @ c @ a.T)
+        a = torch.linalg.pinv(b.T @ g @ b) @ b.T @ g @ target
+    return _weighted_objective(delta, b @ a, moment, output)
+
+
+@pytest.mark.parametrize("rank", [1, 3, 6])
+def test_fisher_weighted_fit_is_optimal_on_the_two_sided_objective(rank: int) -> None:
+    """With an output moment G too, no rank-r fit beats the closed form R⁻ᵀ·trunc(RᵀΔW L)·L⁻¹ on tr(G E C Eᵀ), and
+    the input-only fit (which ignores G) is worse."""
+    delta, _, moment = _problem()
+    output = _output_moment()
+    fit = whitened_svd(delta, whitening(moment, damping=0.0), rank, EXACT, whitening(output, damping=0.0))
+    ours = _weighted_objective(delta, _truncation(fit, rank), moment, output)
+    input_only = whitened_svd(delta, whitening(moment, damping=0.0), rank, EXACT)
+    assert ours < 0.99 * _weighted_objective(delta, _truncation(input_only, rank), moment, output)
+    for seed in range(3):
+        assert ours <= _descend_weighted(delta, moment, output, rank, seed) * (1 + 1e-4)
+    assert fit.output_relative_error(rank) ** 2 * fit.total_energy == pytest.approx(ours, rel=1e-4)
+    # The left factors are mapped back (not orthonormal) but scaled to unit norm, for balanced stored factors.
+    torch.testing.assert_close(torch.linalg.vector_norm(fit.u, dim=0), torch.ones(rank), atol=1e-5, rtol=0)
+
+
+def test_diagonal_output_moment_matches_the_full_diagonal_matrix() -> None:
+    """The head's output moment is kept as its diagonal: as a vector it fits as diag(G) does as a matrix."""
+    delta, _, moment = _problem()
+    diagonal = _output_moment().diagonal().clone()
+    as_vector = whitened_svd(delta, whitening(moment), 3, EXACT, whitening(diagonal))
+    as_matrix = whitened_svd(delta, whitening(moment), 3, EXACT, whitening(torch.diag(diagonal)))
+    torch.testing.assert_close(_truncation(as_vector, 3), _truncation(as_matrix, 3), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["full", "diagonal"])
+def test_error_meter_with_an_output_moment_matches_the_errors_computed_directly(kind: str) -> None:
+    """No orthonormality is assumed: the two-sided fit's u and vh are both skewed, and the errors still agree."""
+    delta, _, moment = _problem()
+    output = _output_moment()
+    output = output if kind == "full" else output.diagonal().clone()
+    fits = (EXACT(delta, 6), whitened_svd(delta, whitening(moment), 6, EXACT),
+            whitened_svd(delta, whitening(moment), 6, EXACT, whitening(output)))
+    for fit in fits:
+        curve = ErrorMeter(delta, moment, output).curve(fit.u, fit.s, fit.vh)
+        for rank in range(7):
+            expected = _weighted_objective(delta, _truncation(fit, rank), moment, output)
+            assert float(curve[rank]) == pytest.approx(expected, rel=1e-4, abs=1e-6 * float(curve[0]))
+        # and the weight-space errors of a skewed fit (G = C = I)
+        plain_curve = ErrorMeter(delta).curve(fit.u, fit.s, fit.vh)
+        for rank in range(7):
+            expected = float(((delta.double() - _truncation(fit, rank)) ** 2).sum())
+            assert float(plain_curve[rank]) == pytest.approx(expected, rel=1e-4, abs=1e-6 * float(plain_curve[0]))
+
+
+def test_output_aware_fit_with_an_output_moment_reports_the_weighted_errors() -> None:
+    delta, x, moment = _problem(tokens=2000)
+    output = _output_moment()
+    halves = (x[0::2].T @ x[0::2] / 1000, x[1::2].T @ x[1::2] / 1000)
+    fit = output_aware_fit(delta, moment, halves, 10, lambda s, total: 3, EXACT, damping=0.0, output_moment=output,
+                           output_halves=(output, output))
+    assert fit.route == "whitened"
+    ours = _weighted_objective(delta, _truncation(fit.svd, 3), moment, output)
+    assert fit.output_relative_error ** 2 == pytest.approx(ours / _weighted_objective(delta, 0 * delta, moment, output),
+                                                           rel=1e-3)
+    assert fit.output_relative_error < 0.9 * fit.plain_output_relative_error
+
+
+def test_output_aware_fit_with_an_output_moment_still_falls_back_where_whitening_does_not_generalize() -> None:
+    """The planted case of the fallback test on both sides: each half excites other inputs, and its gradients
+    other outputs, so a fit whitened on one half misses what the other needs and the plain SVD is kept."""
+    delta, _, _ = _problem()
+    generator = torch.Generator().manual_seed(4)
+
+    def split(width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        first, second = torch.zeros(500, width), torch.zeros(500, width)
+        first[:, : width // 2] = torch.randn(500, width // 2, generator=generator)
+        second[:, width // 2:] = torch.randn(500, width - width // 2, generator=generator)
+        return first.T @ first / 500, second.T @ second / 500
+
+    halves, output_halves = split(10), split(14)
+    fit = output_aware_fit(delta, (halves[0] + halves[1]) / 2, halves, 3, lambda s, total: 3, EXACT,
+                           output_moment=(output_halves[0] + output_halves[1]) / 2, output_halves=output_halves)
+    assert fit.route == "plain" and fit.heldout_relative_errors[0] > fit.heldout_relative_errors[1]
+    assert fit.output_relative_error == fit.plain_output_relative_error

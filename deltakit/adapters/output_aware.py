@@ -1,4 +1,5 @@
-"""LoRA fitted to the model's outputs: per module, the factors minimising E‖(ΔW − BA)x‖² over calibration inputs.
+"""LoRA fitted to the model's outputs: per module, the factors minimising E‖Rᵀ(ΔW − BA)x‖² over calibration
+inputs x, where R·Rᵀ is the second moment of the gradients at the module's output (K-FAC's Fisher factor).
 
 A fitting route behind the :class:`~deltakit.adapters.variants.AdapterVariant` interface: on disk the adapter is
 plain LoRA (merge, stack and PEFT see nothing new); only ``fit`` differs. Each module with calibration
@@ -19,26 +20,31 @@ from deltakit.math.whiten import DEFAULT_DAMPING, output_aware_fit
 from deltakit.names import ModuleName
 
 
-class InputStatistics(Protocol):
-    """Per module, the second moment of its inputs (see :class:`deltakit.ops.calibrate.InputMoments`)."""
+class CalibrationStatistics(Protocol):
+    """Per module, the second moments of its inputs and of the gradients at its output, each over all
+    calibration sequences and over two halves of them (see :class:`deltakit.ops.calibrate.CalibrationMoments`)."""
 
     def moment(self, module: ModuleName) -> torch.Tensor | None: ...
 
     def halves(self, module: ModuleName) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+
+    def output_moment(self, module: ModuleName) -> torch.Tensor | None: ...
+
+    def output_halves(self, module: ModuleName) -> tuple[torch.Tensor, torch.Tensor] | None: ...
 
 
 class OutputAwareLora(AdapterVariant):
     """LoRA whose factors minimise the predicted output error of each module on calibration inputs.
 
     Ranks chosen by a policy (``--energy``, ``--rank auto``) are read from the whitened spectrum, i.e. as shares
-    of the module's output energy E‖ΔW x‖². A global budget, which would compare output energies across modules
+    of the module's Fisher-weighted output energy E‖RᵀΔW x‖². A global budget, which would compare output energies across modules
     with and without statistics, is refused.
     """
 
     budget_refusal = ("--budget/--avg-rank with --calib is not supported yet: use --rank, --energy or --rank auto "
                       "with --calib")
 
-    def __init__(self, statistics: InputStatistics, damping: float = DEFAULT_DAMPING) -> None:
+    def __init__(self, statistics: CalibrationStatistics, damping: float = DEFAULT_DAMPING) -> None:
         self.statistics = statistics
         self.damping = damping
 
@@ -54,7 +60,8 @@ class OutputAwareLora(AdapterVariant):
         delta_norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
         chosen = output_aware_fit(delta, self.statistics.moment(module), halves, compute_rank, choose,
                                   lambda matrix, rank: settings.svd.run(matrix, rank, settings.device),
-                                  self.damping)
+                                  self.damping, self.statistics.output_moment(module),
+                                  self.statistics.output_halves(module))
         del delta
         factors, storage_error = factors_from_svd(chosen.svd, chosen.rank, module, kind, dtype, settings)
         relative = chosen.weight_relative_error

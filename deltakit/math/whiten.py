@@ -15,14 +15,20 @@ the pure output objective on the calibration inputs, λ → ∞ the plain SVD of
 directions the calibration text excites rarely (and makes C invertible); it is applied once, in
 :func:`whitening`, and the reported output errors are under the damped C as well.
 
+Output side (Fisher weighting). An error in a module's output matters as much as the model's output moves with it.
+With G = E[ggᵀ], g the gradient of the model's log-likelihood (of labels drawn from the model itself, so G is the
+Fisher information's output factor) at the module's output, the Kronecker-factored (K-FAC) second-order
+estimate of the KL divergence the error causes is ½·E‖Rᵀ(ΔW − M)L‖_F² with R·Rᵀ = G, and it is minimised the same
+way: truncate Rᵀ·ΔW·L and map back on both sides, M = R⁻ᵀ·trunc_r(Rᵀ·ΔW·L)·L⁻¹. G is damped like C.
+
 Embeddings. An embedding's input is a one-hot token, so its C is diagonal: the tokens' frequencies in the
 calibration text, and the whitening scales column t of ΔE (PEFT's (dim, vocab) orientation) by √freq_t.
 
-Error at every rank. A fit ΔW_r = U_r·diag(s_r)·Ṽ_r whose U has orthonormal columns (the plain SVD, and the
-whitened fit, whose Ṽ = Vᵀ·L⁻¹ is not orthonormal) has, under any second moment C,
-‖(ΔW − ΔW_r)‖²_C = tr(ΔW C ΔWᵀ) − 2 Σ_{i≤r} s_i·u_iᵀ ΔW C ṽ_iᵀ + Σ_{i≤r} s_i²·ṽ_i C ṽ_iᵀ, because UᵀU = I
-removes the cross terms. :class:`ErrorMeter` evaluates that for r = 0..k in one pass: the weight-space error
-of a whitened fit (C = I), the output error of a plain fit, or either under held-out statistics.
+Error at every rank. A fit ΔW_r = Σ_{i≤r} s_i·u_i·ṽ_i (neither u nor ṽ need be orthonormal) has, under any
+input moment C and output moment G, ‖ΔW − ΔW_r‖²_{G,C} = tr(G (ΔW − ΔW_r) C (ΔW − ΔW_r)ᵀ) =
+tr(G ΔW C ΔWᵀ) − 2 Σ_{i≤r} s_i·u_iᵀ G ΔW C ṽ_iᵀ + Σ_{i,j≤r} s_i s_j (uᵀGu)_ij (ṽCṽᵀ)_ij. :class:`ErrorMeter`
+evaluates that for r = 0..k in one pass (k×k Gram matrices): the weight-space error of a whitened fit (G = C = I),
+the output error of a plain fit, or either under held-out statistics.
 """
 
 from __future__ import annotations
@@ -68,6 +74,15 @@ class Whitening:
         """ΔW·L: (out, in) → (out, width)."""
         root = self.root.to(delta.device)
         return delta * root if self.kind == "diagonal" else delta @ root
+
+    def whiten_rows(self, delta: torch.Tensor) -> torch.Tensor:
+        """Lᵀ·ΔW: (out, in) → (width, in), for a root of the *output* moment."""
+        root = self.root.to(delta.device)
+        return delta * root[:, None] if self.kind == "diagonal" else root.T @ delta
+
+    def unwhiten_columns(self, columns: torch.Tensor) -> torch.Tensor:
+        """L⁻ᵀ·columns (L⁺ᵀ for ``eigen``): (width, k) → (out, k), the map from whitened left factors back."""
+        return self.unwhiten_rows(columns.T).T
 
     def unwhiten_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """rows·L⁻¹ (L⁺ for ``eigen``): (k, width) → (k, in), the map from whitened right factors back."""
@@ -132,24 +147,24 @@ def whitening(moment: torch.Tensor, damping: float = DEFAULT_DAMPING) -> Whiteni
 class WhitenedSVD:
     """The output-optimal truncations ΔW_r = u_r·diag(s_r)·vh_r, for every r ≤ k, with their errors.
 
-    ``u``, ``s`` are the SVD of ΔW·L; ``vh`` = Vᵀ·L⁻¹ is not orthonormal. So ``s`` holds *output* singular
-    values, and the energies below are E‖ΔW x‖²-type quantities, under the damped C.
+    ``s`` is the spectrum of Rᵀ·ΔW·L (R = I without an output moment); ``u`` = R⁻ᵀ·U and ``vh`` = Vᵀ·L⁻¹ are
+    mapped back, so neither is orthonormal in general; ``u``'s columns are scaled to unit norm (the scale moved
+    into ``vh``'s rows) so that stored factors stay balanced. The energies below are E‖ΔW x‖²-type quantities
+    under the damped moments.
 
     Attributes:
-        whitened: the truncated SVD of ΔW·L (u, s, its own orthonormal vh, output energies).
+        whitened: the truncated SVD of Rᵀ·ΔW·L (u, s, its own orthonormal vh, output energies).
+        u: (out, k) fp32, the left factors mapped back.
         vh: (k, in) fp32, the right factors mapped back.
         weight_energy: ‖ΔW‖_F².
         weight_errors: (k + 1,) fp64, ‖ΔW − ΔW_r‖_F² for r = 0..k.
     """
 
     whitened: TruncatedSVD
+    u: torch.Tensor
     vh: torch.Tensor
     weight_energy: float
     weight_errors: torch.Tensor
-
-    @property
-    def u(self) -> torch.Tensor:
-        return self.whitened.u
 
     @property
     def s(self) -> torch.Tensor:
@@ -161,7 +176,8 @@ class WhitenedSVD:
 
     @property
     def total_energy(self) -> float:
-        """E‖ΔW x‖² under the damped C (the output energy rank policies and budgets weigh)."""
+        """E‖ΔW x‖² (Fisher-weighted with an output moment) under the damped moments: the energy rank policies and
+        budgets weigh."""
         return self.whitened.total_energy
 
     @property
@@ -169,7 +185,8 @@ class WhitenedSVD:
         return f"{self.whitened.method}, whitened"
 
     def output_relative_error(self, rank: int) -> float:
-        """√(E‖(ΔW − ΔW_r)x‖² / E‖ΔW x‖²): the predicted output error, optimal at every rank."""
+        """√(E‖(ΔW − ΔW_r)x‖² / E‖ΔW x‖²) (Fisher-weighted with an output moment): the predicted output error,
+        optimal at every rank."""
         return self.whitened.relative_error(rank)
 
     def weight_relative_error(self, rank: int) -> float:
@@ -180,59 +197,86 @@ class WhitenedSVD:
 
 
 def whitened_svd(delta: torch.Tensor, whitening: Whitening, rank: int,
-                 svd: Callable[[torch.Tensor, int], TruncatedSVD]) -> WhitenedSVD:
-    """Minimise E‖(ΔW − M)x‖² over rank-r M, for r = 1..``rank`` at once: SVD of ΔW·L, mapped back.
+                 svd: Callable[[torch.Tensor, int], TruncatedSVD],
+                 output: Whitening | None = None) -> WhitenedSVD:
+    """Minimise E‖Rᵀ(ΔW − M)x‖² over rank-r M, for r = 1..``rank`` at once: SVD of Rᵀ·ΔW·L, mapped back.
 
     Args:
         delta: ΔW, (out, in) fp32, finite.
-        whitening: a square root of the (damped) second moment of the module's inputs (:func:`whitening`).
-        rank: how many triplets to keep (at most min(out, width)).
-        svd: the truncated SVD to run on ΔW·L, e.g. ``functools.partial(truncated_svd, method="exact")``.
+        whitening: a square root L of the (damped) second moment of the module's inputs (:func:`whitening`).
+        rank: how many triplets to keep (at most min(width of R, width of L)).
+        svd: the truncated SVD to run on Rᵀ·ΔW·L, e.g. ``functools.partial(truncated_svd, method="exact")``.
+        output: a square root R of the (damped) second moment of the gradients at the module's outputs; None for
+            R = I (every output direction alike).
 
     Returns:
         The :class:`WhitenedSVD`; its factors live on the CPU in fp32, like :func:`truncated_svd`'s.
     """
-    whitened = svd(whitening.whiten(delta), rank)
-    vh = whitening.unwhiten_rows(whitened.vh.to(delta.device)).cpu()
-    weight_errors = ErrorMeter(delta).curve(whitened.u, whitened.s, vh)
-    return WhitenedSVD(whitened, vh, float(weight_errors[0]), weight_errors)
+    target = whitening.whiten(delta)
+    if output is not None:
+        target = output.whiten_rows(target)
+    whitened = svd(target, rank)
+    del target
+    vh = whitening.unwhiten_rows(whitened.vh.to(delta.device))
+    u = whitened.u.to(delta.device)
+    if output is not None:
+        u = output.unwhiten_columns(u)
+        norms = torch.linalg.vector_norm(u, dim=0).clamp(min=torch.finfo(u.dtype).tiny)
+        u, vh = u / norms, vh * norms[:, None]
+    u, vh = u.cpu(), vh.cpu()
+    weight_errors = ErrorMeter(delta).curve(u, whitened.s, vh)
+    return WhitenedSVD(whitened, u, vh, float(weight_errors[0]), weight_errors)
 
 
 class ErrorMeter:
-    """‖ΔW − u_r·diag(s_r)·vh_r‖²_C for r = 0..k, where ‖E‖²_C = tr(E·C·Eᵀ), for any fits of one ΔW under one C.
+    """‖ΔW − u_r·diag(s_r)·vh_r‖²_{G,C} for r = 0..k, where ‖E‖²_{G,C} = tr(G·E·C·Eᵀ), for any fits of one ΔW
+    under one input moment C and one output moment G.
 
-    Needs orthonormal columns in ``u`` (see the module docstring); ``vh`` may be anything. ΔW·C is formed once
-    (the only (out, in) × (in, in) product), in ``delta``'s dtype on its device; the sums run in fp64. Each value
-    is a difference of terms of the size of tr(ΔW C ΔWᵀ), so errors below ~1e-6 of it are rounding noise in fp32.
+    No orthonormality is assumed (see the module docstring). G·ΔW·C is formed once, in ``delta``'s dtype on its
+    device; the sums run in fp64. Each value is a difference of terms of the size of tr(G ΔW C ΔWᵀ), so errors
+    below ~1e-6 of it are rounding noise in fp32.
 
     Args:
         delta: ΔW, (out, in).
-        moment: C, (in, in) or (in,) diagonal; None for the plain Frobenius norm (C = I).
+        moment: C, (in, in) or (in,) diagonal; None for C = I.
+        output_moment: G, (out, out) or (out,) diagonal; None for G = I.
     """
 
-    def __init__(self, delta: torch.Tensor, moment: torch.Tensor | None = None) -> None:
+    def __init__(self, delta: torch.Tensor, moment: torch.Tensor | None = None,
+                 output_moment: torch.Tensor | None = None) -> None:
         self.delta = delta
         self.moment = None if moment is None else moment.to(delta.device, delta.dtype)
-        self.weighted = delta if self.moment is None else self._weigh(delta)  # ΔW·C, (out, in)
-        self.total = float((self.weighted.double() * delta.double()).sum())  # tr(ΔW C ΔWᵀ)
+        self.output_moment = None if output_moment is None else output_moment.to(delta.device, delta.dtype)
+        self.weighted = self._weigh_columns(self._weigh(delta))  # G·ΔW·C, (out, in)
+        self.total = float((self.weighted.double() * delta.double()).sum())  # tr(G ΔW C ΔWᵀ)
 
     def _weigh(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows·C."""
         if self.moment is None:
             return rows
         return rows * self.moment if self.moment.ndim == 1 else rows @ self.moment
 
+    def _weigh_columns(self, columns: torch.Tensor) -> torch.Tensor:
+        """G·columns."""
+        if self.output_moment is None:
+            return columns
+        g = self.output_moment
+        return columns * g[:, None] if g.ndim == 1 else g @ columns
+
     def curve(self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
-        """(k + 1,) fp64 on the CPU: entry r the error of the leading r triplets (entry 0: tr(ΔW C ΔWᵀ))."""
+        """(k + 1,) fp64 on the CPU: entry r the error of the leading r triplets (entry 0: tr(G ΔW C ΔWᵀ))."""
         device, dtype = self.delta.device, self.delta.dtype
         u, s, vh = u.to(device, dtype), s.to(device, torch.float64), vh.to(device, dtype)
-        cross = ((u.T @ self.weighted) * vh).double().sum(dim=1)  # u_iᵀ ΔW C ṽ_iᵀ, (k,)
-        own = (self._weigh(vh) * vh).double().sum(dim=1)  # ṽ_i C ṽ_iᵀ, (k,)
-        steps = s.square() * own - 2 * s * cross
+        cross = ((u.T @ self.weighted) * vh).double().sum(dim=1)  # u_iᵀ G ΔW C ṽ_iᵀ, (k,)
+        left = (u.T @ self._weigh_columns(u)).double()  # uᵀ G u, (k, k)
+        right = (vh @ self._weigh(vh).T).double()  # ṽ C ṽᵀ, (k, k)
+        own = s[:, None] * s[None, :] * left * right  # (k, k); Σ over the leading r×r block is r's own term
+        own = own.cumsum(dim=0).cumsum(dim=1).diagonal()
         total = torch.tensor([self.total], dtype=torch.float64, device=device)
-        return torch.cat([total, total + torch.cumsum(steps, dim=0)]).clamp(min=0).cpu()
+        return torch.cat([total, total + own - 2 * torch.cumsum(s * cross, dim=0)]).clamp(min=0).cpu()
 
     def relative(self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> float:
-        """√(error at ``rank`` / tr(ΔW C ΔWᵀ)); 0 for a ΔW the inputs do not see."""
+        """√(error at ``rank`` / tr(G ΔW C ΔWᵀ)); 0 for a ΔW the inputs do not see."""
         if self.total <= 0:
             return 0.0
         return math.sqrt(min(float(self.curve(u[:, :rank], s[:rank], vh[:rank])[rank]) / self.total, 1.0))
@@ -279,9 +323,11 @@ class OutputAwareFit:
 def output_aware_fit(delta: torch.Tensor, moment: torch.Tensor, halves: tuple[torch.Tensor, torch.Tensor],
                      compute_rank: int, choose: Callable[[torch.Tensor, float], int],
                      svd: Callable[[torch.Tensor, int], TruncatedSVD],
-                     damping: float = DEFAULT_DAMPING) -> OutputAwareFit:
-    """Fit ΔW for E‖(ΔW − BA)x‖² over the calibration inputs, falling back to the plain SVD where the held-out
-    check (see :class:`OutputAwareFit`) says whitening would be worse at the rank chosen.
+                     damping: float = DEFAULT_DAMPING, output_moment: torch.Tensor | None = None,
+                     output_halves: tuple[torch.Tensor, torch.Tensor] | None = None) -> OutputAwareFit:
+    """Fit ΔW for E‖Rᵀ(ΔW − BA)x‖² over the calibration inputs (R·Rᵀ = G, the output moment, or I), falling back
+    to the plain SVD where the held-out check (see :class:`OutputAwareFit`) says whitening would be worse at the
+    rank chosen.
 
     Args:
         delta: ΔW, (out, in) fp32 on the math device.
@@ -290,20 +336,27 @@ def output_aware_fit(delta: torch.Tensor, moment: torch.Tensor, halves: tuple[to
         compute_rank: how many whitened triplets to compute (at most min(out, in)).
         choose: the rank, from the whitened (output) singular values and the total output energy.
         svd: the truncated SVD to run, as for :func:`whitened_svd`.
-        damping: λ of :func:`whitening`.
+        damping: λ of :func:`whitening`, for both moments.
+        output_moment: G = E[ggᵀ] of the gradients at the module's output, (out, out) or (out,) diagonal; None
+            to weigh every output direction alike.
+        output_halves: G over each half, as ``halves`` (needed with ``output_moment``).
 
     Returns:
         The :class:`OutputAwareFit`.
     """
-    whitened = whitened_svd(delta, whitening(moment, damping), compute_rank, svd)
+    def output_root(g: torch.Tensor | None) -> Whitening | None:
+        return None if g is None else whitening(g, damping)
+
+    fit_out, check_out = output_halves if output_moment is not None else (None, None)
+    whitened = whitened_svd(delta, whitening(moment, damping), compute_rank, svd, output_root(output_moment))
     rank = min(max(1, choose(whitened.s, whitened.total_energy)), whitened.rank)
     plain = svd(delta, rank)
     fit_half, check_half = halves
-    trial = whitened_svd(delta, whitening(fit_half, damping), rank, svd)
-    check = ErrorMeter(delta, check_half)
+    trial = whitened_svd(delta, whitening(fit_half, damping), rank, svd, output_root(fit_out))
+    check = ErrorMeter(delta, check_half, check_out)
     heldout = (check.relative(trial.u, trial.s, trial.vh, rank), check.relative(plain.u, plain.s, plain.vh, rank))
     del trial, check
-    meter = ErrorMeter(delta, moment)
+    meter = ErrorMeter(delta, moment, output_moment)
     plain_output = meter.relative(plain.u, plain.s, plain.vh, rank)
     if heldout[0] >= heldout[1]:
         return OutputAwareFit(plain, "plain", rank, plain.relative_error(rank), plain_output, plain_output, heldout)

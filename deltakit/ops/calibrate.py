@@ -1,22 +1,34 @@
-"""Calibration statistics for output-aware fitting: each Linear's input second moment E[xxᵀ], from a forward pass
-run one decoder block at a time.
+"""Calibration statistics for output-aware fitting: each Linear's input second moment E[xxᵀ] and the second
+moment E[ggᵀ] of the gradients at its output, from a forward and a backward pass run one decoder block at a time.
 
 Like layer-wise quantizers (GPTQ), the pass never holds the model: the calibration sequences' hidden states go
 through block 0, whose weights are then dropped, then block 1, and so on. Each block is built from the model's
 config on the meta device (transformers' own decoder-layer class, so the math is the model's) and gets its
 tensors from the checkpoint's lazy ``get``. Resident memory is one block (in fp32) plus the hidden states of the
-calibration tokens, whatever the model's size; the moments themselves go to disk block by block.
+calibration tokens and their gradients, whatever the model's size; the moments, and each block's input hidden
+states until the backward pass has used them, go to disk block by block.
 
-What is collected, per module (named as in the checkpoint):
-- a Linear or Conv1D inside a block, and an untied ``lm_head``: Σ xxᵀ over its inputs, in two halves (even and
-  odd sequences), so a fit made on one half can be checked on the other;
-- the input token embedding: each token's count, a diagonal second moment (its input is a one-hot token).
-Modules sharing one input (q/k/v_proj, gate/up_proj) share one moment on disk.
+The backward pass: at every position a label is drawn from the model's own next-token distribution (seeded) and
+the gradient of its log-likelihood is carried back through the blocks in reverse, one block at a time (rebuilt
+from the spilled inputs). So E[ggᵀ] is the output factor of the Fisher information (K-FAC), which weighs each
+output direction of a module by how much the model's predictions move with it; no data labels are needed.
+
+What is collected, per module (named as in the checkpoint), each in two halves (even and odd sequences) so that
+a fit made on one half can be checked on the other:
+- a Linear or Conv1D inside a block, and an untied ``lm_head``: Σ xxᵀ over its inputs and Σ ggᵀ over its outputs
+  (for ``lm_head``, whose outputs are the vocabulary, only the diagonal of Σ ggᵀ);
+- the input token embedding: each token's count, a diagonal second moment (its input is a one-hot token), and,
+  unless it is tied to the head, Σ ggᵀ at its output. A tied embedding is also the head, whose output side is
+  another one, so it is left weighted by its inputs only (measured: weighting it by the embedding side's
+  gradients alone made the GPT-2 pair's KL 1.4× plain SVD's).
+Modules sharing one input (q/k/v_proj, gate/up_proj) share one input moment on disk.
 
 The calibration tokens come from a text file, a JSONL file (a ``"text"`` field per line), both tokenized with
-the tokenizer in the fine-tuned checkpoint's directory, or ``self``: sequences sampled from the fine-tuned model
-(temperature 1, from its BOS token), so that no data set is needed. Sampling runs the same block-wise pass once
-per generated position with a key/value cache, so it reads the weights ``seq_len`` times: cheap while the
+the tokenizer in the fine-tuned checkpoint's directory, or ``self``: sequences sampled (temperature 1, from the BOS
+token) three quarters from the fine-tuned model and one quarter from the base model, all then run through the
+fine-tuned one, so that no data set is needed and the base's domain, which the adapter must not spoil either, is
+covered too (see the README's calibration section for the measurement). Sampling runs the same block-wise pass
+once per generated position with a key/value cache, so it reads the weights ``seq_len`` times: cheap while the
 checkpoint fits in the page cache, slow from disk.
 
 transformers is needed here only (the ``calib`` extra); it is imported when a calibration runs.
@@ -48,7 +60,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = [
-    "CALIB_SEQ_LEN", "CALIB_TOKENS", "SELF", "BlockwiseModel", "Calibration", "InputMoments", "calibrate",
+    "CALIB_SEQ_LEN", "CALIB_TOKENS", "SELF", "BlockwiseModel", "Calibration", "CalibrationMoments", "calibrate",
     "check_calibration", "collect_moments", "sample_sequences", "tokenize_source",
 ]
 
@@ -57,6 +69,8 @@ Activations = Literal["finetuned", "base"]
 # Tokens per micro-batch inside a block: bounds the block's own temporaries (MLP width × this, in fp32).
 _MICRO_BATCH_TOKENS = 4096
 _HALVES = ("a", "b")  # even and odd sequences
+# For ``self``: the share of the sampled sequences drawn from the base model instead of the fine-tuned one.
+BASE_SAMPLE_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -102,12 +116,14 @@ class Calibration:
         sha256: of the file's bytes; for ``self``, of the sampled token ids (int64, little-endian).
         token_ids: (sequences, seq_len) int64.
         seed: the sampling seed (``self`` only).
+        base_sequences: how many of the sequences (the last ones) were sampled from the base model (``self``).
     """
 
     source: str
     sha256: str
     token_ids: torch.Tensor
     seed: int | None = None
+    base_sequences: int = 0
 
     @property
     def tokens(self) -> int:
@@ -115,7 +131,8 @@ class Calibration:
 
     def describe(self) -> dict:
         return {"source": self.source, "sha256": self.sha256, "tokens": self.tokens,
-                "sequences": self.token_ids.shape[0], "seq_len": self.token_ids.shape[1], "seed": self.seed}
+                "sequences": self.token_ids.shape[0], "seq_len": self.token_ids.shape[1], "seed": self.seed,
+                "base_sequences": self.base_sequences, "output_weighting": "fisher"}
 
 
 def _check_sizes(tokens: int, seq_len: int) -> None:
@@ -255,7 +272,7 @@ class BlockwiseModel:
         state = {key: ckpt.get(self.tensor_name(ckpt, f"{name}.{key}")).to(self.device, torch.float32)
                  for key in module.state_dict()}
         module.load_state_dict(state, assign=True)
-        return module.eval()
+        return module.requires_grad_(False).eval()
 
     def block_name(self, index: int) -> str:
         return f"{self.layout.blocks}.{index}"
@@ -277,9 +294,10 @@ class BlockwiseModel:
                 hidden = hidden + positions(torch.arange(start, start + ids.shape[1], device=self.device))
         return hidden
 
-    def run_block(self, block: nn.Module, hidden: torch.Tensor, start: int = 0, cache: object = None) -> torch.Tensor:
+    def run_block(self, block: nn.Module, hidden: torch.Tensor, start: int = 0, cache: object = None,
+                  grad: bool = False) -> torch.Tensor:
         """One block's output for ``hidden`` (batch, seq, dim) at positions ``start``.., causal within the batch's
-        positions (and attending to the whole ``cache``, if given)."""
+        positions (and attending to the whole ``cache``, if given); with ``grad``, differentiable in ``hidden``."""
         length = hidden.shape[1]
         positions = torch.arange(start, start + length, device=self.device)[None]
         mask = None
@@ -289,7 +307,7 @@ class BlockwiseModel:
         kwargs = {"attention_mask": mask, "position_ids": positions, "cache": cache, "use_cache": cache is not None}
         if self.rotary is not None:
             kwargs["position_embeddings"] = self.rotary(hidden, positions)
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             out = block(hidden, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
@@ -302,21 +320,24 @@ class BlockwiseModel:
 
 
 @dataclass
-class InputMoments:
-    """Per module, the second moment of its inputs over the calibration tokens, in two halves.
+class CalibrationMoments:
+    """Per module, the second moments of its inputs and of the gradients at its outputs over the calibration
+    tokens, in two halves.
 
-    Moments of Linears live in one safetensors file per block under ``spill_dir`` (read back on demand);
-    token counts (embeddings) in memory.
+    Moments of Linears live in safetensors files per block under ``spill_dir`` (read back on demand); token
+    counts (embeddings) in memory.
 
     Attributes:
         spill_dir: where the per-block files are.
-        sites: module → (file, key) of its moment sums; modules sharing an input share a key.
-        counts: (file, key) → the number of input vectors in each half.
+        sites: module → (file, key) of its input moment sums; modules sharing an input share a key.
+        output_sites: module → (file, key) of its output-gradient moment sums.
+        counts: (file, key) → the number of vectors in each half (inputs and outputs alike).
         token_counts: embedding module → (2, vocab) counts per half.
     """
 
     spill_dir: Path
     sites: dict[ModuleName, tuple[str, str]] = field(default_factory=dict)
+    output_sites: dict[ModuleName, tuple[str, str]] = field(default_factory=dict)
     counts: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
     token_counts: dict[ModuleName, torch.Tensor] = field(default_factory=dict)
 
@@ -331,23 +352,36 @@ class InputMoments:
             totals = counts.sum(dim=1, keepdim=True).clamp(min=1)
             a, b = (counts / totals).float()
             return a, b
-        if module not in self.sites:
-            return None
-        file, key = self.sites[module]
-        sum_a, sum_b = self._sums(file, key)
-        n_a, n_b = self.counts[(file, key)]
-        return sum_a / max(n_a, 1), sum_b / max(n_b, 1)
+        return self._halves(self.sites.get(module))
 
     def moment(self, module: ModuleName) -> torch.Tensor | None:
         """E[xxᵀ] over all calibration tokens; None for a module without statistics."""
         if module in self.token_counts:
             counts = self.token_counts[module].double().sum(dim=0)
             return (counts / counts.sum().clamp(min=1)).float()
-        if module not in self.sites:
+        return self._moment(self.sites.get(module))
+
+    def output_halves(self, module: ModuleName) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """E[ggᵀ] at the module's output over each half, (out, out) fp32 (diagonal (out,) for the head); None
+        where it was not collected (a tied embedding, a module the pass did not reach)."""
+        return self._halves(self.output_sites.get(module))
+
+    def output_moment(self, module: ModuleName) -> torch.Tensor | None:
+        """E[ggᵀ] at the module's output over all calibration tokens, or None (see :meth:`output_halves`)."""
+        return self._moment(self.output_sites.get(module))
+
+    def _halves(self, site: tuple[str, str] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if site is None:
             return None
-        file, key = self.sites[module]
-        sum_a, sum_b = self._sums(file, key)
-        n_a, n_b = self.counts[(file, key)]
+        sum_a, sum_b = self._sums(*site)
+        n_a, n_b = self.counts[site]
+        return sum_a / max(n_a, 1), sum_b / max(n_b, 1)
+
+    def _moment(self, site: tuple[str, str] | None) -> torch.Tensor | None:
+        if site is None:
+            return None
+        sum_a, sum_b = self._sums(*site)
+        n_a, n_b = self.counts[site]
         return (sum_a + sum_b) / max(n_a + n_b, 1)
 
     def _sums(self, file: str, key: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -357,22 +391,27 @@ class InputMoments:
 
 
 class _MomentSums:
-    """Σ xxᵀ and the number of rows, per input site and half; which site each module reads."""
+    """Σ xxᵀ (or only its diagonal, Σ x²) and the number of rows, per site and half; which site each module
+    reads."""
 
     def __init__(self) -> None:
         self.sums: dict[str, list[torch.Tensor]] = {}
         self.counts: dict[str, list[int]] = {}
         self.site_of: dict[ModuleName, str] = {}
 
-    def add(self, site: str, halves: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Add the rows of each half, (..., in) each."""
+    def add(self, site: str, halves: tuple[torch.Tensor, torch.Tensor], diagonal: bool = False) -> None:
+        """Add the rows of each half, (..., dim) each."""
         for half, rows in enumerate(halves):
             rows = rows.float().reshape(-1, rows.shape[-1])
-            product = rows.T @ rows
+            product = rows.square().sum(dim=0) if diagonal else rows.T @ rows
             if site not in self.sums:
                 self.sums[site], self.counts[site] = [torch.zeros_like(product), torch.zeros_like(product)], [0, 0]
             self.sums[site][half] += product
             self.counts[site][half] += rows.shape[0]
+
+
+def _factorizable(block: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    return ((name, module) for name, module in block.named_modules() if type(module).__name__ in ("Linear", "Conv1D"))
 
 
 class _MomentHooks:
@@ -383,7 +422,7 @@ class _MomentHooks:
         self._seen: list[tuple[torch.Tensor, str]] = []  # inputs of this micro-batch, to spot shared ones
         self._odd: torch.Tensor | None = None  # (batch,) bool: the micro-batch's sequences of half b
         self._handles = [module.register_forward_pre_hook(self._hook(names(f"{block_name}.{name}")))
-                         for name, module in block.named_modules() if type(module).__name__ in ("Linear", "Conv1D")]
+                         for name, module in _factorizable(block)]
 
     def _hook(self, module: ModuleName) -> Callable:
         def hook(_module: nn.Module, inputs: tuple) -> None:
@@ -407,28 +446,63 @@ class _MomentHooks:
         self._seen.clear()
 
 
+class _GradientHooks:
+    """Forward hooks on a block's Linear/Conv1D modules that add the gradient reaching each one's output, in the
+    backward pass, to a :class:`_MomentSums`."""
+
+    def __init__(self, block: nn.Module, block_name: str, names: Callable[[str], ModuleName]) -> None:
+        self.moments = _MomentSums()
+        self._odd: torch.Tensor | None = None
+        self._handles = [module.register_forward_hook(self._hook(names(f"{block_name}.{name}")))
+                         for name, module in _factorizable(block)]
+
+    def _hook(self, module: ModuleName) -> Callable:
+        def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+            odd = self._odd
+            self.moments.site_of[module] = module
+            output.register_hook(lambda g: self.moments.add(module, (g[~odd], g[odd])))
+        return hook
+
+    def next_batch(self, odd: torch.Tensor) -> None:
+        self._odd = odd
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
 def _micro_batches(sequences: int, seq_len: int) -> Iterator[slice]:
     step = max(1, _MICRO_BATCH_TOKENS // seq_len)
     for start in range(0, sequences, step):
         yield slice(start, min(start + step, sequences))
 
 
+def fisher_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One label per position drawn from the model's own next-token distribution: (batch, seq, vocab) →
+    (batch, seq). The gradients of their log-likelihood have the Fisher information as second moment."""
+    probabilities = torch.softmax(logits.detach().double().reshape(-1, logits.shape[-1]), dim=-1).cpu()
+    return torch.multinomial(probabilities, 1, generator=generator).view(logits.shape[:-1]).to(logits.device)
+
+
 def collect_moments(model: BlockwiseModel, weights: Checkpoint, token_ids: torch.Tensor, spill_dir: Path,
-                    *, progress: bool = False) -> InputMoments:
-    """Run the calibration tokens through ``weights`` block by block and record every module's input moment.
+                    *, seed: int = 0, progress: bool = False) -> CalibrationMoments:
+    """Run the calibration tokens through ``weights`` block by block, forward then backward, and record every
+    module's input and output-gradient moments.
 
     Args:
         model: the block-wise model (its config).
         weights: the checkpoint whose blocks run (the fine-tuned or the base one).
         token_ids: (sequences, seq_len).
-        spill_dir: an existing directory for the per-block moment files.
+        spill_dir: an existing directory for the per-block moment files (and, for the time between the passes,
+            each block's input hidden states).
+        seed: of the labels drawn for the gradients (:func:`fisher_labels`).
         progress: a progress bar on stderr.
 
     Returns:
-        The :class:`InputMoments`, keyed by the checkpoint's module names.
+        The :class:`CalibrationMoments`, keyed by the checkpoint's module names.
     """
     spill_dir = Path(spill_dir)
-    moments = InputMoments(spill_dir)
+    moments = CalibrationMoments(spill_dir)
     sequences, seq_len = token_ids.shape
     odd = torch.arange(sequences, device=model.device) % 2 == 1
     embed_module = model.tensor_name(weights, f"{model.layout.embed}.weight").removesuffix(".weight")
@@ -442,8 +516,9 @@ def collect_moments(model: BlockwiseModel, weights: Checkpoint, token_ids: torch
         return model.tensor_name(weights, f"{model_name}.weight").removesuffix(".weight")
 
     hidden = model.embed(weights, token_ids)
-    for index in tqdm(range(model.num_blocks), desc="calibrate", unit="block", disable=not progress,
-                      dynamic_ncols=True):
+    bar = tqdm(total=2 * model.num_blocks, desc="calibrate", unit="block", disable=not progress, dynamic_ncols=True)
+    for index in range(model.num_blocks):
+        save_tensors(spill_dir / f"hidden-{index:05d}.safetensors", {"hidden": hidden.cpu()})
         block = model.load(weights, model.block_name(index))
         hooks = _MomentHooks(block, model.block_name(index), checkpoint_module)
         for batch in _micro_batches(sequences, seq_len):
@@ -451,26 +526,78 @@ def collect_moments(model: BlockwiseModel, weights: Checkpoint, token_ids: torch
             hidden[batch] = model.run_block(block, hidden[batch])
         hooks.remove()
         del block
-        _spill(moments, f"block-{index:05d}.safetensors", hooks.moments)
-    head = model.tensor_name_or_none(weights, f"{model.layout.head}.weight")
-    if head is not None:  # an untied head: its input is the final norm's output
-        norm = model.load(weights, model.layout.norm)
+        _spill(moments, moments.sites, f"block-{index:05d}.safetensors", hooks.moments)
+        bar.update()
+    gradient = _head_pass(model, weights, hidden, odd, moments, seed)
+    del hidden
+    for index in reversed(range(model.num_blocks)):
+        hidden_file = spill_dir / f"hidden-{index:05d}.safetensors"
+        with safe_open(hidden_file, framework="pt") as spilled:
+            inputs = spilled.get_tensor("hidden").to(model.device)
+        hidden_file.unlink()
+        block = model.load(weights, model.block_name(index))
+        hooks = _GradientHooks(block, model.block_name(index), checkpoint_module)
+        for batch in _micro_batches(sequences, seq_len):
+            hooks.next_batch(odd[batch])
+            x = inputs[batch].detach().requires_grad_(True)
+            model.run_block(block, x, grad=True).backward(gradient[batch])
+            gradient[batch] = x.grad
+        hooks.remove()
+        del block, inputs
+        _spill(moments, moments.output_sites, f"gradients-{index:05d}.safetensors", hooks.moments)
+        bar.update()
+    bar.close()
+    if model.tensor_name_or_none(weights, f"{model.layout.head}.weight") is not None:  # an untied embedding
         sums = _MomentSums()
-        with torch.no_grad():
-            sums.add(head.removesuffix(".weight"), (norm(hidden[~odd]), norm(hidden[odd])))
-        sums.site_of[head.removesuffix(".weight")] = head.removesuffix(".weight")
-        _spill(moments, "head.safetensors", sums)
+        sums.add(embed_module, (gradient[~odd], gradient[odd]))
+        sums.site_of[embed_module] = embed_module
+        _spill(moments, moments.output_sites, "embedding-gradients.safetensors", sums)
     return moments
 
 
-def _spill(moments: InputMoments, file: str, sums: _MomentSums) -> None:
+def _head_pass(model: BlockwiseModel, weights: Checkpoint, hidden: torch.Tensor, odd: torch.Tensor,
+               moments: CalibrationMoments, seed: int) -> torch.Tensor:
+    """The gradient, at the last block's output, of the log-likelihood of labels drawn from the model (the
+    start of the backward pass); an untied head's input moment and the diagonal of its output-gradient moment
+    go into ``moments`` on the way."""
+    norm = model.load(weights, model.layout.norm)
+    head_weight = model.head_weight(weights)
+    head = model.tensor_name_or_none(weights, f"{model.layout.head}.weight")
+    head = head.removesuffix(".weight") if head is not None else None
+    inputs, outputs = _MomentSums(), _MomentSums()
+    generator = torch.Generator().manual_seed(seed)
+    gradient = torch.empty_like(hidden)
+    for batch in _micro_batches(*hidden.shape[:2]):
+        x = hidden[batch].detach().requires_grad_(True)
+        with torch.enable_grad():
+            normed = norm(x)
+            logits = normed @ head_weight.T
+            labels = fisher_labels(logits, generator)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+            loss.backward()
+        gradient[batch] = x.grad
+        if head is not None:
+            with torch.no_grad():  # d(−log p(label))/d logits = p − onehot(label)
+                g = torch.softmax(logits, dim=-1).scatter_add_(
+                    -1, labels[..., None], torch.full(labels[..., None].shape, -1.0, device=logits.device))
+                inputs.add(head, (normed[~odd[batch]], normed[odd[batch]]))
+                outputs.add(head, (g[~odd[batch]], g[odd[batch]]), diagonal=True)
+    if head is not None:
+        inputs.site_of[head] = outputs.site_of[head] = head
+        _spill(moments, moments.sites, "head.safetensors", inputs)
+        _spill(moments, moments.output_sites, "head-gradients.safetensors", outputs)
+    return gradient
+
+
+def _spill(moments: CalibrationMoments, sites: dict[ModuleName, tuple[str, str]], file: str,
+           sums: _MomentSums) -> None:
     tensors = {}
     for site, (a, b) in sums.sums.items():
         tensors[f"{site}.a"], tensors[f"{site}.b"] = a.cpu().contiguous(), b.cpu().contiguous()
         moments.counts[(file, site)] = tuple(sums.counts[site])
     save_tensors(moments.spill_dir / file, tensors)
     for module, site in sums.site_of.items():
-        moments.sites[module] = (file, site)
+        sites[module] = (file, site)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -525,18 +652,18 @@ def check_calibration(source: str | Path, finetuned: Checkpoint, *, tokens: int 
 def calibrate(source: str | Path, finetuned: Checkpoint, base: Checkpoint, spill_dir: Path, *,
               tokens: int = CALIB_TOKENS, seq_len: int = CALIB_SEQ_LEN, activations: Activations = "finetuned",
               device: torch.device = torch.device("cpu"), seed: int = 0,
-              progress: bool = False) -> tuple[Calibration, InputMoments]:
-    """The calibration tokens from ``source`` and every module's input moments under them.
+              progress: bool = False) -> tuple[Calibration, CalibrationMoments]:
+    """The calibration tokens from ``source`` and every module's input and output-gradient moments under them.
 
     Args:
         source: a text file, a JSONL file, or ``"self"``.
-        finetuned, base: the checkpoints (FT gives the config, the tokenizer and, for ``self``, the samples).
+        finetuned, base: the checkpoints (FT gives the config and the tokenizer; for ``self``, both give samples).
         spill_dir: an existing directory for the moments.
         tokens, seq_len: how many calibration tokens, in sequences of this length (at most the model's
             ``max_position_embeddings``; the report records the length used).
         activations: whose inputs each module sees: the fine-tuned model's or the base's.
         device: where the blocks run.
-        seed: of the ``self`` samples.
+        seed: of the ``self`` samples (those from the base model: ``seed + 1``) and of the gradients' labels.
         progress: progress bars on stderr.
 
     Raises:
@@ -549,13 +676,20 @@ def calibrate(source: str | Path, finetuned: Checkpoint, base: Checkpoint, spill
     seq_len = min(seq_len, model.max_positions)  # longer sequences would leave the positions it was trained on
     _check_sizes(tokens, seq_len)
     if str(source) == SELF:
-        ids = sample_sequences(model, finetuned, sequences=tokens // seq_len, seq_len=seq_len, seed=seed,
+        sequences = tokens // seq_len
+        from_base = int(sequences * BASE_SAMPLE_SHARE)
+        ids = sample_sequences(model, finetuned, sequences=sequences - from_base, seq_len=seq_len, seed=seed,
                                progress=progress)
-        calibration = Calibration(SELF, hashlib.sha256(ids.numpy().astype("<i8").tobytes()).hexdigest(), ids, seed)
+        if from_base:
+            ids = torch.cat([ids, sample_sequences(model, base, sequences=from_base, seq_len=seq_len, seed=seed + 1,
+                                                   progress=progress)])
+        calibration = Calibration(SELF, hashlib.sha256(ids.numpy().astype("<i8").tobytes()).hexdigest(), ids, seed,
+                                  from_base)
     else:
         calibration = tokenize_source(source, finetuned.files[0].parent, tokens=tokens, seq_len=seq_len)
     if int(calibration.token_ids.max()) >= model.config.vocab_size:
         raise CalibrationError(f"the tokenizer gives ids up to {int(calibration.token_ids.max())}, beyond the "
                                f"model's vocabulary of {model.config.vocab_size}", path=finetuned.path)
     weights = finetuned if activations == "finetuned" else base
-    return calibration, collect_moments(model, weights, calibration.token_ids, spill_dir, progress=progress)
+    return calibration, collect_moments(model, weights, calibration.token_ids, spill_dir, seed=seed,
+                                        progress=progress)

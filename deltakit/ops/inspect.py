@@ -32,7 +32,7 @@ from deltakit.math.factorize import DeltaBuffer, SvdMethod, resolve_device, trun
 from deltakit.names import ModuleName
 from deltakit.adapters.layers import out_in_shape
 from deltakit.math.whiten import DEFAULT_DAMPING, whitened_svd, whitening
-from deltakit.ops.calibrate import CALIB_SEQ_LEN, CALIB_TOKENS, InputMoments, calibrate, check_calibration
+from deltakit.ops.calibrate import CALIB_SEQ_LEN, CALIB_TOKENS, CalibrationMoments, calibrate, check_calibration
 from deltakit.ops.delta import delta_of, read_pair
 from deltakit.ops.plan import ExtractPlan, plan_extract
 from deltakit.math.ranks import (
@@ -86,8 +86,9 @@ class ModuleInspection:
     noise: NoiseFloor
     suggested_ranks: dict[str, int] = field(default_factory=dict)
     method: str = ""
-    # With --calib: the whitened spectrum, i.e. the singular values of ΔW·L (L·Lᵀ = E[xxᵀ] + damping), and the
-    # share of the module's output energy E‖ΔW x‖² each rank keeps with the output-aware fit:
+    # With --calib: the whitened spectrum, i.e. the singular values of RᵀΔW·L (L·Lᵀ = E[xxᵀ], R·Rᵀ = E[ggᵀ] of the
+    # output gradients, both damped), and the share of the module's Fisher-weighted output energy E‖RᵀΔW x‖² each
+    # rank keeps with the output-aware fit:
     output_singular_values: list[float] | None = None
     output_energy_retained: dict[int, float] | None = None
 
@@ -234,8 +235,8 @@ class InspectReport:
                      f"{SUGGESTED_ENERGY:.0%} (at most {self.options['max_rank']}); r auto: above the noise floor "
                      "(--rank auto)")
         if calibrated:
-            lines.append("O@r: output energy E‖ΔW x‖² on the calibration inputs kept at rank r by the output-aware fit "
-                         "(extract --calib); – where the module has no calibration inputs")
+            lines.append("O@r: output energy E‖RᵀΔW x‖² (Fisher-weighted) on the calibration inputs kept at rank r by "
+                         "the output-aware fit (extract --calib); – where the module has no calibration inputs")
         if self.frontier:
             lines += ["", "adapter size: uniform rank vs --budget allocation of the same size (relative error of ΔW "
                       "over all modules; per-module budget ranks in the JSON report)",
@@ -335,7 +336,7 @@ def inspect(
 
 
 def _measure(report: InspectReport, plan: ExtractPlan, ft_ckpt: Checkpoint, base_ckpt: Checkpoint,
-             moments: InputMoments | None, math_device: torch.device, svd: SvdMethod, ranks: tuple[int, ...],
+             moments: CalibrationMoments | None, math_device: torch.device, svd: SvdMethod, ranks: tuple[int, ...],
              max_rank: int, progress: bool) -> None:
     """Every selected weight's spectrum (and, calibrated, its whitened spectrum) into ``report``."""
     jobs = [p for p in plan.modules if p.weight is not None and p.is_selected]
@@ -357,8 +358,10 @@ def _measure(report: InspectReport, plan: ExtractPlan, ft_ckpt: Checkpoint, base
                                  out_in, base_norm, result.s, result.total_energy, result.method, ranks, max_rank)
         moment = moments.moment(module_plan.module) if moments is not None else None
         if moment is not None:
+            output = moments.output_moment(module_plan.module)
             whitened = whitened_svd(pair.delta, whitening(moment), rank,
-                                    lambda matrix, k: truncated_svd(matrix, k, method=svd, device=math_device))
+                                    lambda matrix, k: truncated_svd(matrix, k, method=svd, device=math_device),
+                                    None if output is None else whitening(output))
             inspection.output_singular_values = [float(v) for v in whitened.s]
             inspection.output_energy_retained = _retained(whitened.s, whitened.total_energy, out_in, ranks)
         del pair
