@@ -51,14 +51,17 @@ def _calibration_card(report: ExtractReport) -> list[str]:
     lines = [
         "## Output-aware fit",
         "",
-        "Each module's factors minimise its predicted output error E‖(ΔW − BA)x‖² over calibration inputs x "
-        "(truncated SVD of ΔW·L with L·Lᵀ = E[xxᵀ] + damping, mapped back), except where a held-out half of the "
-        "calibration text predicted a lower error for the plain SVD of ΔW, which is then kept.",
+        "Each module's factors minimise its predicted output error E‖Rᵀ(ΔW − BA)x‖² over calibration inputs x, "
+        "weighted by R·Rᵀ = E[ggᵀ], the gradients at the module's output of labels drawn from the model (Fisher "
+        "weighting; left out for a tied embedding): the truncated SVD of Rᵀ·ΔW·L with L·Lᵀ = E[xxᵀ], both damped, "
+        "mapped back; except where a held-out half of the calibration text predicted a lower error for the plain "
+        "SVD of ΔW, which is then kept.",
         "",
         f"- calibration source: `{c['source']}` (sha256 `{c['sha256']}`), {c['tokens']:,} tokens in "
         f"{c['sequences']} sequences of {c['seq_len']}" + (f", sampled with seed {c['seed']}" if c.get("seed") is not
-                                                          None else ""),
-        f"- inputs taken from the {c['activations']} model; damping {c['damping']:g}",
+                                                          None else "")
+        + (f" ({c['base_sequences']} of them from the base model)" if c.get("base_sequences") else ""),
+        f"- inputs (and output gradients) taken from the {c['activations']} model; damping {c['damping']:g}",
         f"- summary: {calibration_text(report)}",
         "",
         "| module | rank | fit | relative error of ΔW | predicted output error | plain SVD's output error |",
