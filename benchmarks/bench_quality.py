@@ -309,11 +309,17 @@ def budget(weighting: str, factor_dtype: str | None = None) -> Route:
     return route
 
 
-def calibrated(source: Callable[[Pair], str | Path]) -> Route:
-    """Output-aware fitting (``--calib``) at uniform rank, calibrated on ``source(pair)``; its factors take the
-    bytes of plain SVD's at the same rank, so equal bytes is equal rank."""
+def calibrated(source: Callable[[Pair], str | Path], weighting: str | None = None) -> Route:
+    """Output-aware fitting (``--calib``) calibrated on ``source(pair)``: at uniform rank (its factors take the
+    bytes of plain SVD's at the same rank, so equal bytes is equal rank), or with ``weighting`` a budget allocation
+    on the whitened spectra, as :func:`budget`."""
     def route(pair: Pair, size: Size, out_dir: Path) -> None:
-        deltakit.extract(pair.finetuned, pair.base, out_dir, rank=size.rank, calib=source(pair), overwrite=True)
+        if weighting is None:
+            options = {"rank": size.rank}
+        else:
+            options = {"budget": f"{size.bytes}B"} if size.bytes is not None else {"avg_rank": size.rank}
+            options.update(budget_weighting=weighting, max_rank=256)
+        deltakit.extract(pair.finetuned, pair.base, out_dir, calib=source(pair), overwrite=True, **options)
     return route
 
 
@@ -328,6 +334,8 @@ ROUTES: dict[str, Route] = {
     "int8 + budget relative": budget("relative", "int8"),
     "calib-self": calibrated(lambda pair: "self"),
     "calib-text": calibrated(lambda pair: pair.calib_text),
+    "calib-self + budget absolute": calibrated(lambda pair: "self", "absolute"),
+    "calib-self + budget relative": calibrated(lambda pair: "self", "relative"),
 }
 
 

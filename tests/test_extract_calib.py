@@ -126,8 +126,6 @@ def test_calibration_errors_are_one_line(llama_pair: ModelPair, bert_pair: Model
         ((bert_pair.ft_dir, bert_pair.base_dir, "--calib", "self"), 1,
          "does not support the architecture BertForMaskedLM"),
         ((llama_pair.ft_dir, llama_pair.base_dir, "--calib", "self", "--dora"), 2, "--calib with --dora"),
-        ((llama_pair.ft_dir, llama_pair.base_dir, "--calib", "self", "--avg-rank", "4"), 2,
-         "--budget/--avg-rank with --calib"),
         ((llama_pair.ft_dir, llama_pair.base_dir, "--calib", "self", "--calib-tokens", "8", "--calib-seq-len", "16"),
          2, "less than one sequence"),
     ]
@@ -163,3 +161,53 @@ def test_inspect_shows_the_whitened_spectra(llama_pair: ModelPair, capsys: pytes
     code, _, table = _run(capsys, "inspect", ft, base, "--ranks", "4,16", "--calib", calib, "--calib-tokens", 512,
                           "--calib-seq-len", 32, "-q")
     assert code == 0 and "O@4" in table and "output energy" in table
+
+
+def test_budget_with_calib_allocates_on_the_whitened_spectra(llama_pair: ModelPair, tmp_path: Path) -> None:
+    """--avg-rank with --calib: the ranks come from the Fisher-whitened spectra (the energies the allocation
+    weighs), every calibrated module is the whitened fit at its rank, and the size is the uniform rank's."""
+    from deltakit.io.checkpoint import open_checkpoint
+    from deltakit.math.factorize import truncated_svd
+    from deltakit.math.ranks import BudgetRanks, ModuleSpectrum
+    from deltakit.math.whiten import whitened_svd, whitening
+    from deltakit.ops.calibrate import calibrate
+
+    ft, base = _with_tokenizer(llama_pair, tmp_path)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT)
+    out = tmp_path / "adapter"
+    deltakit.extract(ft, base, out, avg_rank=4, budget_weighting="absolute", calib=calib, calib_tokens=1024,
+                     calib_seq_len=32, svd="exact")
+    report = json.loads((out / "extract_report.json").read_text())
+    rows = {m["module"]: m for m in report["modules"]}
+    assert report["calibration"]["output_weighting"] == "fisher"
+
+    ft_ckpt, base_ckpt = open_checkpoint(ft), open_checkpoint(base)
+    (tmp_path / "moments").mkdir()
+    _, moments = calibrate(calib, ft_ckpt, base_ckpt, tmp_path / "moments", tokens=1024, seq_len=32)
+    exact = lambda matrix, k: truncated_svd(matrix, k, method="exact", device="cpu")  # noqa: E731
+    fits, spectra = {}, []
+    for module in rows:
+        weight = f"{module}.weight"
+        delta = ft_ckpt.get(weight).float() - base_ckpt.get(weight).float()
+        if module.endswith("embed_tokens"):
+            delta = delta.T  # PEFT's (dim, vocab)
+        output = moments.output_moment(module)
+        fit = whitened_svd(delta, whitening(moments.moment(module)), min(delta.shape), exact,
+                           None if output is None else whitening(output))
+        fits[module] = fit
+        spectra.append(ModuleSpectrum(module, tuple(delta.shape), fit.s, fit.total_energy))
+    params = sum(min(4, *s.out_in) * s.cost_per_rank for s in spectra)
+    expected = dict(zip(fits, BudgetRanks(params, weighting="absolute").allocate(spectra)))
+    assert {m: r["rank"] for m, r in rows.items()} == expected and len(set(expected.values())) > 1
+    assert all(r["fit"] == "whitened" for r in rows.values())
+
+    from peft.utils import load_peft_weights
+    weights = load_peft_weights(str(out))
+    for module, fit in fits.items():
+        rank = expected[module]
+        a_key = next(k for k in weights if module in k and ("lora_A" in k or "lora_embedding_A" in k))
+        b_key = a_key.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")
+        ours = weights[b_key].float() @ weights[a_key].float()  # lora_alpha = rank by default: scaling 1
+        theirs = (fit.u[:, :rank] * fit.s[:rank]) @ fit.vh[:rank]
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-3 * float(theirs.abs().max()))

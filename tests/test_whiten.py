@@ -272,3 +272,25 @@ def test_output_aware_fit_with_an_output_moment_still_falls_back_where_whitening
                            output_moment=(output_halves[0] + output_halves[1]) / 2, output_halves=output_halves)
     assert fit.route == "plain" and fit.heldout_relative_errors[0] > fit.heldout_relative_errors[1]
     assert fit.output_relative_error == fit.plain_output_relative_error
+
+
+def test_deferred_fit_reports_at_every_rank_what_the_fixed_rank_fit_reports() -> None:
+    """A budget decides the rank later: the errors kept for every rank are those a fit at that rank reports."""
+    from deltakit.math.whiten import DeferredOutputAwareFit
+
+    delta, x, moment = _problem(tokens=2000)
+    output = _output_moment()
+    halves = (x[0::2].T @ x[0::2] / 1000, x[1::2].T @ x[1::2] / 1000)
+    deferred = output_aware_fit(delta, moment, halves, 8, lambda s, total: None, EXACT, output_moment=output,
+                                output_halves=(output, output))
+    assert isinstance(deferred, DeferredOutputAwareFit) and deferred.svd.rank == 8
+    for rank in (1, 3, 8):
+        fixed = output_aware_fit(delta, moment, halves, 8, lambda s, total, rank=rank: rank, EXACT,
+                                 output_moment=output, output_halves=(output, output))
+        assert fixed.route == "whitened"
+        at = deferred.at(rank)
+        for ours, theirs in ((at.weight_relative_error, fixed.weight_relative_error),
+                             (at.output_relative_error, fixed.output_relative_error),
+                             (at.plain_output_relative_error, fixed.plain_output_relative_error),
+                             *zip(at.heldout_relative_errors, fixed.heldout_relative_errors)):
+            assert ours == pytest.approx(theirs, rel=1e-4, abs=1e-6)

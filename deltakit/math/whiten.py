@@ -42,7 +42,7 @@ import torch
 from deltakit.errors import FactorizationError, InvalidOptionError
 from deltakit.math.factorize import TruncatedSVD
 
-__all__ = ["DEFAULT_DAMPING", "ErrorMeter", "OutputAwareFit", "WhitenedSVD", "Whitening", "output_aware_fit",
+__all__ = ["DEFAULT_DAMPING", "DeferredOutputAwareFit", "ErrorMeter", "OutputAwareFit", "WhitenedSVD", "Whitening", "output_aware_fit",
            "whitened_svd", "whitening"]
 
 # λ of C + λ·mean(diag C)·I; GPTQ's default percdamp, see the README's calibration section for the measurement.
@@ -320,8 +320,43 @@ class OutputAwareFit:
                 "heldout_output_relative_errors": list(self.heldout_relative_errors)}
 
 
+@dataclass
+class DeferredOutputAwareFit:
+    """A whitened fit whose rank is decided later (a budget across modules, from the whitened spectra): its
+    errors at every rank r = 0..k, so that the report can be written once the rank is known.
+
+    There is no held-out fallback here: the allocation chooses among whitened triplets, so every module stays
+    whitened; the held-out errors are kept for the report.
+
+    Attributes:
+        svd: the whitened SVD (its ``s`` and ``total_energy`` are what the allocation weighs).
+        weight_errors, output_errors, plain_output_errors: (k + 1,) relative errors: of ΔW, and the predicted
+            output error of the whitened fit and of the plain SVD, over all calibration inputs.
+        heldout_errors: (k + 1,) each, the output errors on the held-out half of a fit whitened on the other half
+            and of the plain SVD.
+    """
+
+    svd: WhitenedSVD
+    weight_errors: torch.Tensor
+    output_errors: torch.Tensor
+    plain_output_errors: torch.Tensor
+    heldout_errors: tuple[torch.Tensor, torch.Tensor]
+
+    def at(self, rank: int) -> OutputAwareFit:
+        """The fit at the rank decided (its ``svd`` left out: the caller has the triplets)."""
+        return OutputAwareFit(self.svd, "whitened", rank, float(self.weight_errors[rank]),
+                              float(self.output_errors[rank]), float(self.plain_output_errors[rank]),
+                              (float(self.heldout_errors[0][rank]), float(self.heldout_errors[1][rank])))
+
+
+def _relative_curve(meter: ErrorMeter, fit: TruncatedSVD | WhitenedSVD) -> torch.Tensor:
+    """√(error at r / error at 0) for r = 0..k; zeros for a ΔW the inputs do not see."""
+    curve = meter.curve(fit.u, fit.s, fit.vh)
+    return (curve / meter.total).clamp(max=1.0).sqrt() if meter.total > 0 else torch.zeros_like(curve)
+
+
 def output_aware_fit(delta: torch.Tensor, moment: torch.Tensor, halves: tuple[torch.Tensor, torch.Tensor],
-                     compute_rank: int, choose: Callable[[torch.Tensor, float], int],
+                     compute_rank: int, choose: Callable[[torch.Tensor, float], int | None],
                      svd: Callable[[torch.Tensor, int], TruncatedSVD],
                      damping: float = DEFAULT_DAMPING, output_moment: torch.Tensor | None = None,
                      output_halves: tuple[torch.Tensor, torch.Tensor] | None = None) -> OutputAwareFit:
@@ -334,7 +369,8 @@ def output_aware_fit(delta: torch.Tensor, moment: torch.Tensor, halves: tuple[to
         moment: E[xxᵀ] over all calibration inputs, (in, in) or (in,) diagonal.
         halves: E[xxᵀ] over each half of the calibration sequences (fit on the first, check on the second).
         compute_rank: how many whitened triplets to compute (at most min(out, in)).
-        choose: the rank, from the whitened (output) singular values and the total output energy.
+        choose: the rank, from the whitened (output) singular values and the total output energy; None to leave
+            it to a later allocation (then every rank's errors are returned, see :class:`DeferredOutputAwareFit`).
         svd: the truncated SVD to run, as for :func:`whitened_svd`.
         damping: λ of :func:`whitening`, for both moments.
         output_moment: G = E[ggᵀ] of the gradients at the module's output, (out, out) or (out,) diagonal; None
@@ -342,18 +378,25 @@ def output_aware_fit(delta: torch.Tensor, moment: torch.Tensor, halves: tuple[to
         output_halves: G over each half, as ``halves`` (needed with ``output_moment``).
 
     Returns:
-        The :class:`OutputAwareFit`.
+        The :class:`OutputAwareFit`, or the :class:`DeferredOutputAwareFit` when ``choose`` gives None.
     """
     def output_root(g: torch.Tensor | None) -> Whitening | None:
         return None if g is None else whitening(g, damping)
 
     fit_out, check_out = output_halves if output_moment is not None else (None, None)
     whitened = whitened_svd(delta, whitening(moment, damping), compute_rank, svd, output_root(output_moment))
-    rank = min(max(1, choose(whitened.s, whitened.total_energy)), whitened.rank)
+    chosen = choose(whitened.s, whitened.total_energy)
+    rank = whitened.rank if chosen is None else min(max(1, chosen), whitened.rank)
     plain = svd(delta, rank)
     fit_half, check_half = halves
     trial = whitened_svd(delta, whitening(fit_half, damping), rank, svd, output_root(fit_out))
     check = ErrorMeter(delta, check_half, check_out)
+    if chosen is None:
+        meter = ErrorMeter(delta, moment, output_moment)
+        weight = (whitened.weight_errors / whitened.weight_energy).clamp(max=1.0).sqrt() \
+            if whitened.weight_energy > 0 else torch.zeros_like(whitened.weight_errors)
+        return DeferredOutputAwareFit(whitened, weight, _relative_curve(meter, whitened), _relative_curve(meter, plain),
+                                      (_relative_curve(check, trial), _relative_curve(check, plain)))
     heldout = (check.relative(trial.u, trial.s, trial.vh, rank), check.relative(plain.u, plain.s, plain.vh, rank))
     del trial, check
     meter = ErrorMeter(delta, moment, output_moment)

@@ -545,9 +545,8 @@ def extract(
     variant = DORA if dora else LORA
     if calib is not None and dora:
         raise InvalidOptionError("--calib with --dora is not supported: the output-aware fit is LoRA's; drop one")
-    for refusal in (variant.budget_refusal, OutputAwareLora.budget_refusal if calib is not None else None):
-        if policy.defers and refusal:
-            raise InvalidOptionError(refusal)
+    if policy.defers and variant.budget_refusal:
+        raise InvalidOptionError(variant.budget_refusal)
     if codec is not None and variant.compact_refusal:
         raise InvalidOptionError(variant.compact_refusal)
     if codec is not None and target == "vllm":
