@@ -5,7 +5,7 @@ the adapter, its config, the model card and the report (without timings) are byt
 executor's with one math thread (a task has one CPU), for a fixed rank on a sharded bf16 pair with carried norms,
 for a budget (two phases: the SVDs at the cap come back, the driver allocates), for DoRA with per-module ranks
 and a tied head; a worker killed mid-run is retried into the same bytes; an error inside a task is the local
-executor's one line; what the tasks cannot do is refused in one line before any work, as is a missing Ray.
+executor's one line, and a worker that cannot see the checkpoint's files says so; what the tasks cannot do is refused in one line before any work, as is a missing Ray.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from test_batch import _without_seconds
 
 import deltakit
 from deltakit.cli import main
-from deltakit.errors import NonFiniteError
+from deltakit.errors import CheckpointNotFoundError, NonFiniteError
 from deltakit.ops.extract import REPORT_FILE
 
 ray_needed = pytest.mark.usefixtures("ray_cluster", "single_thread")
@@ -91,6 +92,26 @@ def test_a_worker_killed_mid_run_is_retried_into_the_same_bytes(tmp_path: Path,
     deltakit.extract(pair.ft_dir, pair.base_dir, tmp_path / "ray", rank=4, executor=KillsAWorkerOnce())
     assert (tmp_path / "killed").exists()  # the kill happened
     assert _outputs(tmp_path / "ray") == _outputs(tmp_path / "local")
+
+
+@ray_needed
+def test_a_worker_that_cannot_see_the_checkpoint_says_so(tmp_path: Path, llama_pair_bf16_sharded: ModelPair) -> None:
+    """As on a node without the shared storage: the files move away once the driver has planned from them."""
+    shutil.copytree(llama_pair_bf16_sharded.ft_dir, tmp_path / "ft")
+
+    class MovesTheFilesAway(type(_ray_map())):
+        def map(self, function, shared, units, label=str):
+            (tmp_path / "ft").rename(tmp_path / "elsewhere")
+            return super().map(function, shared, units, label)
+
+    with pytest.raises(CheckpointNotFoundError) as info:
+        deltakit.extract(tmp_path / "ft", llama_pair_bf16_sharded.base_dir, tmp_path / "out", rank=4,
+                         executor=MovesTheFilesAway())
+    assert str(info.value).startswith(f"{tmp_path / 'ft'}/model-0000")
+    assert "safetensors: not found on the worker fitting model." in str(info.value)
+    assert str(info.value).endswith("every node must see the checkpoints at the same path (shared storage; for a "
+                                    "Hub id, a shared HF cache)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere"]
 
 
 @ray_needed
