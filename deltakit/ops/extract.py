@@ -6,7 +6,8 @@ the math device and the adapter variant fits it (:meth:`~deltakit.adapters.varia
 tensors in, factors and metrics out), and the plan's rules decide what becomes of the module's other tensors
 (:func:`~deltakit.ops.plan.module_fates`); at the end the rank policy finishes what it deferred (a budget), the
 report is built from the per-module results, and the adapter is written. Peak memory is a few copies of the
-largest tensor plus the factors, whatever the model size.
+largest tensor plus the factors, whatever the model size. With an executor (``--executor ray``) each module's
+read and fit runs as a task elsewhere and only its result comes back; everything else stays here, unchanged.
 """
 
 from __future__ import annotations
