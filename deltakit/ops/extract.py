@@ -80,7 +80,7 @@ from deltakit.ops.report import (
 
 REPORT_FILE = EXTRACT_REPORT_FILE
 _SPILL_DIR = ".svd-spill"  # inside the staging directory, removed before it is renamed into place
-_CALIB_DIR = ".calib-moments"  # likewise: the input moments of --calib, one file per block
+_CALIB_DIR = ".calib-moments"  # likewise: the moments of --calib (and block inputs between its passes), per block
 
 
 @dataclass
