@@ -68,6 +68,9 @@ SELF = "self"
 Activations = Literal["finetuned", "base"]
 # Tokens per micro-batch inside a block: bounds the block's own temporaries (MLP width × this, in fp32).
 _MICRO_BATCH_TOKENS = 4096
+# Logits per micro-batch of the head pass (tokens × vocabulary): 0.5 GB in fp32 (1 GB as the fp64 probabilities
+# the labels are drawn from), whatever the vocabulary.
+_MICRO_BATCH_LOGITS = 1 << 27
 _HALVES = ("a", "b")  # even and odd sequences
 # For ``self``: the share of the sampled sequences drawn from the base model instead of the fine-tuned one.
 BASE_SAMPLE_SHARE = 0.25
@@ -471,8 +474,8 @@ class _GradientHooks:
             handle.remove()
 
 
-def _micro_batches(sequences: int, seq_len: int) -> Iterator[slice]:
-    step = max(1, _MICRO_BATCH_TOKENS // seq_len)
+def _micro_batches(sequences: int, seq_len: int, tokens: int = _MICRO_BATCH_TOKENS) -> Iterator[slice]:
+    step = max(1, tokens // seq_len)
     for start in range(0, sequences, step):
         yield slice(start, min(start + step, sequences))
 
@@ -567,7 +570,8 @@ def _head_pass(model: BlockwiseModel, weights: Checkpoint, hidden: torch.Tensor,
     inputs, outputs = _MomentSums(), _MomentSums()
     generator = torch.Generator().manual_seed(seed)
     gradient = torch.empty_like(hidden)
-    for batch in _micro_batches(*hidden.shape[:2]):
+    for batch in _micro_batches(*hidden.shape[:2], tokens=min(_MICRO_BATCH_TOKENS,
+                                                                _MICRO_BATCH_LOGITS // head_weight.shape[0])):
         x = hidden[batch].detach().requires_grad_(True)
         with torch.enable_grad():
             normed = norm(x)
