@@ -583,7 +583,6 @@ def test_a_budget_bounds_the_adapter_file_tied_copies_included(gpt2_pair: ModelP
     assert (tmp_path / "out" / "adapter_model.safetensors").stat().st_size <= budget
 
 
-@_pending(7)
 def test_a_budget_counts_carried_tensors_and_refuses_one_they_alone_exceed(tmp_path: Path) -> None:
     w0, n0 = torch.randn(32, 24), torch.ones(4000)
     base_dir, ft_dir = write_safetensors_pair(tmp_path, {Q: w0, N: n0},
@@ -596,15 +595,33 @@ def test_a_budget_counts_carried_tensors_and_refuses_one_they_alone_exceed(tmp_p
     assert not (tmp_path / "b").exists()
 
 
-@_pending(7)
 def test_factors_larger_than_their_tensor_are_replaced_by_the_tensor(tmp_path: Path) -> None:
-    k0 = torch.randn(8, 8)
-    base_dir, ft_dir = write_safetensors_pair(tmp_path, {K: k0}, {K: k0 + torch.randn(8, 8)})
-    report = deltakit.extract(ft_dir, base_dir, tmp_path / "out", rank=6)  # 6·(8+8) > 8·8
+    k0, q0 = torch.randn(8, 8), torch.randn(32, 24)
+    base_dir, ft_dir = write_safetensors_pair(tmp_path, {K: k0, Q: q0}, {K: k0 + torch.randn(8, 8), Q: q0 + 1})
+    report = deltakit.extract(ft_dir, base_dir, tmp_path / "out", rank=6)  # K: 6·(8+8) > 8·8; Q: 6·56 < 32·24
     stored = load_file(tmp_path / "out" / "adapter_model.safetensors")
-    assert not any("lora_" in key for key in stored), list(stored)
-    assert sum(t.numel() for t in stored.values()) == 64
+    k_module = K.removesuffix(".weight")
+    assert [key for key in stored if k_module in key] == [f"base_model.model.{K}"], list(stored)
+    torch.testing.assert_close(stored[f"base_model.model.{K}"], load_file(ft_dir / "model.safetensors")[K])
+    assert any("lora_" in key for key in stored)
     assert any(f.tensor == K and f.fate == "carried" for f in report.tensors)
+    assert [m.module for m in report.modules] == [Q.removesuffix(".weight")]
+    assert any("1 module(s) carried whole" in line and "rank 6" in line for line in report.summary_lines())
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == [k_module]
+
+
+def test_an_adapter_keeps_one_module_as_factors_for_peft(tmp_path: Path) -> None:
+    """PEFT refuses an adapter with no LoRA target ("No modules were targeted"): where every module's factors
+    are larger than its weight, the one whose factors cost least over it keeps them, and the summary says why."""
+    v = "model.layers.0.self_attn.v_proj.weight"
+    k0, v0 = torch.randn(8, 8), torch.randn(6, 12)
+    base_dir, ft_dir = write_safetensors_pair(tmp_path, {K: k0, v: v0}, {K: k0 + torch.randn(8, 8),
+                                                                        v: v0 + torch.randn(6, 12)})
+    report = deltakit.extract(ft_dir, base_dir, tmp_path / "out", rank=8)  # K: 8·16 > 64, v: 6·18 > 72
+    assert [m.module for m in report.modules] == [v.removesuffix(".weight")]  # 36 elements over, K's 64
+    assert any(f.tensor == K and f.fate == "carried" for f in report.tensors)
+    assert any("keep factors larger than their weight" in line and "PEFT" in line for line in report.summary_lines())
 
 
 # --- 13: mistakes found from headers and options, before any math --------------------------------------------
@@ -660,7 +677,7 @@ def test_unmerge_of_an_adapter_never_merged_here_says_so(pair: tuple[Path, Path]
 
 def test_clamped_ranks_are_on_the_console(tmp_path: Path) -> None:
     base_dir, ft_dir = write_safetensors_pair(tmp_path, {Q: torch.zeros(32, 24)}, {Q: torch.randn(32, 24)})
-    report = deltakit.extract(ft_dir, base_dir, tmp_path / "out", rank=30)
+    report = deltakit.extract(ft_dir, base_dir, tmp_path / "out", rank=30, carry=False)  # factors, not whole
     assert any("clamped" in line and "q_proj" in line for line in report.summary_lines())
 
 
@@ -704,7 +721,7 @@ def test_reported_error_is_that_of_the_factors_as_stored(tmp_path: Path) -> None
     w0 = torch.randn(32, 24)
     ft = w0 + torch.randn(32, 24) * 0.1
     base_dir, ft_dir = write_safetensors_pair(tmp_path, {Q: w0.bfloat16()}, {Q: ft.bfloat16()})
-    report = deltakit.extract(ft_dir, base_dir, tmp_path / "out", rank=24)
+    report = deltakit.extract(ft_dir, base_dir, tmp_path / "out", rank=24, carry=False)  # factors, not whole
     stored = load_file(tmp_path / "out" / "adapter_model.safetensors")
     a = next(t for k, t in stored.items() if "lora_A" in k).float()
     b = next(t for k, t in stored.items() if "lora_B" in k).float()

@@ -24,7 +24,7 @@ from deltakit.errors import AdapterFormatError, CheckpointNotFoundError, Invalid
 from deltakit.io.hub import ResolvedRepo, local_path
 from deltakit.names import ModuleName, PeftKey, matches_peft_pattern
 from deltakit.adapters.layers import WeightKind, lora_keys, magnitude_key, module_pattern, parse_peft_key
-from deltakit.io.writer import SafetensorsWriter, write_json
+from deltakit.io.writer import SafetensorsWriter, TensorSpec, safetensors_size, write_json
 from deltakit.math.quantize import FactorCodec, product_distance
 
 CONFIG_FILE = "adapter_config.json"
@@ -113,6 +113,9 @@ class AdapterSpec:
     has_base_biases: bool = False
     ensure_weight_tying: bool = False
     target_modules: list[ModuleName] | str | None = None  # default: exactly the factorized modules, as a list
+    # Whether the model's linear layers are Conv1D; default: whether any factors are (a model whose Conv1D
+    # layers are all carried whole still says so, so that its adapters agree with the others of that model).
+    fan_in_fan_out: bool | None = None
 
 
 def adapter_spec(factors: list[ModuleFactors], carried: list[CarriedTensor], *, default_rank: int,
@@ -149,7 +152,8 @@ def peft_config(factors: list[ModuleFactors], spec: AdapterSpec) -> dict:
         "target_modules": spec.target_modules if spec.target_modules is not None else (modules or None),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "fan_in_fan_out": any(f.kind is WeightKind.CONV1D for f in factors),
+        "fan_in_fan_out": (spec.fan_in_fan_out if spec.fan_in_fan_out is not None
+                           else any(f.kind is WeightKind.CONV1D for f in factors)),
         "modules_to_save": spec.modules_to_save or None,
         "bias": "lora_only" if spec.has_base_biases else "none",
         "lora_bias": False,
@@ -168,6 +172,26 @@ def factor_tensors(f: ModuleFactors) -> dict[PeftKey, torch.Tensor]:
     return tensors
 
 
+_METADATA = {"format": "pt"}
+
+
+def _factor_dict(factors: list[ModuleFactors]) -> dict[PeftKey, torch.Tensor]:
+    tensors: dict[PeftKey, torch.Tensor] = {}
+    for f in factors:
+        tensors.update(factor_tensors(f))
+    return tensors
+
+
+def _weight_specs(in_memory: dict[PeftKey, torch.Tensor], carried: list[CarriedTensor]) -> list[TensorSpec]:
+    return [(k, t.dtype, tuple(t.shape)) for k, t in in_memory.items()] + [(c.key, c.dtype, c.shape) for c in carried]
+
+
+def adapter_file_size(factors: list[ModuleFactors], carried: list[CarriedTensor]) -> int:
+    """The exact size of the ``adapter_model.safetensors`` :func:`write_adapter` writes, header included. Factors
+    on the ``meta`` device are enough: only their shapes and dtypes count."""
+    return safetensors_size(_weight_specs(_factor_dict(factors), carried), _METADATA)
+
+
 def write_adapter(
     out_dir: Path,
     factors: list[ModuleFactors],
@@ -181,14 +205,10 @@ def write_adapter(
     Returns:
         The size of the weights file in bytes.
     """
-    in_memory: dict[PeftKey, torch.Tensor] = {}
-    for f in factors:
-        in_memory.update(factor_tensors(f))
+    in_memory = _factor_dict(factors)
     carried = list(carried)
-    specs = [(k, t.dtype, tuple(t.shape)) for k, t in in_memory.items()]
-    specs += [(c.key, c.dtype, c.shape) for c in carried]
     weights_path = out_dir / WEIGHTS_FILE
-    with SafetensorsWriter(weights_path, specs, metadata={"format": "pt"}) as writer:
+    with SafetensorsWriter(weights_path, _weight_specs(in_memory, carried), metadata=_METADATA) as writer:
         for key, tensor in in_memory.items():
             writer.write(key, tensor)
         for c in carried:
