@@ -38,6 +38,7 @@ from deltakit.adapters.peft_format import (
     adapter_file_size,
     adapter_spec,
     factor_tensors,
+    is_parameter_target,
     loading_caveat,
     task_type_for,
     write_adapter,
@@ -839,10 +840,9 @@ def extract(
             revision=report.base_revision,
             task_type=task_type_for((ft_ckpt.config or {}).get("architectures")),
             modules_to_save=[p.module for p, r in zip(plan.modules, results.modules) if r.fates.saves_module],
-            fan_in_fan_out=any(p.kind is WeightKind.CONV1D and p.is_selected for p in plan.modules) and bool(factors),
             ensure_weight_tying=plan.tied is not None and plan.tied.head == "lm_head"
             and any(f.module == "lm_head" for f in factors),
-            target_modules=target_modules([f.module for f in factors],
+            target_modules=target_modules([f.module for f in factors if not is_parameter_target(f)],
                                           {split_tensor_name(n)[0] for n in base_ckpt.tensors}),
         )
         if policy.file_bytes is not None:

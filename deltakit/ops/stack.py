@@ -119,7 +119,7 @@ def _module_kind(adapter: Adapter, module: ModuleName) -> WeightKind:
     # Without a base at hand, the adapter's own flag says Conv1D (PEFT corrects it per layer class on load).
     if adapter.modules[module].is_embedding:
         return WeightKind.EMBEDDING
-    return WeightKind.CONV1D if adapter.fan_in_fan_out else WeightKind.LINEAR
+    return WeightKind.CONV1D if adapter.is_conv1d(module) else WeightKind.LINEAR
 
 
 def _gather(adapters: list[Adapter], weights: list[float]) -> dict[ModuleName, list[tuple[int, ModuleFactors, float]]]:
