@@ -36,9 +36,9 @@ def _apply_directly(pair: ModelPair, adapter_dir) -> torch.nn.Module:
             if entry.key_a is None:
                 continue
             weight = params[f"{module}.weight"]
+            is_conv1d = adapter.is_conv1d(module) and type(model.get_submodule(module)).__name__ == "Conv1D"
             kind = WeightKind.EMBEDDING if entry.is_embedding else (
-                WeightKind.CONV1D if adapter.is_conv1d(module) and type(model.get_submodule(module)).__name__ == "Conv1D"
-                else WeightKind.LINEAR)
+                WeightKind.CONV1D if is_conv1d else WeightKind.LINEAR)
             if entry.base_bias_key:
                 model.get_submodule(module).bias.copy_(adapter.weights.get(entry.base_bias_key))
             if weight.data_ptr() in updated:

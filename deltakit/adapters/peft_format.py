@@ -361,7 +361,8 @@ def check_supported(adapter: Adapter) -> None:
     for parameter in adapter.config.get("target_parameters") or []:
         module = parameter.removesuffix(".weight")
         entry = adapter.modules.get(module)
-        if module == parameter or entry is None or entry.key_a is None or len(adapter.weights.info(entry.key_a).shape) != 2:
+        if (module == parameter or entry is None or entry.key_a is None
+                or len(adapter.weights.info(entry.key_a).shape) != 2):
             raise AdapterFormatError(f"uses target_parameters ({parameter!r}: LoRA on a bare parameter other than a "
                                      "2-D weight), which deltakit cannot merge", path=config_path)
 

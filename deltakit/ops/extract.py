@@ -189,8 +189,9 @@ def _with_whole_alternative(run: _Run, module: ModulePlan, result: _ModuleResult
         whole = module_fates(run.plan, module, [module.weight, *changed], factorized=False, carry=True,
                              profile=run.profile, reasons=reasons)
         if whole.saves_module:
-            whole.fates = [replace(f, reason=f"{f.reason}; the weight carried whole: exact, and no larger than its factors")
-                           if f.tensor == module.weight else f for f in whole.fates]
+            why = "the weight carried whole: exact, and no larger than its factors"
+            whole.fates = [replace(f, reason=f"{f.reason}; {why}") if f.tensor == module.weight else f
+                           for f in whole.fates]
             result.whole = whole
         else:
             result.whole_refusal = whole.fates[0].reason
@@ -459,6 +460,7 @@ def _finish_ranks(run: _Run, results: _Results,
             f"--budget {limit:,}B cannot hold this adapter: the tensors it carries exactly take "
             f"{size.carried_bytes:,} bytes, and the smallest file (every factorized module at its lowest rank or "
             f"carried whole, header included) {smallest:,}; give at least {smallest}B, or use --no-carry")
+
     def allocate(size: ModelSize) -> tuple[list[int], dict | None]:
         ranks, summary = run.policy.finish(spectra, size)
         while limit is not None and (over := file_size(ranks) - limit) > 0:

@@ -15,8 +15,9 @@ Modules present in only some adapters take the factors of those. Tensors an adap
 (``modules_to_save`` params, ``base_layer.bias``) are carried into the stack when only one adapter has them,
 or when every adapter that has them holds the same values, and only with weight 1 (a replaced value cannot be
 scaled inside an adapter; with the base, T_base + Σ w_k (T_k − T_base)); anything else is refused. A module one
-adapter carries whole and others have factors for is carried whole, their weighted ΔW added to it. DoRA adapters are refused: DoRA rescales each row of
-W0 + ΔW, which is not linear in ΔW, so no sum of DoRA adapters is a DoRA adapter of the same base.
+adapter carries whole and others have factors for is carried whole, their weighted ΔW added to it. DoRA adapters
+are refused: DoRA rescales each row of W0 + ΔW, which is not linear in ΔW, so no sum of DoRA adapters is a DoRA
+adapter of the same base.
 """
 
 from __future__ import annotations
