@@ -77,6 +77,24 @@ def default_out(finetuned: str, suffix: str) -> str:
     return f"{name}{suffix}"
 
 
+def _executor_options(what: str):
+    """``--executor`` and ``--address``, as batch and extract share them."""
+
+    def decorate(command):
+        command = click.option("--address", help="With --executor ray: the cluster, `auto` (started by `ray start` "
+                               "on this machine) or ray://HOST:PORT. [default: start Ray here for the run]")(command)
+        return click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                            help=f"Run {what} here, or as tasks on a Ray cluster (pip install "
+                            "'deltakit[ray]').")(command)
+
+    return decorate
+
+
+def _check_address(executor: str, address: str | None) -> None:
+    if address is not None and executor != "ray":
+        raise click.UsageError("--address needs --executor ray")
+
+
 _SVD_CHOICE = click.Choice(["auto", "exact", "randomized"])
 _DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N."
 
@@ -130,8 +148,10 @@ _DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N."
               "Linear layers reading them, one scaling for all modules, no modules_to_save/biases/DoRA).")
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@_executor_options("the modules' fits one after another")
 def extract_command(finetuned: str, base: str, out: str | None, rank_patterns: tuple[str, ...],
-                    include: tuple[str, ...], exclude: tuple[str, ...], quiet: bool, **options) -> None:
+                    include: tuple[str, ...], exclude: tuple[str, ...], quiet: bool, executor: str,
+                    address: str | None, **options) -> None:
     """Extract a LoRA adapter from FINETUNED (a fully fine-tuned checkpoint) and its BASE.
 
     Either may be a local directory, a .safetensors file, or a Hub id org/name[@revision].
@@ -143,10 +163,12 @@ def extract_command(finetuned: str, base: str, out: str | None, rank_patterns: t
       deltakit extract ft/ base/ --budget 50MB
       deltakit extract ft/ base/ -r 16 --calib self
       deltakit extract ft/ base/ -r 64 --for vllm -o ft-vllm-r64
+      deltakit extract /shared/ft /shared/base -r 16 --executor ray --address auto
     """
     from deltakit.math.ranks import parse_rank_pattern, rank_policy
     from deltakit.ops.extract import extract
 
+    _check_address(executor, address)
     ctx = click.get_current_context()
     allocated = [name for name in ("energy", "budget", "avg_rank") if options[name] is not None]
     if allocated and ctx.get_parameter_source("rank") is not click.core.ParameterSource.DEFAULT:
@@ -156,11 +178,17 @@ def extract_command(finetuned: str, base: str, out: str | None, rank_patterns: t
                          avg_rank=options["avg_rank"], min_rank=options["min_rank"], max_rank=options["max_rank"],
                          budget_weighting=options["budget_weighting"], rank_pattern=patterns)
     out = out or default_out(finetuned, f"-{'dora' if options['dora'] else 'lora'}-r{policy.label}")
+    runner = None
+    if executor == "ray":
+        from deltakit.ops.ray_cluster import RayMap  # imports ray, which only this executor needs
+
+        runner = RayMap(address)
     report = extract(
         finetuned, base, out,
         rank_pattern=patterns,
         include=list(include) or None, exclude=list(exclude) or None,
         progress=not quiet,
+        executor=runner,
         **options,
     )
     if not quiet:
@@ -314,10 +342,7 @@ def inspect_command(finetuned: str, base: str, ranks: str, include: tuple[str, .
 @click.option("--push", is_flag=True, help="Upload every job's output to its push_repo on the Hub.")
 @click.option("--summary", help="JSON summary file. [default: <manifest stem>.summary.json beside the manifest]")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary table.")
-@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="Run the jobs one at a time here, or as tasks on a Ray cluster (pip install 'deltakit[ray]').")
-@click.option("--address", help="With --executor ray: the cluster, `auto` (started by `ray start` on this machine) "
-              "or ray://HOST:PORT. [default: start Ray here for the run]")
+@_executor_options("the jobs one at a time")
 def batch_command(manifest: str, quiet: bool, executor: str, address: str | None, **options) -> None:
     """Run the extract/merge/unmerge jobs a MANIFEST (.toml or .json) lists, skipping those already done.
 
@@ -331,8 +356,7 @@ def batch_command(manifest: str, quiet: bool, executor: str, address: str | None
     """
     from deltakit.ops.batch import run_batch
 
-    if address is not None and executor != "ray":
-        raise click.UsageError("--address needs --executor ray")
+    _check_address(executor, address)
     runner = None
     if executor == "ray":
         from deltakit.ops.batch_ray import RayExecutor  # imports ray, which only this executor needs

@@ -7,6 +7,7 @@ with ``shutil.copytree`` into ``tmp_path`` before changing anything).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # huggingface_hub and transformers read these once, at import: set them before anything imports either.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -96,3 +97,25 @@ def mixtral_pair(tmp_path_factory: pytest.TempPathFactory) -> MoePair:
 def qwen3_moe_pair(tmp_path_factory: pytest.TempPathFactory) -> MoePair:
     """Qwen3-MoE, fp32, 4 experts per layer, expert 1 unchanged in every layer (mlp.experts.E.gate/up/down_proj)."""
     return make_moe_pair(tmp_path_factory.mktemp("qwen3_moe_pair"), "qwen3_moe")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A real local Ray cluster (2 CPUs, no dashboard) for one module of tests: starting Ray takes several seconds.
+    Its workers import the deltakit under test and the tests' modules (steps that kill their own worker)."""
+    ray = pytest.importorskip("ray")
+    root = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join([str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")])
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def single_thread():
+    """Local runs with one torch thread, as each Ray task with one CPU has: bytes match for equal threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

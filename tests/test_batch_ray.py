@@ -26,26 +26,7 @@ from deltakit.ops import batch
 ray = pytest.importorskip("ray")
 from deltakit.ops.batch_ray import RayExecutor  # noqa: E402  (after the skip: it imports ray)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    # The workers import this module's functions (the killing step below) and the deltakit under test.
-    path = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"PYTHONPATH": path}})
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """The local runs use one torch thread, as each Ray job with one CPU does: bytes match for equal threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("ray_cluster", "single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -176,6 +176,10 @@ class Checkpoint:
         # Legacy .bin only: the one state dict currently loaded (memory-mapped), as (file, state dict).
         self._loaded_pickle: tuple[Path, dict[str, torch.Tensor]] | None = None
 
+    def __getstate__(self) -> dict:
+        # Sent to another process (a Ray task): a legacy state dict loaded here stays here; the receiver loads its own.
+        return {**self.__dict__, "_loaded_pickle": None}
+
     def __contains__(self, name: object) -> bool:
         return name in self._tensors
 

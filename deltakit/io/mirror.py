@@ -19,6 +19,7 @@ file (safetensors puts the fp32 scales before the float8 codes); the other waits
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -53,6 +54,9 @@ class MirrorResult:
     weight_files: list[str] = field(default_factory=list)
     bytes_written: int = 0
     requantized: list[Requantization] = field(default_factory=list)  # changed FP8 weights stored as FP8 again
+    # SHA-256 of the bytes written for each changed tensor (FP8 weights, stored requantized, aside), taken on the
+    # writing thread while the next tensor is transformed.
+    written_sha256: dict[TensorName, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -123,7 +127,10 @@ def write_mirror(ckpt: Checkpoint, staging_dir: Path, changed: Collection[Tensor
                             raise NonFiniteError(f"has NaN or Inf once cast to {str(dtype).removeprefix('torch.')}"
                                                  "; choose a wider --dtype", path=ckpt.path, tensor=name)
                     del stored
-                    writes.submit(sink.write, name, value)
+                    if is_changed:
+                        writes.submit(_write_hashed, sink, name, value, result.written_sha256)
+                    else:
+                        writes.submit(sink.write, name, value)
                 writes.submit(sink.close)  # syncs while the next shard is read and computed
                 result.weight_files.append(shard_path.name)
         finally:
@@ -150,6 +157,18 @@ def _read_ahead(infos: list[TensorInfo]) -> Iterator[torch.Tensor]:
     finally:
         if shard is not None:
             shard.close()
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes as stored (little-endian, row-major)."""
+    data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(memoryview(data)).hexdigest()
+
+
+def _write_hashed(sink: _MirroredShard | SafetensorsWriter, name: TensorName, value: torch.Tensor,
+                  hashes: dict[TensorName, str]) -> None:
+    sink.write(name, value)
+    hashes[name] = tensor_sha256(value)
 
 
 def is_finite(tensor: torch.Tensor) -> bool:

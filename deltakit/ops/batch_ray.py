@@ -22,18 +22,12 @@ skips and errors are the same; what changes is where and how many at once:
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from deltakit.errors import DeviceUnavailableError, InvalidOptionError
 from deltakit.ops.batch import JobResult, JobSpec, Progress, Step
-
-# Attempts after the first for a job whose worker died; a job's own errors are results, never retried.
-MAX_RETRIES = 3
+from deltakit.ops.ray_cluster import MAX_RETRIES, connected, import_ray, prepare_worker
 
 
 class RayExecutor:
@@ -50,40 +44,15 @@ class RayExecutor:
         Raises:
             DeviceUnavailableError: Ray is not installed.
         """
-        try:
-            import ray
-        except ModuleNotFoundError as e:
-            raise DeviceUnavailableError("--executor ray needs Ray, which is not installed; "
-                                         "pip install 'deltakit[ray]'") from e
-        self._ray = ray
+        self._ray = import_ray()
         self.address = address
 
     def run(self, jobs: Sequence[JobSpec], step: Step, *, stop_on_failure: bool,
             progress: Progress) -> list[JobResult]:
-        ray = self._ray
-        connected_here = not ray.is_initialized()
-        if connected_here:
-            self._connect()
-        try:
+        with connected(self._ray, self.address) as connected_here:
             if connected_here and self.address is None:
-                _refuse_what_this_machine_lacks(jobs, ray.cluster_resources())
-            return _run_tasks(ray, jobs, step, stop_on_failure, progress)
-        finally:
-            if connected_here:
-                ray.shutdown()  # stops a Ray started here; only disconnects from a cluster
-
-    def _connect(self) -> None:
-        ray = self._ray
-        try:
-            if self.address is None:
-                ray.init(include_dashboard=False, logging_level=logging.WARNING)
-            else:
-                ray.init(address=self.address, logging_level=logging.WARNING)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            where = f"at {self.address}" if self.address else "on this machine"
-            raise DeviceUnavailableError(f"--executor ray: cannot start or reach Ray {where} ({reason}); start a "
-                                         "cluster with `ray start --head`, or check --address") from e
+                _refuse_what_this_machine_lacks(jobs, self._ray.cluster_resources())
+            return _run_tasks(self._ray, jobs, step, stop_on_failure, progress)
 
 
 def _run_tasks(ray: Any, jobs: Sequence[JobSpec], step: Step, stop_on_failure: bool,
@@ -150,11 +119,7 @@ def _job_task(step: Step, job: JobSpec, *dependencies: JobResult) -> JobResult:
     """One job, in a worker process of its own."""
     import ray
 
-    if not ray.get_gpu_ids():
-        # Ray leaves a task that reserved no GPU free to use every GPU of its node, other jobs' included. CUDA
-        # is not initialized yet in this fresh process, so hiding them here is enough: the job runs on the CPU.
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    torch.set_num_threads(max(1, int(job.resources.num_cpus or 1)))
+    prepare_worker(ray, job.resources.num_cpus)
     return step(job, dependencies)
 
 

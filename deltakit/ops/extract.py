@@ -6,18 +6,21 @@ the math device and the adapter variant fits it (:meth:`~deltakit.adapters.varia
 tensors in, factors and metrics out), and the plan's rules decide what becomes of the module's other tensors
 (:func:`~deltakit.ops.plan.module_fates`); at the end the rank policy finishes what it deferred (a budget), the
 report is built from the per-module results, and the adapter is written. Peak memory is a few copies of the
-largest tensor plus the factors, whatever the model size.
+largest tensor plus the factors, whatever the model size. With an executor (``--executor ray``) each module's
+read and fit runs as a task elsewhere and only its result comes back; everything else stays here, unchanged.
 """
 
 from __future__ import annotations
 
 import math
+import platform
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from safetensors.torch import load_file
@@ -45,7 +48,7 @@ from deltakit.adapters.peft_format import (
 )
 from deltakit.adapters.profiles import ExportProfile, Target, export_profile
 from deltakit.adapters.variants import DORA, LORA, AdapterVariant, Fit, FitSettings
-from deltakit.errors import InvalidOptionError, NothingToExtractError, shorten
+from deltakit.errors import CheckpointNotFoundError, InvalidOptionError, NothingToExtractError, shorten
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint, refuse_unsupported_weights
 from deltakit.io.dtypes import DTYPES, parse_dtype
 from deltakit.io.prefetch import prefetched
@@ -386,27 +389,57 @@ class _Results:
         return [r.factorized for r in self.modules if r.factorized is not None]
 
 
-def _extract_modules(run: _Run, spill: _Spill, progress: bool) -> _Results:
-    """Phase 1: every module in turn."""
-    results = _Results([], spill)
+class ModuleExecutor(Protocol):
+    """Runs the per-module fits elsewhere, one module a task: :class:`deltakit.ops.ray_cluster.RayMap`."""
+
+    def map(self, function: Callable[[_Run, ModulePlan], _ModuleResult], shared: _Run,
+            units: Sequence[ModulePlan], label: Callable[[ModulePlan], str]) -> Iterator[tuple[int, _ModuleResult]]:
+        """``function(shared, unit)`` for every unit, with the unit's index, in any order."""
+        ...
+
+
+def _extract_modules(run: _Run, spill: _Spill, progress: bool, executor: ModuleExecutor | None) -> _Results:
+    """Phase 1: every module, here or on the executor; the results in plan order."""
+    by_index: dict[int, _ModuleResult] = {}
     total = sum(run.finetuned.info(n).nbytes for p in run.plan.modules for n in p.tensors)
     with tqdm(total=total, unit="B", unit_scale=True, desc="extract", disable=not progress,
               dynamic_ncols=True) as bar:
-        deltas = DeltaBuffer(run.fit.device)
-        # The next module's tensors are read while this one's SVD runs; one module ahead keeps memory at a few
-        # tensors.
-        reads = ((module_plan, _read_module(run, module_plan)) for module_plan in run.plan.modules)
-        with prefetched(reads, depth=1) as modules:
-            for i, (module_plan, stored) in enumerate(modules):
-                result = _extract_module(run, module_plan, stored, deltas)
-                del stored
-                if result.factorized is not None and result.factorized.fit.pending is not None:
-                    result = replace(result, factorized=spill.put(result.factorized))
-                results.modules.append(result)
-                bar.update(sum(run.finetuned.info(n).nbytes for n in module_plan.tensors))
-                bar.set_postfix_str(f"{i + 1}/{len(run.plan.modules)} modules", refresh=False)
-        results.modules.append(_extract_tied_bias(run, any(f.tied_head for f in results.factorized)))
+        for i, result in _module_results(run, executor):
+            if result.factorized is not None and result.factorized.fit.pending is not None:
+                result = replace(result, factorized=spill.put(result.factorized))
+            by_index[i] = result
+            bar.update(sum(run.finetuned.info(n).nbytes for n in run.plan.modules[i].tensors))
+            bar.set_postfix_str(f"{len(by_index)}/{len(run.plan.modules)} modules", refresh=False)
+    results = _Results([by_index[i] for i in range(len(run.plan.modules))], spill)
+    results.modules.append(_extract_tied_bias(run, any(f.tied_head for f in results.factorized)))
     return results
+
+
+def _module_results(run: _Run, executor: ModuleExecutor | None) -> Iterator[tuple[int, _ModuleResult]]:
+    """Each module's result with its index in the plan: here, in plan order, reading one module ahead; or on the
+    executor, as its tasks complete."""
+    if executor is not None:
+        yield from executor.map(_extract_planned, run, run.plan.modules, label=lambda p: p.module)
+        return
+    deltas = DeltaBuffer(run.fit.device)
+    # The next module's tensors are read while this one's SVD runs; one module ahead keeps memory at a few tensors.
+    reads = ((module_plan, _read_module(run, module_plan)) for module_plan in run.plan.modules)
+    with prefetched(reads, depth=1) as modules:
+        for i, (module_plan, stored) in enumerate(modules):
+            result = _extract_module(run, module_plan, stored, deltas)
+            del stored
+            yield i, result
+
+
+def _extract_planned(run: _Run, module: ModulePlan) -> _ModuleResult:
+    """One module, read and fitted where an executor's task runs (another node, maybe)."""
+    for checkpoint in (run.finetuned, run.base):
+        missing = next((f for f in checkpoint.files if not f.exists()), None)
+        if missing is not None:
+            raise CheckpointNotFoundError(
+                f"not found on the worker fitting {module.module} (host {platform.node()}): every node must see "
+                "the checkpoints at the same path (shared storage; for a Hub id, a shared HF cache)", path=missing)
+    return _extract_module(run, module, _read_module(run, module), DeltaBuffer(run.fit.device))
 
 
 def _assemble(run: _Run, results: _Results, size: ModelSize) -> tuple[list[ModuleReport], list[ModuleFactors],
@@ -542,6 +575,16 @@ def _check_file_bytes(limit: int, factors: list[ModuleFactors], carried: list[Ca
 def _transposed_for_head(embedding: ModuleFactors, head: ModuleName) -> ModuleFactors:
     a, b = transpose_embedding_factors(embedding.a, embedding.b)
     return ModuleFactors(head, WeightKind.LINEAR, a, b, embedding.alpha, embedding.scaling)
+
+
+def _refuse_elsewhere(calib: str | Path | None, device: str) -> None:
+    """What an executor's tasks cannot do, refused before any work."""
+    if calib is not None:
+        raise InvalidOptionError("--calib with --executor ray is not supported: the calibration pass runs the "
+                                 "model block by block on one machine; extract with the local executor")
+    if device not in ("auto", "cpu"):
+        raise InvalidOptionError(f"--device {device} with --executor ray is not supported: each module's fit runs "
+                                 "as a task on one CPU of a worker; drop --device")
 
 
 def _factor_bytes_per_param(dtype: str | None, codec: FactorCodec | None, plan: ExtractPlan,
@@ -680,6 +723,7 @@ def extract(
     target: Target = "peft",
     overwrite: bool = False,
     progress: bool = False,
+    executor: ModuleExecutor | None = None,
 ) -> ExtractReport:
     """Extract a LoRA adapter ΔW ≈ scaling·B@A from a fine-tuned checkpoint and its base.
 
@@ -725,6 +769,11 @@ def extract(
             ``modules_to_save``, biases or DoRA; what cannot be written is dropped and reported with its size.
         overwrite: replace ``out`` if it exists.
         progress: show a progress bar on stderr.
+        executor: where the per-module fits run; None: here, one module after another. Another executor (Ray:
+            :class:`deltakit.ops.ray_cluster.RayMap`) runs each module's read and fit as a task, on the CPU, and
+            returns its factors here, where the adapter is written as here: the same bytes as a local run with as
+            many math threads as a task has. Not with ``calib`` (the calibration pass runs the model here) nor a
+            GPU ``device``.
 
     Returns:
         The :class:`ExtractReport`, also written as ``extract_report.json`` next to the adapter.
@@ -755,7 +804,9 @@ def extract(
         # vLLM before 0.33 drops alpha_pattern, where the 8-bit scales live: its outputs would be silently wrong.
         raise InvalidOptionError(f"--factor-dtype {factor_dtype} with --for vllm: the 8-bit scales live in "
                                  "alpha_pattern, which vLLM before 0.33 ignores; use --factor-dtype bfloat16")
-    math_device = resolve_device(device)
+    if executor is not None:
+        _refuse_elsewhere(calib, device)
+    math_device = resolve_device(device) if executor is None else torch.device("cpu")
     ft_ckpt, base_ckpt = open_checkpoint(finetuned), open_checkpoint(base)
     refuse_unsupported_weights(ft_ckpt), refuse_unsupported_weights(base_ckpt)
     plan = plan_extract(ft_ckpt, base_ckpt, include=include, exclude=exclude)
@@ -782,7 +833,7 @@ def extract(
         run = _Run(ft_ckpt, base_ckpt, plan, policy, variant,
                    FitSettings(alpha, use_rslora, SvdOptions(svd, oversample, niter, seed), math_device, codec),
                    stored_dtype, carry, profile, folds)
-        results = _extract_modules(run, _Spill(staging_dir / _SPILL_DIR), progress)
+        results = _extract_modules(run, _Spill(staging_dir / _SPILL_DIR), progress, executor)
         shutil.rmtree(staging_dir / _CALIB_DIR, ignore_errors=True)
         rows, factors, budget_summary = _assemble(run, results, size)
         carried = [tensor for r in results.modules for tensor in _carried_tensors(run, r.fates)]

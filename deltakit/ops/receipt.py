@@ -23,6 +23,7 @@ from deltakit.adapters.peft_format import Adapter
 from deltakit.adapters.variants import variant_of
 from deltakit.errors import CheckpointFormatError, ReceiptMismatchError, shorten
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
+from deltakit.io.mirror import tensor_sha256
 from deltakit.io.writer import SafetensorsWriter, write_json
 from deltakit.names import TensorName
 from deltakit.ops.plan import FactorStep, MergePlan
@@ -90,10 +91,10 @@ class ReceiptWriter:
     def keep_base(self, tensor: TensorName, value: torch.Tensor) -> None:
         self._tensors.write(_base_key(tensor), value)
 
-    def bind(self, tensor: TensorName, written: torch.Tensor) -> None:
-        """Record the bytes the merge writes for ``tensor``, which unmerge will check before undoing it."""
-        if tensor not in self._requantized:
-            self.written[tensor] = tensor_hash(written)
+    def bind(self, written_sha256: dict[TensorName, str]) -> None:
+        """Record the SHA-256 of the bytes the merge wrote for each tensor, which unmerge checks before undoing
+        it."""
+        self.written.update((name, digest) for name, digest in written_sha256.items() if name not in self._requantized)
 
     def finish(self, base: str, adapter_paths: list[str], adapters: list[Adapter], weights: list[float],
                dtype: str | None) -> str:
@@ -125,7 +126,7 @@ class Receipt:
 
     def check_written(self, tensor: TensorName, stored: torch.Tensor, where: Path) -> None:
         """Raise ReceiptMismatchError unless ``stored`` holds the bytes the merge wrote for ``tensor``."""
-        if self.written is not None and tensor in self.written and self.written[tensor] != tensor_hash(stored):
+        if self.written is not None and tensor in self.written and self.written[tensor] != tensor_sha256(stored):
             raise ReceiptMismatchError("differs from what the merge wrote (the receipt's SHA-256): the checkpoint "
                                        "changed after the merge, or the receipt belongs to another merge; unmerge "
                                        "cannot restore its base", path=where, tensor=tensor)
@@ -135,12 +136,6 @@ class Receipt:
 
     def base(self, tensor: TensorName) -> torch.Tensor:
         return self.tensors.get(_base_key(tensor))
-
-
-def tensor_hash(tensor: torch.Tensor) -> str:
-    """SHA-256 of a tensor's bytes as stored (little-endian, row-major)."""
-    data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.sha256(memoryview(data)).hexdigest()
 
 
 def _seal(content: dict, tensors_path: Path) -> str:
