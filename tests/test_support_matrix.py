@@ -124,7 +124,7 @@ def test_cell(kind, op, cell, request, extracted, tmp_path):
         assert whole
         for name in whole:
             module = name.removesuffix(".weight")
-            is_linear = not small.modules[module].is_embedding and not small.fan_in_fan_out
+            is_linear = not small.modules[module].is_embedding and not small.is_conv1d(module)
             delta = small.factors(module, WeightKind.LINEAR if is_linear else WeightKind.CONV1D).delta()
             expected = full.weights.get(full.saved[name]).float() + (delta if is_linear else delta.T)
             assert _relative(stacked.weights.get(stacked.saved[name]), expected) < tolerance, name  # stored dtype
