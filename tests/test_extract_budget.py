@@ -52,7 +52,11 @@ def test_budget_is_spent_within_its_size_and_reported(pair, tmp_path):
 def test_budget_in_bytes_counts_the_stored_dtype(pair, tmp_path):
     base_dir, ft_dir = pair
     report = deltakit.extract(ft_dir, base_dir, tmp_path / "a", budget="8KB", dtype="float16")
-    assert report.budget["params"] == 4000 and report.budget["bytes_per_param"] == 2
+    spent = report.budget
+    assert spent["bytes_per_param"] == 2 and spent["params"] <= 4000
+    # The file's parts, each at its stored width, add up to its size, which the budget bounds.
+    assert (spent["params_used"] * 2 + spent["carried_bytes"] + spent["header_bytes"] == spent["file_bytes"]
+            == (tmp_path / "a" / "adapter_model.safetensors").stat().st_size <= 8000)
 
 
 def test_avg_rank_matches_the_uniform_adapter_size(pair, tmp_path):

@@ -30,16 +30,15 @@ def _apply_directly(pair: ModelPair, adapter_dir) -> torch.nn.Module:
     model = load_model(pair.base_dir)
     adapter = deltakit.read_adapter(adapter_dir)
     params = dict(model.named_parameters(remove_duplicate=False))
-    fan_in_fan_out = adapter.fan_in_fan_out
     updated: set[int] = set()  # storage of weights already updated: a tied head shares its embedding's
     with torch.no_grad():
         for module, entry in adapter.modules.items():
             if entry.key_a is None:
                 continue
             weight = params[f"{module}.weight"]
+            is_conv1d = adapter.is_conv1d(module) and type(model.get_submodule(module)).__name__ == "Conv1D"
             kind = WeightKind.EMBEDDING if entry.is_embedding else (
-                WeightKind.CONV1D if fan_in_fan_out and type(model.get_submodule(module)).__name__ == "Conv1D"
-                else WeightKind.LINEAR)
+                WeightKind.CONV1D if is_conv1d else WeightKind.LINEAR)
             if entry.base_bias_key:
                 model.get_submodule(module).bias.copy_(adapter.weights.get(entry.base_bias_key))
             if weight.data_ptr() in updated:

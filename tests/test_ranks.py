@@ -14,6 +14,7 @@ from builders import low_rank_delta, signal_plus_noise, write_safetensors_pair
 from deltakit.math import ranks
 from deltakit.errors import InvalidOptionError
 from deltakit.math.ranks import (
+    CARRIED_WHOLE,
     BudgetRanks,
     EnergyRank,
     FixedRank,
@@ -224,6 +225,38 @@ def test_allocation_is_optimal_against_brute_force(seed, weighting):
         chosen = policy.allocate(spectra)
         _check_bounds(spectra, policy, chosen)
         best = _brute_force(spectra, policy)
+        assert _objective(spectra, chosen, weighting) == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+def _cost(spectra: list[ModuleSpectrum], chosen: list[int] | tuple[int, ...]) -> int:
+    return sum(s.whole_cost if r == CARRIED_WHOLE else r * s.cost_per_rank for s, r in zip(spectra, chosen))
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("weighting", ["absolute", "relative", "uniform"])
+def test_allocation_may_carry_modules_whole_and_never_keeps_factors_larger(seed, weighting):
+    """A module that can be carried whole (exact, at ``whole_cost``) is one more choice: the exact allocation is
+    optimal against brute force over ranks and that choice, within the budget, and no module keeps factors that
+    cost more than carrying it whole."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(200 + seed)
+    spectra = [replace(s, whole_cost=int(rng.integers(1, s.out_in[0] * s.out_in[1] + 1))) if rng.random() < 0.7
+               else s for s in _random_spectra(rng, count=int(rng.integers(2, 5)), max_dim=6)]
+    floor = _cost(spectra, BudgetRanks(1, max_rank=5).floor_ranks(spectra))
+    everything = sum(min(o) * (o[0] + o[1]) for o in (s.out_in for s in spectra))
+    for params in sorted({floor, *rng.integers(floor, everything + 1, size=6).tolist(), everything}):
+        policy = BudgetRanks(params, max_rank=5, weighting=weighting)
+        chosen = policy.allocate(spectra)
+        assert _cost(spectra, chosen) <= params
+        for s, rank in zip(spectra, chosen):
+            assert rank == CARRIED_WHOLE or s.whole_cost is None or rank * s.cost_per_rank <= s.whole_cost
+        if weighting == "uniform":
+            continue
+        choices = [[*range(1, min(5, *s.out_in, len(s.s)) + 1), *([CARRIED_WHOLE] if s.whole_cost else [])]
+                   for s in spectra]
+        best = min(_objective(spectra, c, weighting) for c in itertools.product(*choices)
+                   if _cost(spectra, c) <= params)
         assert _objective(spectra, chosen, weighting) == pytest.approx(best, rel=1e-9, abs=1e-12)
 
 

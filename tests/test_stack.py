@@ -117,11 +117,14 @@ def test_energy_stack_keeps_the_smallest_rank_that_holds_the_energy(two_adapters
 
 
 def test_conv1d_adapters_stack_and_merge_like_the_originals(gpt2_pair: ModelPair, tmp_path: Path) -> None:
-    """GPT-2 (fan_in_fan_out): the exact stack merges to the same weights as the two adapters."""
+    """GPT-2 (PEFT's fan_in_fan_out layers in): the exact stack merges to the same weights as the two adapters; it
+    stores its Conv1D factors as parameter targets (so fan_in_fan_out is false, see is_parameter_target)."""
     adapters = [_peft_adapter(gpt2_pair.base_dir, tmp_path / f"a{k}", targets, rank=2 + k, alpha=5, seed=k)
                 for k, targets in enumerate((["c_attn", "c_proj"], ["c_attn", "c_fc"]))]
     stack(adapters, tmp_path / "stacked", weights=WEIGHTS, exact=True)
-    assert json.loads((tmp_path / "stacked" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    config = json.loads((tmp_path / "stacked" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is False and config["target_modules"] == []
+    assert "transformer.h.1.mlp.c_fc.weight" in config["target_parameters"]
     _assert_merges_like_the_originals(gpt2_pair.base_dir, tmp_path / "stacked", adapters, tmp_path)
 
 

@@ -92,7 +92,10 @@ def test_cell(kind, op, cell, request, extracted, tmp_path):
     adapter, report = extracted(pair, 128)
     tolerance = TOLERANCE.get(fixture, 1e-5)
     if op == "extract":
-        assert max(m.relative_error for m in report.modules) < 1e-5 and not report.fates("dropped")
+        # At full rank a module's factors are larger than its weight: it is carried whole (exact) unless PEFT needs
+        # factors there (a tied embedding, experts).
+        assert max((m.relative_error for m in report.modules), default=0.0) < 1e-5 and not report.fates("dropped")
+        assert report.fates("carried")
     elif op == "merge" and cell == "yes":
         deltakit.merge(pair.base_dir, [adapter], tmp_path / "merged")
         _assert_weights_match(tmp_path / "merged", pair.ft_dir, tolerance)
@@ -116,10 +119,21 @@ def test_cell(kind, op, cell, request, extracted, tmp_path):
                 kind_ = factor_kinds[entry.is_embedding]
                 expected = full.factors(module, kind_).delta() + small.factors(module, kind_).delta()
                 assert _relative(stacked.factors(module, kind_).delta(), expected) < 1e-5, module
+        # A weight the full-rank adapter carries whole gets the rank-2 adapter's ΔW added, as stored.
+        whole = [n for n in full.saved if n.endswith(".weight") and n.removesuffix(".weight") in small.modules]
+        assert whole
+        for name in whole:
+            module = name.removesuffix(".weight")
+            is_linear = not small.modules[module].is_embedding and not small.is_conv1d(module)
+            delta = small.factors(module, WeightKind.LINEAR if is_linear else WeightKind.CONV1D).delta()
+            expected = full.weights.get(full.saved[name]).float() + (delta if is_linear else delta.T)
+            assert _relative(stacked.weights.get(stacked.saved[name]), expected) < tolerance, name  # stored dtype
     elif op == "inspect":
-        inspected = deltakit.inspect(pair.ft_dir, pair.base_dir, svd="exact")
+        inspected = {m.module: m.delta_norm for m in deltakit.inspect(pair.ft_dir, pair.base_dir, svd="exact").modules}
         norms = {m.module: m.delta_norm for m in report.modules}
-        assert {m.module: m.delta_norm for m in inspected.modules} == pytest.approx(norms, rel=1e-5)
+        assert {m: inspected[m] for m in norms} == pytest.approx(norms, rel=1e-5)
+        whole = {t.tensor.removesuffix(".weight") for t in report.fates("carried") if "carried whole" in t.reason}
+        assert set(inspected) == set(norms) | whole
 
 
 def test_readme_table_is_this_table():

@@ -24,7 +24,7 @@ from deltakit.errors import AdapterFormatError, CheckpointNotFoundError, Invalid
 from deltakit.io.hub import ResolvedRepo, local_path
 from deltakit.names import ModuleName, PeftKey, matches_peft_pattern
 from deltakit.adapters.layers import WeightKind, lora_keys, magnitude_key, module_pattern, parse_peft_key
-from deltakit.io.writer import SafetensorsWriter, write_json
+from deltakit.io.writer import SafetensorsWriter, TensorSpec, safetensors_size, write_json
 from deltakit.math.quantize import FactorCodec, product_distance
 
 CONFIG_FILE = "adapter_config.json"
@@ -112,7 +112,8 @@ class AdapterSpec:
     modules_to_save: list[ModuleName] = field(default_factory=list)
     has_base_biases: bool = False
     ensure_weight_tying: bool = False
-    target_modules: list[ModuleName] | str | None = None  # default: exactly the factorized modules, as a list
+    # Default: exactly the modules whose factors are LoRA layers (not parameter targets), as a list.
+    target_modules: list[ModuleName] | str | None = None
 
 
 def adapter_spec(factors: list[ModuleFactors], carried: list[CarriedTensor], *, default_rank: int,
@@ -128,15 +129,16 @@ def adapter_spec(factors: list[ModuleFactors], carried: list[CarriedTensor], *, 
 
 
 def _default_rank_alpha(factors: list[ModuleFactors], spec: AdapterSpec) -> tuple[dict[str, int], dict[str, float]]:
-    rank_pattern = {module_pattern(f.module): f.rank for f in factors if f.rank != spec.rank}
-    alpha_pattern = {module_pattern(f.module): f.alpha for f in factors if f.alpha != spec.alpha}
+    rank_pattern = {module_pattern(_pattern_target(f)): f.rank for f in factors if f.rank != spec.rank}
+    alpha_pattern = {module_pattern(_pattern_target(f)): f.alpha for f in factors if f.alpha != spec.alpha}
     return rank_pattern, alpha_pattern
 
 
 def peft_config(factors: list[ModuleFactors], spec: AdapterSpec) -> dict:
     """The ``adapter_config.json`` contents PEFT needs to rebuild exactly these modules."""
     rank_pattern, alpha_pattern = _default_rank_alpha(factors, spec)
-    modules = [f.module for f in factors]
+    modules = [f.module for f in factors if not is_parameter_target(f)]
+    parameters = [f"{f.module}.weight" for f in factors if is_parameter_target(f)]
     return {
         "peft_type": "LORA",
         "task_type": spec.task_type,
@@ -146,10 +148,13 @@ def peft_config(factors: list[ModuleFactors], spec: AdapterSpec) -> dict:
         "lora_alpha": spec.alpha,
         "use_rslora": spec.use_rslora,
         **spec.variant_config,
-        "target_modules": spec.target_modules if spec.target_modules is not None else (modules or None),
+        # An empty list, not None, where only parameters are targeted: PEFT fills in a default for None.
+        "target_modules": spec.target_modules if spec.target_modules is not None else (
+            modules or ([] if parameters else None)),
+        "target_parameters": parameters or None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "fan_in_fan_out": any(f.kind is WeightKind.CONV1D for f in factors),
+        "fan_in_fan_out": any(f.kind is WeightKind.CONV1D and not is_parameter_target(f) for f in factors),
         "modules_to_save": spec.modules_to_save or None,
         "bias": "lora_only" if spec.has_base_biases else "none",
         "lora_bias": False,
@@ -160,12 +165,49 @@ def peft_config(factors: list[ModuleFactors], spec: AdapterSpec) -> dict:
     }
 
 
+def is_parameter_target(f: ModuleFactors) -> bool:
+    """Whether PEFT gets these factors as a LoRA on the weight parameter as stored (``target_parameters``, its
+    ParamWrapper) instead of a LoRA layer: Conv1D weights. PEFT 0.21 has one ``fan_in_fan_out`` for all LoRA
+    layers and warns about every layer whose class disagrees with it (``lora.layer.dispatch_default``), so
+    Conv1D layers beside a Linear one (GPT-2's tied ``lm_head``) cannot all load quietly as layers; a parameter
+    LoRA needs no flag. It takes no DoRA, so DoRA factors of a Conv1D stay a layer with ``fan_in_fan_out``."""
+    return f.kind is WeightKind.CONV1D and f.magnitude is None
+
+
+def _pattern_target(f: ModuleFactors) -> str:
+    """What PEFT matches ``rank_pattern``/``alpha_pattern`` keys against: the module, or the parameter's name."""
+    return f"{f.module}.weight" if is_parameter_target(f) else f.module
+
+
 def factor_tensors(f: ModuleFactors) -> dict[PeftKey, torch.Tensor]:
     key_a, key_b = lora_keys(f.module, f.kind)
+    if is_parameter_target(f):
+        # ΔW as stored, (in, out), is B'·A' with B' = Aᵀ (in, r) and A' = Bᵀ (r, out).
+        return {key_a: f.b.T.contiguous(), key_b: f.a.T.contiguous()}
     tensors = {key_a: f.a.contiguous(), key_b: f.b.contiguous()}
     if f.magnitude is not None:
         tensors[magnitude_key(f.module)] = f.magnitude.contiguous()
     return tensors
+
+
+_METADATA = {"format": "pt"}
+
+
+def _factor_dict(factors: list[ModuleFactors]) -> dict[PeftKey, torch.Tensor]:
+    tensors: dict[PeftKey, torch.Tensor] = {}
+    for f in factors:
+        tensors.update(factor_tensors(f))
+    return tensors
+
+
+def _weight_specs(in_memory: dict[PeftKey, torch.Tensor], carried: list[CarriedTensor]) -> list[TensorSpec]:
+    return [(k, t.dtype, tuple(t.shape)) for k, t in in_memory.items()] + [(c.key, c.dtype, c.shape) for c in carried]
+
+
+def adapter_file_size(factors: list[ModuleFactors], carried: list[CarriedTensor]) -> int:
+    """The exact size of the ``adapter_model.safetensors`` :func:`write_adapter` writes, header included. Factors
+    on the ``meta`` device are enough: only their shapes and dtypes count."""
+    return safetensors_size(_weight_specs(_factor_dict(factors), carried), _METADATA)
 
 
 def write_adapter(
@@ -181,14 +223,10 @@ def write_adapter(
     Returns:
         The size of the weights file in bytes.
     """
-    in_memory: dict[PeftKey, torch.Tensor] = {}
-    for f in factors:
-        in_memory.update(factor_tensors(f))
+    in_memory = _factor_dict(factors)
     carried = list(carried)
-    specs = [(k, t.dtype, tuple(t.shape)) for k, t in in_memory.items()]
-    specs += [(c.key, c.dtype, c.shape) for c in carried]
     weights_path = out_dir / WEIGHTS_FILE
-    with SafetensorsWriter(weights_path, specs, metadata={"format": "pt"}) as writer:
+    with SafetensorsWriter(weights_path, _weight_specs(in_memory, carried), metadata=_METADATA) as writer:
         for key, tensor in in_memory.items():
             writer.write(key, tensor)
         for c in carried:
@@ -246,9 +284,24 @@ class Adapter:
     def fan_in_fan_out(self) -> bool:
         return bool(self.config.get("fan_in_fan_out", False))
 
+    def is_parameter_target(self, module: ModuleName) -> bool:
+        """Whether the module's factors are a LoRA on its weight as stored (``target_parameters``), not a layer's."""
+        return f"{module}.weight" in (self.config.get("target_parameters") or [])
+
+    def is_conv1d(self, module: ModuleName) -> bool:
+        """Whether the module's factors are a Conv1D's: a parameter target, or a layer under ``fan_in_fan_out``."""
+        return self.is_parameter_target(module) or self.fan_in_fan_out
+
+    def factor_shapes(self, module: ModuleName) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of the module's A (r, in) and B (out, r) in (out, in) orientation, from the header."""
+        entry = self.modules[module]
+        a_shape, b_shape = tuple(self.weights.info(entry.key_a).shape), tuple(self.weights.info(entry.key_b).shape)
+        return (b_shape[::-1], a_shape[::-1]) if self.is_parameter_target(module) else (a_shape, b_shape)
+
     def _pattern_value(self, pattern_field: str, module: ModuleName, default: float) -> float:
+        name = f"{module}.weight" if self.is_parameter_target(module) else module  # what PEFT matches, per target
         for key, value in (self.config.get(pattern_field) or {}).items():
-            if matches_peft_pattern(key, module):
+            if matches_peft_pattern(key, name):
                 return value
         return default
 
@@ -263,6 +316,8 @@ class Adapter:
         if entry.key_a is None or entry.key_b is None:
             raise AdapterFormatError(f"module {module} has no LoRA factors", path=self.path / WEIGHTS_FILE)
         a, b = self.weights.get(entry.key_a), self.weights.get(entry.key_b)
+        if self.is_parameter_target(module):
+            a, b = b.T, a.T  # stored as the weight's (in, out) LoRA: see is_parameter_target
         rank = int(self._pattern_value("rank_pattern", module, self.config["r"]))
         if a.shape[0] != rank or b.shape[1] != rank:
             raise AdapterFormatError(
@@ -299,10 +354,17 @@ def check_supported(adapter: Adapter) -> None:
     """
     config_path = adapter.path / "adapter_config.json"
     for option, what in (("lora_bias", "lora_bias (a trained bias delta)"),
-                         ("target_parameters", "target_parameters (LoRA on bare parameters)"),
                          ("trainable_token_indices", "trainable_token_indices")):
         if adapter.config.get(option):
             raise AdapterFormatError(f"uses {what}, which deltakit cannot merge", path=config_path)
+    # A 2-D weight's parameter LoRA is what deltakit writes for Conv1D layers; fused expert parameters are not.
+    for parameter in adapter.config.get("target_parameters") or []:
+        module = parameter.removesuffix(".weight")
+        entry = adapter.modules.get(module)
+        if (module == parameter or entry is None or entry.key_a is None
+                or len(adapter.weights.info(entry.key_a).shape) != 2):
+            raise AdapterFormatError(f"uses target_parameters ({parameter!r}: LoRA on a bare parameter other than a "
+                                     "2-D weight), which deltakit cannot merge", path=config_path)
 
 
 def read_adapter(path: str | Path) -> Adapter:

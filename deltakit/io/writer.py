@@ -17,6 +17,7 @@ import fcntl
 import glob
 import io
 import json
+import math
 import os
 import secrets
 import shutil
@@ -191,6 +192,17 @@ class SafetensorsWriter:
             self._file.close()
             self._file = None
         self._temp_path.unlink(missing_ok=True)
+
+
+def safetensors_size(specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None) -> int:
+    """The exact size in bytes of the file :class:`SafetensorsWriter` writes for these specs: header included.
+
+    Raises:
+        InvalidOptionError: as :class:`SafetensorsWriter` does for the same specs.
+    """
+    specs = [(name, dtype, tuple(shape)) for name, dtype, shape in specs]
+    header = _encode_header(Path("<size>"), specs, metadata)
+    return 8 + len(header) + sum(dtype.itemsize * math.prod(shape) for _, dtype, shape in specs)
 
 
 def save_tensors(
@@ -559,9 +571,7 @@ def _encode_header(path: Path, specs: list[TensorSpec], metadata: dict[str, str]
             raise InvalidOptionError(f"dtype {dtype} has no safetensors name", path=path, tensor=name)
         if not all(isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape):
             raise InvalidOptionError(f"shape {shape} is not a tuple of non-negative integers", path=path, tensor=name)
-        nbytes = dtype.itemsize
-        for dim in shape:
-            nbytes *= dim
+        nbytes = dtype.itemsize * math.prod(shape)
         # Key order dtype, shape, data_offsets, as safetensors (serde) writes them.
         entries[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes

@@ -41,11 +41,13 @@ class ModelSize:
     bytes_per_param: int
     out_ins: tuple[tuple[int, int], ...] = ()  # (out, in) of every module that may be factorized, from headers
     carried_bytes: int = 0  # of the tensors the adapter carries whole; a byte budget pays for them first
+    reserved_bytes: int = 0  # of the file that is neither factors nor carried tensors (its header)
 
 
 class RankPolicy(Protocol):
     label: str  # a short name for output paths: "16", "auto", "energy", "budget"
     defers: bool  # whether ``choose`` leaves the ranks to ``finish``
+    file_bytes: int | None  # the adapter file's size the policy must stay within (a byte budget), or None
 
     def compute_rank(self, module: ModuleName, out_in: tuple[int, int]) -> int:
         """How many leading triplets to compute for this module."""
@@ -61,13 +63,18 @@ class RankPolicy(Protocol):
         """Raise what the model's size alone shows to be wrong, before any math."""
 
     def finish(self, spectra: list[ModuleSpectrum], size: ModelSize) -> tuple[list[int], dict | None]:
-        """Phase 2: the ranks of the modules ``choose`` deferred (in order), and a summary for the report."""
+        """Phase 2: the ranks of the modules ``choose`` deferred (in order; :data:`CARRIED_WHOLE` for a module
+        to carry whole instead), and a summary for the report."""
+
+    def floor_ranks(self, spectra: list[ModuleSpectrum]) -> list[int]:
+        """The smallest ranks ``finish`` can give the deferred modules."""
 
 
 class _PerModule:
     """The second phase of a policy that decides every module in the first."""
 
     defers = False
+    file_bytes = None
 
     def is_requested(self, module: ModuleName) -> bool:
         return False
@@ -77,6 +84,9 @@ class _PerModule:
 
     def finish(self, spectra: list[ModuleSpectrum], size: ModelSize) -> tuple[list[int], dict | None]:
         return [], None
+
+    def floor_ranks(self, spectra: list[ModuleSpectrum]) -> list[int]:
+        return []
 
 
 @dataclass(frozen=True)
@@ -301,6 +311,8 @@ class ModuleSpectrum:
         total_energy: ‖ΔW‖_F², exactly (not just the computed part).
         copies: how many times the adapter file stores its factors (2 for an input embedding whose tied output
             head gets them too, transposed): a budget pays for every copy.
+        whole_cost: what carrying the module's tensors whole instead of its factors costs, in the unit of
+            :attr:`cost_per_rank` (exact: no error); None where it cannot be carried whole.
     """
 
     module: ModuleName
@@ -308,12 +320,16 @@ class ModuleSpectrum:
     s: torch.Tensor
     total_energy: float
     copies: int = 1
+    whole_cost: int | None = None
 
     @property
     def cost_per_rank(self) -> int:
         """Adapter parameters one more rank costs, every stored copy included."""
         return sum(self.out_in) * self.copies
 
+
+# The rank the allocator gives a module that costs less carried whole than as factors (PEFT has no rank 0).
+CARRIED_WHOLE = 0
 
 # Above this many cells ((budget / gcd of the costs) × candidate triplets) the exact dynamic programme would cost
 # more than the greedy pick is worth; about 0.2 s and 40 MB at the limit.
@@ -330,6 +346,10 @@ class BudgetRanks:
     min(min_rank, cap_i) ≤ r_i ≤ cap_i = min(max_rank, out_i, in_i, len(s_i)), where w_i = 1 (``absolute``:
     the total squared error) or 1/‖ΔW_i‖² (``relative``: the sum of each module's squared relative error, so a
     module that changed little counts as much as one that changed a lot).
+
+    A module that can be carried whole (``whole_cost``) has one more choice: all of its energy kept for
+    ``whole_cost``; it gets :data:`CARRIED_WHOLE` where that is chosen, and always where its factors would cost
+    more (factors are then never larger than the tensor they stand for).
 
     Algorithm. Each module's marginal gains w_i·s_{i,k}² do not increase with k (singular values are sorted),
     so its kept energy G_i(r) is concave in r. For any λ ≥ 0, the r_i maximising G_i(r_i) − λ·c_i·r_i
@@ -389,29 +409,64 @@ class BudgetRanks:
             InvalidOptionError: the budget cannot pay for ``min_rank`` in every module.
         """
         caps = [min(self.max_rank, *spectrum.out_in, len(spectrum.s)) for spectrum in spectra]
-        floors = [min(self.min_rank, cap) for cap in caps]
+        floors = self.floor_ranks(spectra)
         costs = [spectrum.cost_per_rank for spectrum in spectra]
-        floor_params = sum(f * c for f, c in zip(floors, costs))
+        floor_params = _params_of(spectra, floors)
         if floor_params > self.params:
             raise InvalidOptionError(
                 f"a budget of {self.params:,} parameters cannot pay for rank {self.min_rank} in each of the "
                 f"{len(spectra)} modules ({floor_params:,} parameters): give at least {floor_params}params"
                 + _lower_min_rank(self.min_rank))
         if self.weighting == "uniform":
-            return _allocate_uniform(caps, floors, costs, self.params)
-        gains = [_weighted_energies(spectrum, self.weighting)[floor:cap]
-                 for spectrum, floor, cap in zip(spectra, floors, caps)]
-        # Past what every remaining triplet costs, more budget changes nothing.
-        budget = min(self.params - floor_params, sum(len(g) * c for g, c in zip(gains, costs)))
-        unit = math.gcd(*[c for g, c in zip(gains, costs) if len(g)]) or 1
-        cells = (budget // unit + 1) * sum(len(g) for g in gains)
-        extra = _allocate_exact(gains, costs, budget, unit) if cells <= _EXACT_MAX_CELLS \
-            else _allocate_greedy(gains, costs, budget)
-        return [f + e for f, e in zip(floors, extra)]
+            return _allocate_uniform(spectra, caps, floors, self.params)
+        is_whole = [floor == CARRIED_WHOLE for floor in floors]
+        gains = [np.zeros(0) if whole else _weighted_energies(spectrum, self.weighting)[floor:cap]
+                 for spectrum, floor, cap, whole in zip(spectra, floors, caps, is_whole)]
+        # Carrying whole instead of the floor's factors: its extra cost, and the weighted energy the factors lack.
+        wholes = [None if whole or spectrum.whole_cost is None
+                  else (spectrum.whole_cost - floor * cost,
+                        _weighted_total(spectrum, self.weighting) - float(_weighted_energies(spectrum, self.weighting)
+                                                                          [:floor].sum()))
+                  for spectrum, floor, cost, whole in zip(spectra, floors, costs, is_whole)]
+        # Past what every remaining triplet (or carrying whole) costs, more budget changes nothing.
+        budget = min(self.params - floor_params,
+                     sum(max(len(g) * c, w[0] if w else 0) for g, c, w in zip(gains, costs, wholes)))
+        unit = math.gcd(*[c for g, c in zip(gains, costs) if len(g)], *[w[0] for w in wholes if w]) or 1
+        cells = (budget // unit + 1) * sum(len(g) + (w is not None) for g, w in zip(gains, wholes))
+        if cells <= _EXACT_MAX_CELLS:
+            extra = _allocate_exact(gains, costs, wholes, budget, unit)
+        else:
+            extra = _allocate_greedy(gains, costs, budget)
+        ranks = [CARRIED_WHOLE if whole or e is None else f + e for f, e, whole in zip(floors, extra, is_whole)]
+        # Factors dearer than carrying the module whole are never kept: the switch only frees budget.
+        return [CARRIED_WHOLE if s.whole_cost is not None and rank * s.cost_per_rank > s.whole_cost else rank
+                for s, rank in zip(spectra, ranks)]
+
+    def floor_ranks(self, spectra: list[ModuleSpectrum]) -> list[int]:
+        """Every module's smallest allocation: ``min_rank`` (at most its cap), or :data:`CARRIED_WHOLE` where
+        that is cheaper than those factors."""
+        floors = []
+        for spectrum in spectra:
+            floor = min(self.min_rank, self.max_rank, *spectrum.out_in, len(spectrum.s))
+            is_whole = spectrum.whole_cost is not None and spectrum.whole_cost < floor * spectrum.cost_per_rank
+            floors.append(CARRIED_WHOLE if is_whole else floor)
+        return floors
+
+
+def _params_of(spectra: list[ModuleSpectrum], ranks: list[int]) -> int:
+    """What these ranks cost, carried-whole modules at their ``whole_cost``."""
+    return sum(s.whole_cost if rank == CARRIED_WHOLE else rank * s.cost_per_rank for s, rank in zip(spectra, ranks))
 
 
 def _lower_min_rank(min_rank: int) -> str:
     return ", or lower --min-rank" if min_rank > 1 else ""
+
+
+def _weighted_total(spectrum: ModuleSpectrum, weighting: Weighting) -> float:
+    """w·‖ΔW‖²: what carrying the module whole keeps."""
+    if weighting == "absolute":
+        return spectrum.total_energy
+    return 1.0 if spectrum.total_energy > 0 else 0.0
 
 
 def _weighted_energies(spectrum: ModuleSpectrum, weighting: Weighting) -> np.ndarray:
@@ -422,13 +477,16 @@ def _weighted_energies(spectrum: ModuleSpectrum, weighting: Weighting) -> np.nda
     return energies / spectrum.total_energy if spectrum.total_energy > 0 else np.zeros_like(energies)
 
 
-def _allocate_uniform(caps: list[int], floors: list[int], costs: list[int], params: int) -> list[int]:
-    """The largest rank r such that every module at min(r, its cap) (at least its floor) fits the budget."""
+def _allocate_uniform(spectra: list[ModuleSpectrum], caps: list[int], floors: list[int], params: int) -> list[int]:
+    """The largest rank r such that every module at min(r, its cap) (at least its floor; carried whole where
+    that costs less) fits the budget."""
     def ranks(r: int) -> list[int]:
-        return [max(floor, min(r, cap)) for floor, cap in zip(floors, caps)]
+        chosen = [max(floor, min(r, cap)) for floor, cap in zip(floors, caps)]
+        return [CARRIED_WHOLE if s.whole_cost is not None and s.whole_cost < k * s.cost_per_rank else k
+                for s, k in zip(spectra, chosen)]
 
     rank = max(floors, default=1)
-    while rank < max(caps, default=0) and sum(r * c for r, c in zip(ranks(rank + 1), costs)) <= params:
+    while rank < max(caps, default=0) and _params_of(spectra, ranks(rank + 1)) <= params:
         rank += 1
     return ranks(rank)
 
@@ -452,34 +510,44 @@ def _allocate_greedy(gains: list[np.ndarray], costs: list[int], budget: int) -> 
     return extra
 
 
-def _allocate_exact(gains: list[np.ndarray], costs: list[int], budget: int, unit: int) -> list[int]:
-    """Max Σ_i G_i(t_i) subject to Σ_i t_i·c_i ≤ budget, by dynamic programming over the budget in ``unit``s.
+def _allocate_exact(gains: list[np.ndarray], costs: list[int], wholes: list[tuple[int, float] | None],
+                    budget: int, unit: int) -> list[int | None]:
+    """Max Σ_i G_i(t_i) subject to Σ_i t_i·c_i ≤ budget, by dynamic programming over the budget in ``unit``s;
+    a module with a ``wholes`` entry (extra cost, gain) may instead be carried whole (None in the result).
 
     best[b] is the most energy the modules seen so far keep for at most b units; picks[i][b] is module i's
-    extra rank in that optimum, for the backtrack. Ties keep the smaller rank.
+    extra rank in that optimum (len(gains[i]) + 1: carried whole), for the backtrack. Ties keep the smaller rank.
     """
     capacity = budget // unit
     best = np.zeros(capacity + 1)
     picks = []
-    for module_gains, cost in zip(gains, costs):
+    for module_gains, cost, whole in zip(gains, costs, wholes):
         step = cost // unit
         prefix = np.concatenate([[0.0], np.cumsum(module_gains)])  # G(t), t = 0..len
+        options = [(extra * step, prefix[extra], extra) for extra in range(1, len(module_gains) + 1)]
+        if whole is not None:
+            options.append((whole[0] // unit, whole[1], len(module_gains) + 1))
         updated = best.copy()
-        pick = np.zeros(capacity + 1, dtype=np.min_scalar_type(len(module_gains)))
-        for extra in range(1, len(module_gains) + 1):
-            shift = extra * step
+        pick = np.zeros(capacity + 1, dtype=np.min_scalar_type(len(module_gains) + 1))
+        for shift, gain, choice in options:
             if shift > capacity:
-                break
-            candidate = best[: capacity + 1 - shift] + prefix[extra]
+                continue
+            candidate = best[: capacity + 1 - shift] + gain
             is_better = candidate > updated[shift:]
             updated[shift:][is_better] = candidate[is_better]
-            pick[shift:][is_better] = extra
+            pick[shift:][is_better] = choice
         best = updated
         picks.append(pick)
-    extra_ranks, remaining = [0] * len(gains), capacity
+    extra_ranks: list[int | None] = [0] * len(gains)
+    remaining = capacity
     for i in reversed(range(len(gains))):
-        extra_ranks[i] = int(picks[i][remaining])
-        remaining -= extra_ranks[i] * (costs[i] // unit)
+        choice = int(picks[i][remaining])
+        if choice == len(gains[i]) + 1:
+            extra_ranks[i] = None
+            remaining -= wholes[i][0] // unit
+        else:
+            extra_ranks[i] = choice
+            remaining -= choice * (costs[i] // unit)
     return extra_ranks
 
 
@@ -490,9 +558,11 @@ def adapter_params(ranks: list[int], out_ins: list[tuple[int, int]]) -> int:
 
 def predicted_squared_error(spectra: list[ModuleSpectrum], ranks: list[int]) -> float:
     """Σ_i (‖ΔW_i‖² − Σ_{k≤r_i} s_{i,k}²): the total squared reconstruction error of a truncated SVD at these
-    ranks (Eckart–Young), predicted from the spectra alone."""
+    ranks (Eckart–Young), predicted from the spectra alone; 0 for a module :data:`CARRIED_WHOLE`."""
     total = 0.0
     for spectrum, rank in zip(spectra, ranks):
+        if rank == CARRIED_WHOLE:
+            continue  # exact
         kept = float(spectrum.s[:rank].double().square().sum())
         total += max(spectrum.total_energy - kept, 0.0)
     return total
@@ -574,8 +644,7 @@ def parse_budget(text: str, *, model_params: int, bytes_per_param: int, carried_
         InvalidOptionError: the text matches no form, or gives less than one parameter.
     """
     value = text.strip()
-    if match := _BYTES.fullmatch(value):
-        size = float(match[1]) * _BYTE_UNITS[match[2].lower()]
+    if (size := byte_size(value)) is not None:
         if carried_bytes and size - carried_bytes < bytes_per_param:
             raise InvalidOptionError(f"--budget {text!r} leaves no room for factors after the {carried_bytes:,} bytes "
                                      "of tensors carried exactly (norms, biases, ...); raise it, or use --no-carry")
@@ -597,6 +666,12 @@ def parse_budget(text: str, *, model_params: int, bytes_per_param: int, carried_
     if params < 1:
         raise InvalidOptionError(f"--budget {text!r} is less than one parameter")
     return int(params)
+
+
+def byte_size(text: str) -> int | None:
+    """A ``--budget`` given in bytes (``50MB``, ``200KiB``), as a whole number of bytes; None for other forms."""
+    match = _BYTES.fullmatch(text.strip())
+    return int(float(match[1]) * _BYTE_UNITS[match[2].lower()]) if match else None
 
 
 def budget_for_avg_rank(avg_rank: float, out_ins: list[tuple[int, int]]) -> int:
@@ -658,12 +733,22 @@ class Budget:
                 f"the {len(size.out_ins)} modules that may change ({floor:,} parameters): give at least "
                 f"{floor * size.bytes_per_param}B ({floor}params)" + _lower_min_rank(self.min_rank))
 
+    @property
+    def file_bytes(self) -> int | None:
+        """The adapter file's size a byte budget allows (None for a share of the model, a parameter count or an
+        average rank)."""
+        return byte_size(self.text) if self.text is not None else None
+
+    def floor_ranks(self, spectra: list[ModuleSpectrum]) -> list[int]:
+        """Every module's smallest allocation (:meth:`BudgetRanks.floor_ranks`)."""
+        return BudgetRanks(1, self.min_rank, self.max_rank, self.weighting).floor_ranks(spectra)
+
     def finish(self, spectra: list[ModuleSpectrum], size: ModelSize) -> tuple[list[int], dict | None]:
         if self.avg_rank is not None:
             params = int(sum(min(self.avg_rank, *s.out_in) * s.cost_per_rank for s in spectra))
         else:
             params = parse_budget(self.text, model_params=size.params, bytes_per_param=size.bytes_per_param,
-                                  carried_bytes=size.carried_bytes)
+                                  carried_bytes=size.carried_bytes + size.reserved_bytes)
         allocator = BudgetRanks(params, self.min_rank, self.max_rank, self.weighting)
         ranks = allocator.allocate(spectra) if spectra else []
         total = sum(s.total_energy for s in spectra)
@@ -671,9 +756,11 @@ class Budget:
         return ranks, {
             "requested": f"--avg-rank {self.avg_rank:g}" if self.avg_rank is not None else f"--budget {self.text}",
             "params": params,
-            "params_used": sum(rank * s.cost_per_rank for rank, s in zip(ranks, spectra)),
+            "params_used": _params_of(spectra, ranks),
+            "carried_whole": sum(rank == CARRIED_WHOLE for rank in ranks),
             "bytes_per_param": size.bytes_per_param,
             "carried_bytes": size.carried_bytes,
+            "header_bytes": size.reserved_bytes,
             "weighting": self.weighting,
             "min_rank": self.min_rank,
             "max_rank": self.max_rank,

@@ -38,7 +38,10 @@ from deltakit.adapters.output_aware import OutputAwareLora
 from deltakit.adapters.peft_format import (
     CarriedTensor,
     ModuleFactors,
+    adapter_file_size,
     adapter_spec,
+    factor_tensors,
+    is_parameter_target,
     loading_caveat,
     task_type_for,
     write_adapter,
@@ -55,7 +58,15 @@ from deltakit.math.lowrank import SvdOptions
 from deltakit.math.norm_fold import NotFoldableError, change_norms, scale_ratio
 from deltakit.math.quantize import FactorCodec, factor_codec
 from deltakit.defaults import DEFAULT_WEIGHTING
-from deltakit.math.ranks import DEFAULT_RANK, ModelSize, ModuleSpectrum, RankPolicy, Weighting, rank_policy
+from deltakit.math.ranks import (
+    CARRIED_WHOLE,
+    DEFAULT_RANK,
+    ModelSize,
+    ModuleSpectrum,
+    RankPolicy,
+    Weighting,
+    rank_policy,
+)
 from deltakit.names import ModuleName, TensorName, matches_peft_pattern, split_tensor_name
 from deltakit.ops.calibrate import CALIB_SEQ_LEN, CALIB_TOKENS, calibrate, check_calibration
 from deltakit.ops.delta import StoredPair, delta_of, is_changed, norm_of, read_pair
@@ -160,6 +171,85 @@ class _ModuleResult:
     factorized: _Factorized | None
     fates: ModuleFates
     unchanged: int
+    # A factorized module's other choice: its fates carried whole (None where it cannot be, and why), and the
+    # bytes that adds to the file beyond what its factors' route carries (its changed bias).
+    whole: ModuleFates | None = None
+    whole_refusal: str | None = None
+    whole_extra_bytes: int = 0
+    # (module, rank) where its factors at that rank were larger than its tensors (rank 0: a budget found carrying
+    # it whole cheaper than the factors it could give).
+    larger_than_weight: tuple[ModuleName, int] | None = None
+    replaced: tuple[_Factorized, ModuleFates] | None = None  # carried whole: what it had as factors
+
+
+def _with_whole_alternative(run: _Run, module: ModulePlan, result: _ModuleResult, changed: list[TensorName],
+                            reasons: dict[TensorName, str]) -> _ModuleResult:
+    """A factorized module's result with what carrying it whole would be; one fitted at a rank where its factors
+    are larger than that is carried whole at once (exact, and smaller), unless it cannot be."""
+    factorized = result.factorized
+    result.whole_refusal = _whole_refusal(run, module, factorized)
+    if result.whole_refusal is None:
+        whole = module_fates(run.plan, module, [module.weight, *changed], factorized=False, carry=True,
+                             profile=run.profile, reasons=reasons)
+        if whole.saves_module:
+            why = "the weight carried whole: exact, and no larger than its factors"
+            whole.fates = [replace(f, reason=f"{f.reason}; {why}") if f.tensor == module.weight else f
+                           for f in whole.fates]
+            result.whole = whole
+        else:
+            result.whole_refusal = whole.fates[0].reason
+    result.whole_extra_bytes = (sum(run.finetuned.info(n).nbytes for n in module.tensors)
+                                - _carried_bytes(run, result.fates))
+    factors = factorized.fit.factors
+    if factors is None:  # its rank is the budget's to decide
+        return result
+    if _factor_bytes(factorized) <= result.whole_extra_bytes:
+        return result
+    result.larger_than_weight = factorized.module, factors.rank
+    return _carried_whole(result) if result.whole is not None else result
+
+
+# Why one module keeps its factors when all could be carried whole.
+_NO_LORA_MODULE = "PEFT loads no adapter without a LoRA module (it would find no target)"
+
+
+def _keep_one_factorized(results: _Results) -> None:
+    """If every module was carried whole, give back its factors to the one whose factors cost least over its
+    tensors: PEFT refuses an adapter that targets no module."""
+    replaced = [r for r in results.modules if r.replaced is not None]
+    if not replaced or any(r.factorized is not None for r in results.modules):
+        return
+    keep = min(replaced, key=lambda r: _factor_bytes(r.replaced[0]) - r.whole_extra_bytes)
+    keep.factorized, keep.fates = keep.replaced
+    keep.replaced, keep.whole_refusal = None, _NO_LORA_MODULE
+
+
+def _factor_bytes(factorized: _Factorized) -> int:
+    """What its factors take in the file, its tied head's copy included."""
+    stored = sum(t.nbytes for t in factor_tensors(factorized.fit.factors).values())
+    return stored * (2 if factorized.tied_head else 1)
+
+
+def _whole_refusal(run: _Run, module: ModulePlan, factorized: _Factorized) -> str | None:
+    """Why a factorized module cannot be carried whole instead, or None."""
+    if not run.carry:
+        return "--no-carry forbids carrying tensors"
+    if (why := run.profile.carry_refusal(is_bias=False)) is not None:
+        return why
+    if factorized.tied_head is not None:
+        return f"its tied head {factorized.tied_head} would not see a carried embedding"
+    if moe_weight(module.module, moe_family(run.plan.model_type)) is not None:
+        return "PEFT loads experts and routers as fused parameters, all with factors"
+    return None
+
+
+def _carried_whole(result: _ModuleResult) -> _ModuleResult:
+    """The module carried whole (modules_to_save) instead of factorized."""
+    return replace(result, factorized=None, fates=result.whole, replaced=(result.factorized, result.fates))
+
+
+def _carried_bytes(run: _Run, fates: ModuleFates) -> int:
+    return sum(run.finetuned.info(name).nbytes for name in fates.keys)
 
 
 def _read_module(run: _Run, module: ModulePlan) -> dict[TensorName, StoredPair]:
@@ -245,7 +335,8 @@ def _extract_module(run: _Run, module: ModulePlan, stored: dict[TensorName, Stor
     fates.saves_module = rest.saves_module
     fates.notes += rest.notes
     handled = (factorized is not None) + len(folded) + len(changed)
-    return _ModuleResult(factorized, fates, len(module.tensors) - handled)
+    result = _ModuleResult(factorized, fates, len(module.tensors) - handled)
+    return result if factorized is None else _with_whole_alternative(run, module, result, changed, reasons)
 
 
 def _extract_tied_bias(run: _Run, head_factorized: bool) -> _ModuleResult:
@@ -355,9 +446,9 @@ def _assemble(run: _Run, results: _Results, size: ModelSize) -> tuple[list[Modul
                                                                        dict | None]:
     """Phase 2, then every module's report row and factors (a tied head's after its embedding's), in plan
     order, and the rank policy's part of the report. A byte budget pays for the carried tensors first."""
-    carried = [run.finetuned.info(name).nbytes for r in results.modules for name in r.fates.keys]
-    size = replace(size, carried_bytes=sum(carried))
-    finished, summary = _finish_ranks(run, results.factorized, results.spill, size)
+    _keep_one_factorized(results)
+    size = replace(size, carried_bytes=sum(_carried_bytes(run, r.fates) for r in results.modules))
+    finished, summary = _finish_ranks(run, results, size)
     results.spill.remove()
     rows, factors = [], []
     for f in results.factorized:
@@ -374,20 +465,111 @@ def _assemble(run: _Run, results: _Results, size: ModelSize) -> tuple[list[Modul
     return rows, factors, summary
 
 
-def _finish_ranks(run: _Run, factorized: list[_Factorized], spill: _Spill,
+def _finish_ranks(run: _Run, results: _Results,
                   size: ModelSize) -> tuple[dict[ModuleName, tuple[ModuleFactors, dict, float]], dict | None]:
     """Phase 2 of the rank policy: the ranks it deferred, decided from the spectra at once, and each deferred
-    module's factors cut from its stored SVD (no second SVD). Returns them by module (factors, metrics, seconds
-    spent) and the policy's part of the report."""
-    pending = [f for f in factorized if f.spilled is not None]
-    ranks, summary = run.policy.finish([f.spilled.spectrum for f in pending], size)
+    module's factors cut from its stored SVD (no second SVD), or the module carried whole where the policy says
+    so (``results`` is updated). Returns the factors by module (factors, metrics, seconds spent) and the policy's
+    part of the report.
+
+    A byte budget bounds the file: the allocation is redone with the budget less its overshoot (the header, and
+    modules stored at another width than the budget's bytes per parameter) until the exact size of the file
+    those ranks give fits, which it does at the latest at the smallest allocation, refused before if too large.
+
+    Raises:
+        InvalidOptionError: the budget is smaller than the smallest adapter the policy can give.
+    """
+    pending = [i for i, r in enumerate(results.modules) if r.factorized is not None and r.factorized.spilled]
+    spectra = [replace(results.modules[i].factorized.spilled.spectrum,
+                       whole_cost=-(-results.modules[i].whole_extra_bytes // size.bytes_per_param)
+                       if results.modules[i].whole is not None else None) for i in pending]
+    limit = run.policy.file_bytes
+
+    def file_size(ranks: list[int]) -> int:
+        return _file_size(run, results, dict(zip(pending, ranks)))
+
+    if limit is not None and (smallest := file_size(run.policy.floor_ranks(spectra))) > limit:
+        raise InvalidOptionError(
+            f"--budget {limit:,}B cannot hold this adapter: the tensors it carries exactly take "
+            f"{size.carried_bytes:,} bytes, and the smallest file (every factorized module at its lowest rank or "
+            f"carried whole, header included) {smallest:,}; give at least {smallest}B, or use --no-carry")
+
+    def allocate(size: ModelSize) -> tuple[list[int], dict | None]:
+        ranks, summary = run.policy.finish(spectra, size)
+        while limit is not None and (over := file_size(ranks) - limit) > 0:
+            size = replace(size, reserved_bytes=size.reserved_bytes + over)
+            ranks, summary = run.policy.finish(spectra, size)
+        return ranks, summary
+
+    ranks, summary = allocate(size)
+    is_factorized = any(r.factorized is not None and not r.factorized.spilled for r in results.modules)
+    if ranks and not is_factorized and all(rank == CARRIED_WHOLE for rank in ranks):
+        keep = min(range(len(spectra)), key=lambda j: spectra[j].cost_per_rank)
+        spectra[keep] = replace(spectra[keep], whole_cost=None)
+        results.modules[pending[keep]].whole_refusal = _NO_LORA_MODULE
+        ranks, summary = allocate(size)
     done = {}
-    for f, rank in zip(pending, ranks):
+    for i, rank in zip(pending, ranks):
+        result = results.modules[i]
+        f = result.factorized
+        if rank == CARRIED_WHOLE:
+            result.larger_than_weight = f.module, CARRIED_WHOLE
+            results.modules[i] = _carried_whole(result)
+            continue
         started = time.perf_counter()
-        svd = spill.take(f.spilled)
+        svd = results.spill.take(f.spilled)
         factors, metrics = run.variant.complete(svd, rank, f.module, f.kind, f.dtype, run.fit)
         done[f.module] = factors, metrics, time.perf_counter() - started
     return done, summary
+
+
+def _file_size(run: _Run, results: _Results, ranks: dict[int, int]) -> int:
+    """The exact size of the adapter file if the deferred modules (by index in ``results.modules``) get these
+    ranks: their factors stand in on the ``meta`` device, in the order :func:`extract` writes them."""
+    factors, carried = [], []
+    for i, result in enumerate(results.modules):
+        rank = ranks.get(i)
+        is_whole = rank == CARRIED_WHOLE
+        carried += _carried_tensors(run, result.whole if is_whole else result.fates)
+        f = result.factorized
+        if f is None or is_whole:
+            continue
+        module_factors = f.fit.factors if rank is None else _meta_factors(run, f, rank)
+        factors.append(module_factors)
+        if f.tied_head is not None:
+            factors.append(_transposed_for_head(module_factors, f.tied_head))
+    return adapter_file_size(factors, carried)
+
+
+def _meta_factors(run: _Run, f: _Factorized, rank: int) -> ModuleFactors:
+    """Factors of this rank with the shapes and dtype the fit stores, and no data."""
+    out, inp = out_in_shape(f.shape, f.kind)
+    dtype = run.fit.codec.dtype if run.fit.codec is not None else f.dtype
+    return ModuleFactors(f.module, f.kind, torch.empty(rank, inp, dtype=dtype, device="meta"),
+                         torch.empty(out, rank, dtype=dtype, device="meta"), 1.0, 1.0)
+
+
+def _carried_tensors(run: _Run, fates: ModuleFates) -> list[CarriedTensor]:
+    """The tensors these fates carry, read from the fine-tuned checkpoint when written."""
+    ft = run.finetuned
+    return [CarriedTensor(key, ft.info(name).dtype, ft.info(name).shape, lambda n=name: ft.get(n))
+            for name, key in fates.keys.items()]
+
+
+def _check_file_bytes(limit: int, factors: list[ModuleFactors], carried: list[CarriedTensor],
+                      report: ExtractReport) -> None:
+    """Put the file's parts in the budget's report; refuse a file over the byte budget. Phase 2 sized the file
+    exactly; only padding the experts of a mixture-of-experts model to one rank afterwards can exceed it."""
+    file_bytes = adapter_file_size(factors, carried)
+    carried_bytes = sum(math.prod(c.shape) * c.dtype.itemsize for c in carried)
+    factor_bytes = sum(t.nbytes for f in factors for t in factor_tensors(f).values())
+    report.budget.update(file_bytes=file_bytes, carried_bytes=carried_bytes,
+                         header_bytes=file_bytes - carried_bytes - factor_bytes)
+    if file_bytes > limit:
+        raise InvalidOptionError(
+            f"--budget {limit:,}B: the adapter file would take {file_bytes:,} bytes once its expert factors are "
+            "padded to the one rank PEFT loads fused experts at; raise the budget, or leave the experts out with "
+            "--exclude 'experts'")
 
 
 def _transposed_for_head(embedding: ModuleFactors, head: ModuleName) -> ModuleFactors:
@@ -425,6 +607,25 @@ def _check_rank_patterns(rank_pattern: list[tuple[str, int]] | None, plan: Extra
             example = f" (module names look like {modules[0]})" if modules else ""
             raise InvalidOptionError(f"--rank-pattern {pattern!r} matches no module that would be factorized"
                                      f"{example}")
+
+
+def _whole_notes(results: list[_ModuleResult]) -> list[str]:
+    """Which modules were carried whole because their factors would be larger, and which kept such factors."""
+    notes = []
+    whole = [r.larger_than_weight for r in results if r.larger_than_weight and r.factorized is None]
+    if fixed := [(m, rank) for m, rank in whole if rank != CARRIED_WHOLE]:
+        ranks = ", ".join(str(rank) for rank in sorted({rank for _, rank in fixed}))
+        notes.append(f"{len(fixed)} module(s) carried whole (modules_to_save): factors at rank {ranks} would be "
+                     f"larger than the weight ({shorten([m for m, _ in fixed])})")
+    if chosen := [m for m, rank in whole if rank == CARRIED_WHOLE]:
+        notes.append(f"{len(chosen)} module(s) carried whole (modules_to_save) by the budget: exact, and no larger "
+                     f"than the factors it could give them ({shorten(chosen)})")
+    kept = [r for r in results if r.larger_than_weight and r.factorized is not None]
+    for refusal in dict.fromkeys(r.whole_refusal for r in kept):
+        modules = [r.larger_than_weight[0] for r in kept if r.whole_refusal == refusal]
+        notes.append(f"{len(modules)} module(s) keep factors larger than their weight ({shorten(modules)}): "
+                     f"{refusal}")
+    return notes
 
 
 def _unrelated_note(factorized: list[_Factorized]) -> list[str]:
@@ -634,9 +835,7 @@ def extract(
         results = _extract_modules(run, _Spill(staging_dir / _SPILL_DIR), progress, executor)
         shutil.rmtree(staging_dir / _CALIB_DIR, ignore_errors=True)
         rows, factors, budget_summary = _assemble(run, results, size)
-        carried = [CarriedTensor(key, ft_ckpt.info(name).dtype, ft_ckpt.info(name).shape,
-                                 lambda n=name: ft_ckpt.get(n))
-                   for r in results.modules for name, key in r.fates.keys.items()]
+        carried = [tensor for r in results.modules for tensor in _carried_tensors(run, r.fates)]
         if not factors and not carried:
             raise NothingToExtractError(
                 "the fine-tuned checkpoint is identical to its base"
@@ -657,7 +856,7 @@ def extract(
         }
         fates = [TensorFate(name, "only-in-base", "not in the fine-tuned checkpoint; left as in the base")
                  for name in plan.only_in_base] + [fate for r in results.modules for fate in r.fates.fates]
-        notes = [note for r in results.modules for note in r.fates.notes]
+        notes = [note for r in results.modules for note in r.fates.notes] + _whole_notes(results.modules)
         spec_rank, spec_alpha, expert_layers = None, alpha, None
         experts = conform_experts(factors, _linear_out_in(base_ckpt, plan), moe_family(plan.model_type), alpha,
                                   use_rslora)
@@ -695,9 +894,11 @@ def extract(
             modules_to_save=[p.module for p, r in zip(plan.modules, results.modules) if r.fates.saves_module],
             ensure_weight_tying=plan.tied is not None and plan.tied.head == "lm_head"
             and any(f.module == "lm_head" for f in factors),
-            target_modules=target_modules([f.module for f in factors],
+            target_modules=target_modules([f.module for f in factors if not is_parameter_target(f)],
                                           {split_tensor_name(n)[0] for n in base_ckpt.tensors}),
         )
+        if policy.file_bytes is not None:
+            _check_file_bytes(policy.file_bytes, factors, carried, report)
         report.adapter_bytes = write_adapter(staging_dir, factors, carried, spec)
         report.seconds = time.perf_counter() - started
         write_json(staging_dir / REPORT_FILE, report.to_json())

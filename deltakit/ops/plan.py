@@ -413,7 +413,7 @@ def _factor_kind(adapter: Adapter, module: str, tensor: TensorName, stored: tupl
         if out_in_shape(stored, WeightKind.EMBEDDING) != (out, inp):
             raise TensorMismatchError(mismatch, tensor=tensor)
         return WeightKind.EMBEDDING
-    by_flag = WeightKind.CONV1D if adapter.fan_in_fan_out else WeightKind.LINEAR
+    by_flag = WeightKind.CONV1D if adapter.is_conv1d(module) else WeightKind.LINEAR
     by_name = weight_kind(tensor, stored, model_type)
     by_name = WeightKind.CONV1D if by_name is WeightKind.CONV1D else WeightKind.LINEAR
     fits = [k for k in (WeightKind.LINEAR, WeightKind.CONV1D) if out_in_shape(stored, k) == (out, inp)]
@@ -492,8 +492,8 @@ def _check_tied_head(adapter: Adapter, module: str, tied: TiedHead, to_base: Cal
 
 def _is_applied(adapter: Adapter, module: ModuleName, tied: TiedHead | None) -> bool:
     """Whether PEFT, loading the adapter, would apply its entry for ``module``: targeted by the config, or a tied
-    head that PEFT's ``ensure_weight_tying`` gives the targeted embedding's factors."""
-    if is_targeted(adapter.config, module):
+    head that PEFT's ``ensure_weight_tying`` gives the targeted embedding's factors, or a targeted parameter."""
+    if is_targeted(adapter.config, module) or adapter.is_parameter_target(module):
         return True
     return (tied is not None and module == tied.head and bool(adapter.config.get("ensure_weight_tying"))
             and is_targeted(adapter.config, tied.embedding))
@@ -550,8 +550,7 @@ def plan_merge(ckpt: Checkpoint, adapters: list[Adapter], *, is_base: bool) -> M
             else:
                 tensor = to_base(f"{module}.weight")
                 info = _require(ckpt, adapter, tensor, f"LoRA factors for module {module}", None, tied)
-                a_shape = adapter.weights.info(entry.key_a).shape
-                b_shape = adapter.weights.info(entry.key_b).shape
+                a_shape, b_shape = adapter.factor_shapes(module)
                 kind = _factor_kind(adapter, module, tensor, info.shape, a_shape, b_shape, entry.is_embedding,
                                     model_type)
                 variant.check_module(adapter, entry, b_shape[0], where)

@@ -250,9 +250,15 @@ def own_error(adapter_dir: Path) -> float | None:
 
 def budget_text(budget: dict) -> str:
     """One line: what was asked, what it allows, what was used, and the error the allocation predicts."""
-    return (f"{budget['requested']} = {budget['params']:,} factor parameters, {budget['params_used']:,} used "
+    text = (f"{budget['requested']} = {budget['params']:,} factor parameters, {budget['params_used']:,} used "
             f"({budget['weighting']} error, ranks {budget['min_rank']}–{budget['max_rank']}); predicted total "
             f"relative error {budget['predicted_relative_error']:.4f}")
+    if budget.get("carried_whole"):
+        text += f"; {budget['carried_whole']} module(s) carried whole, cheaper than their factors"
+    if budget.get("file_bytes") is not None:
+        text += (f"; the file's {format_bytes(budget['file_bytes'])} hold {format_bytes(budget['carried_bytes'])} of "
+                 f"tensors carried exactly and a {format_bytes(budget['header_bytes'])} header")
+    return text
 
 
 def calibration_text(report: ExtractReport) -> str:

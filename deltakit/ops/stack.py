@@ -14,14 +14,16 @@ Two ways (DESIGN.md §5), both from the factors, never from a dense ΔW:
 Modules present in only some adapters take the factors of those. Tensors an adapter carries exactly
 (``modules_to_save`` params, ``base_layer.bias``) are carried into the stack when only one adapter has them,
 or when every adapter that has them holds the same values, and only with weight 1 (a replaced value cannot be
-scaled inside an adapter); anything else is refused. DoRA adapters are refused: DoRA rescales each row of
-W0 + ΔW, which is not linear in ΔW, so no sum of DoRA adapters is a DoRA adapter of the same base.
+scaled inside an adapter; with the base, T_base + Σ w_k (T_k − T_base)); anything else is refused. A module one
+adapter carries whole and others have factors for is carried whole, their weighted ΔW added to it. DoRA adapters
+are refused: DoRA rescales each row of W0 + ΔW, which is not linear in ΔW, so no sum of DoRA adapters is a DoRA
+adapter of the same base.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -42,7 +44,7 @@ from deltakit.errors import InvalidOptionError, TensorMismatchError, TensorMissi
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint, refuse_unsupported_weights
 from deltakit.io.dtypes import DTYPES
 from deltakit.names import ModuleName, PeftKey, TensorName
-from deltakit.adapters.layers import WeightKind, parse_peft_key
+from deltakit.adapters.layers import WeightKind, from_out_in, parse_peft_key
 from deltakit.adapters.moe import conform_experts, moe_family_by_names
 from deltakit.math.lowrank import balanced_factors
 from deltakit.math.ranks import EnergyRank, FixedRank, rank_for_energy
@@ -118,7 +120,7 @@ def _module_kind(adapter: Adapter, module: ModuleName) -> WeightKind:
     # Without a base at hand, the adapter's own flag says Conv1D (PEFT corrects it per layer class on load).
     if adapter.modules[module].is_embedding:
         return WeightKind.EMBEDDING
-    return WeightKind.CONV1D if adapter.fan_in_fan_out else WeightKind.LINEAR
+    return WeightKind.CONV1D if adapter.is_conv1d(module) else WeightKind.LINEAR
 
 
 def _gather(adapters: list[Adapter], weights: list[float]) -> dict[ModuleName, list[tuple[int, ModuleFactors, float]]]:
@@ -174,8 +176,7 @@ _WAYS_OUT = ("pass --base BASE (carried tensors become BASE + Σ w·(T − BASE)
              "extract --no-carry")
 
 
-def _carried(adapters: list[Adapter], weights: list[float], lora_modules: set[ModuleName],
-             base: Checkpoint | None) -> list[CarriedTensor]:
+def _carried(adapters: list[Adapter], weights: list[float], base: Checkpoint | None) -> list[CarriedTensor]:
     """Tensors carried exactly: each key from the one adapter that has it, or from several that agree. With
     ``base``, a carried tensor T_k is a change T_k − T_base like any delta: the stack holds
     T_base + Σ_k w_k (T_k − T_base), each adapter without the key counting as T_base."""
@@ -191,10 +192,6 @@ def _carried(adapters: list[Adapter], weights: list[float], lora_modules: set[Mo
             base_names[key] = name.replace(".base_layer.", ".")
     carried = []
     for key, ks in holders.items():
-        module, role = parse_peft_key(key)
-        if role.startswith("saved:") and module in lora_modules:
-            raise InvalidOptionError(f"{key}: one adapter saves module {module} whole (modules_to_save) while another "
-                                     "has LoRA factors for it; PEFT cannot hold both in one adapter")
         info = adapters[ks[0]].weights.info(key)
         # A targeted layer's own weight (PEFT's save_embedding_layers) is a copy of the base, not a change.
         is_layer_copy = key.endswith(".base_layer.weight")
@@ -227,6 +224,25 @@ def _carried(adapters: list[Adapter], weights: list[float], lora_modules: set[Mo
                                           f"{list(adapters[holders[key][0]].weights.info(key).shape)} in {key}",
                                           path=base.path, tensor=name)
     return carried
+
+
+def _with_deltas(carried: list[CarriedTensor],
+                 added: dict[ModuleName, list[tuple[int, ModuleFactors, float]]]) -> list[CarriedTensor]:
+    """The carried weights of the modules in ``added`` with those factors' weighted ΔW added, as stored."""
+    result = []
+    for tensor in carried:
+        module, role = parse_peft_key(tensor.key)
+        if role == "saved:weight" and module in added:
+            tensor = replace(tensor, load=lambda t=tensor, entries=added[module]: _plus_deltas(t.load(), entries))
+        result.append(tensor)
+    return result
+
+
+def _plus_deltas(weight: torch.Tensor, entries: list[tuple[int, ModuleFactors, float]]) -> torch.Tensor:
+    total = weight.double()
+    for _, factors, scale in entries:
+        total += from_out_in(scale * (factors.b.double() @ factors.a.double()), factors.kind)
+    return total.to(weight.dtype)
 
 
 def _interpolated(base: Checkpoint, name: TensorName, values: list[tuple[torch.Tensor, float]],
@@ -294,6 +310,10 @@ def stack(
                                  "the same base?")
 
     parts = _gather(opened, weights)
+    # A module that one adapter carries whole (modules_to_save) and others have factors for stays whole, with
+    # their ΔW added to it: PEFT cannot hold both for one module.
+    saved = {name for adapter in opened for name in adapter.saved}
+    added = {module: parts.pop(module) for module in list(parts) if f"{module}.weight" in saved}
     dtypes = {f.a.dtype for entries in parts.values() for _, f, _ in entries}
     # 8-bit factors hold codes whose scales differ per adapter and module: the stack is stored in float.
     dtype = dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in DTYPES.values() else torch.float32
@@ -309,7 +329,7 @@ def stack(
         stacked.append(ModuleFactors(module, kind, a.to(dtype), b.to(dtype), alpha=float(new_rank), scaling=1.0))
         report.modules.append(StackedModule(module, [k + 1 for k, _, _ in entries], sum(f.rank for _, f, _ in entries),
                                             new_rank, retained, error))
-    carried = _carried(opened, weights, set(parts), base_ckpt)
+    carried = _with_deltas(_carried(opened, weights, base_ckpt), added)
     report.carried = [c.key for c in carried]
 
     modules_to_save: list[str] = []
