@@ -372,6 +372,12 @@ def batch_command(manifest: str, quiet: bool, executor: str, address: str | None
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; the one place where deltakit's errors become exit codes."""
     args = sys.argv[1:] if argv is None else argv
+    # OpenMP threads that find no work spin for ~0.3 ms before sleeping (libgomp's default). deltakit's math
+    # runs many short parallel regions beside a read-ahead thread, so on a box with anything else running the
+    # spinning threads take the cores the others need: extract -r 16 on a 2.1 GB pair took 157 s with the
+    # default and 24 s without spinning at load ~6 on 2 cores (benchmarks/README.md). Read by OpenMP when torch
+    # loads, hence here, before any command imports it; a value the user set is kept.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     debug = "--debug" in args or os.environ.get("DELTAKIT_DEBUG") == "1"
     try:
         cli.main(args=args, prog_name="deltakit", standalone_mode=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -80,3 +81,17 @@ def test_every_command_has_help_and_is_in_the_readme():
     for name, command in cli.commands.items():
         assert command.help and "Example" in command.help, name
         assert re.search(rf"deltakit {name}\b", readme), f"`deltakit {name}` is not documented in README.md"
+
+
+def test_the_cli_keeps_openmp_threads_from_spinning_unless_the_user_chose():
+    """OpenMP reads its wait policy once, when torch loads: main() must set it before any command imports torch,
+    and keep a policy the user set."""
+    script = ("import os, sys; from deltakit.cli import main\n"
+              "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+              "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-2:] == ["PASSIVE", "False"]
+    out = subprocess.run([sys.executable, "-c", script], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-2:] == ["ACTIVE", "False"]
