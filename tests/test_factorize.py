@@ -362,6 +362,10 @@ def test_delta_buffer_forms_the_fp32_difference_and_its_fp64_energy(ft_dtype, ba
     assert delta.dtype == torch.float32 and delta.shape == shape
     assert torch.equal(delta, expected)  # bit for bit: each element converted exactly, subtracted once
     assert energy == pytest.approx(float(expected.double().square().sum()), rel=1e-12)
+    # ‖W0‖² from the same pass, for the report's relative change
+    buffer = DeltaBuffer(torch.device("cpu"))
+    buffer.form(finetuned, base)
+    assert buffer.base_energy == pytest.approx(float(base.double().square().sum()), rel=1e-12)
 
 
 def test_delta_buffer_reuses_its_memory_across_modules():

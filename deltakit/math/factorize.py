@@ -190,7 +190,8 @@ class DeltaBuffer:
     as the conversion itself; here one buffer grows to the largest module and stays. On the CPU the difference
     is formed in blocks of rows that stay in cache from the conversion through the subtraction to the fp64 sum of
     squares, so ΔW is written once and never read back for its energy. That sum is finite exactly when ΔW is (an
-    fp32 value squared cannot overflow fp64): it is also the finiteness check.
+    fp32 value squared cannot overflow fp64): it is also the finiteness check. The base's own ‖W0‖_F² is summed in the same pass
+    (:attr:`base_energy`), while its converted block is in cache.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -198,6 +199,7 @@ class DeltaBuffer:
         self._memory = torch.empty(0, dtype=torch.float32, device=device)
         self._base_block = torch.empty(_DELTA_BLOCK_ELEMENTS, dtype=torch.float32)
         self._widened = torch.empty(_DELTA_BLOCK_ELEMENTS, dtype=torch.float64)
+        self.base_energy = 0.0  # ‖W0‖_F² (fp64) of the last call's base
 
     def form(self, finetuned: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, float]:
         """ΔW and ‖ΔW‖_F² (fp64; NaN or ±Inf when ΔW holds one).
@@ -218,8 +220,13 @@ class DeltaBuffer:
         delta = self._memory[:numel].view(finetuned.shape)
         if self.device.type != "cpu" or numel == 0:
             delta.copy_(finetuned)
-            delta.sub_(base.to(self.device))  # upcast exactly, subtracted in fp32: the same rounding as below
-            return delta, _sum_squares(delta.reshape(delta.shape[0], -1)) if numel else 0.0
+            widened_base = base.to(self.device)
+            delta.sub_(widened_base)  # upcast exactly, subtracted in fp32: the same rounding as below
+            if not numel:
+                self.base_energy = 0.0
+                return delta, 0.0
+            self.base_energy = _sum_squares(widened_base.reshape(delta.shape[0], -1).float())
+            return delta, _sum_squares(delta.reshape(delta.shape[0], -1))
         rows_out = delta.reshape(delta.shape[0], -1)
         rows_ft, rows_base = finetuned.reshape(rows_out.shape), base.reshape(rows_out.shape)
         rows = max(1, _DELTA_BLOCK_ELEMENTS // rows_out.shape[1])
@@ -227,15 +234,19 @@ class DeltaBuffer:
             self._base_block = torch.empty(rows * rows_out.shape[1], dtype=torch.float32)
             self._widened = torch.empty(rows * rows_out.shape[1], dtype=torch.float64)
         total = torch.zeros((), dtype=torch.float64)
+        base_total = torch.zeros((), dtype=torch.float64)
         for start in range(0, rows_out.shape[0], rows):
             block = rows_out[start : start + rows]
             block.copy_(rows_ft[start : start + rows])
             base_block = self._base_block[: block.numel()].view(block.shape)
             base_block.copy_(rows_base[start : start + rows])
-            block.sub_(base_block)
             widened = self._widened[: block.numel()]
+            widened.view(block.shape).copy_(base_block)
+            base_total += torch.dot(widened, widened)
+            block.sub_(base_block)
             widened.view(block.shape).copy_(block)
             total += torch.dot(widened, widened)
+        self.base_energy = float(base_total)
         return delta, float(total)
 
 

@@ -71,19 +71,6 @@ def delta_of(stored: StoredPair, kind: WeightKind, deltas: DeltaBuffer, *, keep_
                      converted(finetuned, keep_finetuned), energy)
 
 
-def norm_of(tensor: torch.Tensor) -> float:
-    """‖tensor‖_F, summed in fp64 over blocks of rows (any float dtype, FP8 included; no full-size fp64 copy)."""
-    if tensor.numel() == 0:
-        return 0.0
-    rows = tensor.reshape(tensor.shape[0], -1) if tensor.dim() > 1 else tensor.reshape(1, -1)
-    step = max(1, (1 << 20) // max(1, rows.shape[1]))
-    total = 0.0
-    for block in rows.split(step):
-        widened = block.to(torch.float64).reshape(-1)
-        total += float(torch.dot(widened, widened))
-    return total**0.5
-
-
 def is_changed(stored: StoredPair) -> bool:
     """Whether a tensor differs between the checkpoints; NonFiniteError if either holds NaN or Inf."""
     stored.check_finite()

@@ -69,7 +69,7 @@ from deltakit.math.ranks import (
 )
 from deltakit.names import ModuleName, TensorName, matches_peft_pattern, split_tensor_name
 from deltakit.ops.calibrate import CALIB_SEQ_LEN, CALIB_TOKENS, calibrate, check_calibration
-from deltakit.ops.delta import StoredPair, delta_of, is_changed, norm_of, read_pair
+from deltakit.ops.delta import StoredPair, delta_of, is_changed, read_pair
 from deltakit.ops.plan import (
     ExtractPlan,
     ModuleFates,
@@ -91,6 +91,10 @@ from deltakit.ops.report import (
 
 REPORT_FILE = EXTRACT_REPORT_FILE
 _SPILL_DIR = ".svd-spill"  # inside the staging directory, removed before it is renamed into place
+# Modules read ahead of the one being fitted. Two keep the disk busy through the modules whose SVD outlasts the next
+# read (the embedding, the MLP's wide ones): extract -r 16 of a 2 × 2.1 GB pair, page cache dropped, 2 idle cores:
+# 10.7 s with one, 9.6 s with two or three (benchmarks/README.md). Each costs that module's stored tensors.
+_READ_AHEAD_MODULES = 2
 _CALIB_DIR = ".calib-moments"  # likewise: the moments of --calib (and block inputs between its passes), per block
 
 
@@ -265,7 +269,7 @@ def _fit_weight(run: _Run, module: ModulePlan, stored: StoredPair, deltas: Delta
     needs_weights = run.variant.needs_weights
     pair = delta_of(stored, module.kind, deltas, keep_base=needs_weights, keep_finetuned=needs_weights,
                     column_scale=column_scale)
-    base_norm = norm_of(stored.base) if pair is not None else 0.0
+    base_norm = deltas.base_energy**0.5 if pair is not None else 0.0
     del stored  # the caller no longer holds it: the stored pair is freed before the SVD
     if pair is None:
         return None
@@ -416,15 +420,16 @@ def _extract_modules(run: _Run, spill: _Spill, progress: bool, executor: ModuleE
 
 
 def _module_results(run: _Run, executor: ModuleExecutor | None) -> Iterator[tuple[int, _ModuleResult]]:
-    """Each module's result with its index in the plan: here, in plan order, reading one module ahead; or on the
+    """Each module's result with its index in the plan: here, in plan order, reading ahead; or on the
     executor, as its tasks complete."""
     if executor is not None:
         yield from executor.map(_extract_planned, run, run.plan.modules, label=lambda p: p.module)
         return
     deltas = DeltaBuffer(run.fit.device)
-    # The next module's tensors are read while this one's SVD runs; one module ahead keeps memory at a few tensors.
+    # The next modules' tensors are read while this one's SVD runs; a bounded read-ahead keeps memory at a few
+    # tensors.
     reads = ((module_plan, _read_module(run, module_plan)) for module_plan in run.plan.modules)
-    with prefetched(reads, depth=1) as modules:
+    with prefetched(reads, depth=_READ_AHEAD_MODULES) as modules:
         for i, (module_plan, stored) in enumerate(modules):
             result = _extract_module(run, module_plan, stored, deltas)
             del stored
