@@ -8,6 +8,7 @@ byte budget must buy the ranks the narrower storage allows.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -116,11 +117,22 @@ def test_byte_budget_buys_twice_the_parameters_at_int8_and_counts_carried_tensor
 
 
 def test_byte_budget_smaller_than_the_carried_tensors_is_refused(llama_pair, tmp_path):
-    """On this pair the carried norms (1,280 B) are smaller than rank 1 everywhere at int8 (2,240 B): the check
-    from headers refuses such a budget before any math, naming the smallest that works at 1 byte a parameter."""
-    with pytest.raises(InvalidOptionError, match="give at least 2240B"):
+    """The check from headers refuses, before any math, a budget below rank 1 everywhere at int8 (2,240 B of
+    factors) plus the file's header, naming that floor; it is a true floor: the smallest file that works (carried
+    norms on top, known once read) is no smaller, and a budget of that size is honoured."""
+    with pytest.raises(InvalidOptionError, match=r"header alone take") as refused:
         deltakit.extract(llama_pair.ft_dir, llama_pair.base_dir, tmp_path / "a", budget="100B", factor_dtype="int8")
     assert not (tmp_path / "a").exists()
+    floor = int(re.search(r"give at least (\d+)B", str(refused.value)).group(1))
+    assert floor > 2240  # the header counts
+    with pytest.raises(InvalidOptionError, match=r"carries exactly") as late:
+        deltakit.extract(llama_pair.ft_dir, llama_pair.base_dir, tmp_path / "b", budget=f"{floor}B",
+                         factor_dtype="int8")
+    smallest = int(re.search(r"give at least (\d+)B", str(late.value)).group(1))
+    assert smallest >= floor and not (tmp_path / "b").exists()
+    deltakit.extract(llama_pair.ft_dir, llama_pair.base_dir, tmp_path / "c", budget=f"{smallest}B",
+                     factor_dtype="int8")
+    assert floor <= (tmp_path / "c" / "adapter_model.safetensors").stat().st_size <= smallest
 
 
 def test_merge_unmerge_and_stack_read_compact_adapters(llama_pair, tmp_path):

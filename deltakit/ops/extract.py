@@ -528,6 +528,32 @@ def _finish_ranks(run: _Run, results: _Results,
     return done, summary
 
 
+def _refuse_budget_below_floor(policy: RankPolicy, plan: ExtractPlan, ft: Checkpoint, base: Checkpoint,
+                               stored_dtype: torch.dtype | None, codec: FactorCodec | None) -> None:
+    """Refuse, from the headers alone, a byte budget smaller than the file of every selected module's factors at
+    its lowest rank, header included (as the policy's own check, every such module is assumed to change; tensors
+    carried exactly and tied heads' copies come on top, known only once the deltas are read)."""
+    limit = policy.file_bytes
+    if limit is None:
+        return
+    lowest = min(getattr(policy, "min_rank", 1), getattr(policy, "max_rank", 1))
+    factors = []
+    for p in plan.modules:
+        if p.weight is None or not p.is_selected:
+            continue
+        out, inp = out_in_shape(ft.info(p.weight).shape, p.kind)
+        rank = min(lowest, out, inp)
+        dtype = codec.dtype if codec is not None else stored_dtype or base.info(p.weight).dtype
+        factors.append(ModuleFactors(p.module, p.kind, torch.empty(rank, inp, dtype=dtype, device="meta"),
+                                     torch.empty(out, rank, dtype=dtype, device="meta"), 1.0, 1.0))
+    floor = adapter_file_size(factors, [])
+    if floor > limit:
+        raise InvalidOptionError(
+            f"--budget {limit:,}B cannot hold rank {lowest} in each of the {len(factors)} modules that may change: "
+            f"their factors and the file's header alone take {floor:,} bytes (tensors carried exactly come on top); "
+            f"give at least {floor}B")
+
+
 def _file_size(run: _Run, results: _Results, ranks: dict[int, int]) -> int:
     """The exact size of the adapter file if the deferred modules (by index in ``results.modules``) get these
     ranks: their factors stand in on the ``meta`` device, in the order :func:`extract` writes them."""
@@ -821,7 +847,8 @@ def extract(
                      _factor_bytes_per_param(dtype, codec, plan, base_ckpt),
                      tuple(out_in_shape(ft_ckpt.info(p.weight).shape, p.kind) for p in plan.modules
                            if p.weight is not None and p.is_selected))
-    policy.check_size(size)  # fail before work
+    _refuse_budget_below_floor(policy, plan, ft_ckpt, base_ckpt, stored_dtype, codec)  # fail before work
+    policy.check_size(size)
     if calib is not None:
         check_calibration(calib, ft_ckpt, tokens=calib_tokens, seq_len=calib_seq_len)
     folds = _read_folds(ft_ckpt, base_ckpt, *plan_norm_folds(plan, profile))
