@@ -82,6 +82,12 @@ def test_ctrl_c_during_start_up_prints_no_traceback(pair: tuple[Path, Path], tmp
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert "Traceback" not in stderr, stderr
+    if process.returncode == -signal.SIGINT:
+        # The signal came after the run had finished, while the interpreter tore down (the default handler is
+        # back by then): the output is whole and was reported.
+        assert stderr.strip().splitlines()[-1] == f"output: {tmp_path / 'out'}"
+        assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+        return
     assert process.returncode in (130, 0), stderr
     if process.returncode == 130:
         assert stderr.strip().splitlines()[-1] == "Aborted!"
