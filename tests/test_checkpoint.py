@@ -577,3 +577,31 @@ def _bytes_read() -> int:
     """Bytes this process has asked read() for so far (``rchar`` of /proc/self/io), cached or not."""
     with open("/proc/self/io") as io_counters:
         return next(int(line.split()[1]) for line in io_counters if line.startswith("rchar:"))
+
+
+def test_a_checkpoint_read_once_drops_each_tensors_pages_and_reads_the_same_values(tmp_path, monkeypatch):
+    """Inputs larger than memory are read once: each tensor's byte range is dropped from the page cache right
+    after it is read (so the kernel need not reclaim on every read), and the values are those stored."""
+    import os
+
+    from deltakit.io import checkpoint as checkpoint_module
+    from deltakit.io.checkpoint import open_checkpoint, read_once_if_large
+
+    if checkpoint_module._DROP_CACHE is None:
+        pytest.skip("no posix_fadvise here")
+    tensors = {"a.weight": torch.randn(30, 20), "b.weight": torch.randn(7)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    ckpt = open_checkpoint(tmp_path)
+    dropped = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, start, length, advice: dropped.append((start, length, advice)))
+
+    monkeypatch.setattr(checkpoint_module, "available_memory", lambda: 10**12)
+    assert not read_once_if_large(ckpt) and not ckpt.read_once
+    assert torch.equal(ckpt.get("a.weight"), tensors["a.weight"]) and dropped == []
+
+    monkeypatch.setattr(checkpoint_module, "available_memory", lambda: 2 * (tmp_path / "model.safetensors").stat().st_size - 2)
+    assert read_once_if_large(ckpt) and ckpt.read_once
+    for name, value in tensors.items():
+        assert torch.equal(ckpt.get(name), value)
+    info = {name: ckpt.info(name) for name in tensors}
+    assert dropped == [(info[n].start, info[n].nbytes, os.POSIX_FADV_DONTNEED) for n in tensors]

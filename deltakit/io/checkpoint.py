@@ -158,6 +158,7 @@ class Checkpoint:
         index_path: the ``*.index.json`` of a sharded checkpoint, else None.
         source: the Hub repository and commit ``path`` was fetched from, or None for a local path.
         fp8: the FP8 block layout when some weights are stored as FP8 codes with block scales, else None.
+        read_once: drop each tensor's pages from the page cache once it is read (see :func:`read_once_if_large`).
     """
 
     def __init__(
@@ -173,6 +174,7 @@ class Checkpoint:
         has_fp8 = any(info.dtype == FP8_DTYPE for info in self._stored.values())
         self.fp8: BlockFp8 | None = fp8_layout(self.config) if has_fp8 else None  # config.json only if needed
         self._tensors = _dequantized_listing(self._stored, self.fp8) if self.fp8 else self._stored
+        self.read_once = False
         # Legacy .bin only: the one state dict currently loaded (memory-mapped), as (file, state dict).
         self._loaded_pickle: tuple[Path, dict[str, torch.Tensor]] | None = None
 
@@ -239,8 +241,9 @@ class Checkpoint:
         if info.file.suffix == ".bin":
             return self._get_from_pickle(info)
         if info.scale is not None:
-            return dequantize(_read_tensor(self._stored[name]), _read_tensor(self._stored[info.scale]), self.fp8)
-        return _read_tensor(info)
+            return dequantize(_read_tensor(self._stored[name], self.read_once),
+                              _read_tensor(self._stored[info.scale], self.read_once), self.fp8)
+        return _read_tensor(info, self.read_once)
 
     def get_stored(self, name: TensorName) -> torch.Tensor:
         """Read a tensor as stored: for an FP8 weight its float8 codes; a block-scale tensor by its own name.
@@ -250,7 +253,7 @@ class Checkpoint:
         """
         if name not in self._stored:
             raise TensorMissingError("no such tensor in this checkpoint", path=self.path, tensor=name)
-        return _read_tensor(self._stored[name])
+        return _read_tensor(self._stored[name], self.read_once)
 
     @cached_property
     def config(self) -> dict | None:
@@ -521,7 +524,39 @@ def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _read_tensor(info: TensorInfo) -> torch.Tensor:
+def read_once_if_large(*ckpts: Checkpoint) -> bool:
+    """Mark checkpoints :attr:`~Checkpoint.read_once` when their weight files together exceed half the memory
+    available now; returns whether it did.
+
+    Such inputs cannot stay cached: every page read evicts an older one, and the kernel's reclaim runs on every
+    read. A 7B-shaped extract (2 × 13.5 GB, 24 GB of RAM, 2 cores) took 67.8 s with the reads spending 52.8 s
+    and 42.2 s when each tensor's pages were dropped once read (14.4 s of reads; benchmarks/README.md). Smaller
+    inputs keep their cache, for the next run or the next job that reads the same base.
+    """
+    total = sum(f.stat().st_size for ckpt in ckpts for f in ckpt.files)
+    large = _DROP_CACHE is not None and total > available_memory() / 2
+    for ckpt in ckpts:
+        ckpt.read_once = large
+    return large
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new data now (Linux's MemAvailable; elsewhere the free pages)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+# posix_fadvise is missing on macOS and Windows: there, nothing is dropped.
+_DROP_CACHE = getattr(os, "POSIX_FADV_DONTNEED", None) if hasattr(os, "posix_fadvise") else None
+
+
+def _read_tensor(info: TensorInfo, read_once: bool = False) -> torch.Tensor:
     tensor = torch.empty(info.shape, dtype=info.dtype)
     if info.nbytes == 0:
         return tensor
@@ -530,6 +565,8 @@ def _read_tensor(info: TensorInfo) -> torch.Tensor:
         with open(info.file, "rb", buffering=0) as file:
             file.seek(info.start)
             _readinto_exactly(file, buffer, info.file, info.name)
+            if read_once and _DROP_CACHE is not None:
+                os.posix_fadvise(file.fileno(), info.start, info.nbytes, _DROP_CACHE)
     except FileNotFoundError as e:
         raise CheckpointNotFoundError("weights file vanished after the checkpoint was opened", path=info.file) from e
     return tensor
