@@ -90,6 +90,14 @@ def _executor_options(what: str):
     return decorate
 
 
+def _calib_size_options(command):
+    """``--calib-tokens`` and ``--calib-seq-len``, as extract and inspect share them."""
+    command = click.option("--calib-seq-len", type=click.IntRange(min=2), default=CALIB_SEQ_LEN, show_default=True,
+                           help="Length of each calibration sequence.")(command)
+    return click.option("--calib-tokens", type=click.IntRange(min=2), default=CALIB_TOKENS, show_default=True,
+                        help="Calibration tokens.")(command)
+
+
 def _check_address(executor: str, address: str | None) -> None:
     if address is not None and executor != "ray":
         raise click.UsageError("--address needs --executor ray")
@@ -137,10 +145,7 @@ _DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N."
 @click.option("--dora", is_flag=True, help="Extract a DoRA adapter (per-row magnitude + low-rank direction).")
 @click.option("--calib", metavar="SOURCE", help="Fit each module to its outputs on calibration text: a text file, "
               "a .jsonl file (\"text\" fields), or 'self' (sampled from FINETUNED). Needs deltakit[calib].")
-@click.option("--calib-tokens", type=click.IntRange(min=2), default=CALIB_TOKENS, show_default=True,
-              help="Calibration tokens.")
-@click.option("--calib-seq-len", type=click.IntRange(min=2), default=CALIB_SEQ_LEN, show_default=True,
-              help="Length of each calibration sequence.")
+@_calib_size_options
 @click.option("--carry/--no-carry", default=True, show_default=True,
               help="Store changed biases, norms and heads exactly in the adapter, or drop them (reported).")
 @click.option("--for", "target", type=click.Choice(["peft", "vllm"]), default="peft", show_default=True,
@@ -303,10 +308,7 @@ def stack_command(adapters: tuple[str, ...], weights: tuple[float, ...], quiet: 
 @click.option("--exclude", multiple=True, help="Regex on module names to exclude (repeatable).")
 @click.option("--calib", metavar="SOURCE", help="Also show each module's whitened spectrum on calibration text "
               "(as extract --calib): a text file, a .jsonl file, or 'self'.")
-@click.option("--calib-tokens", type=click.IntRange(min=2), default=CALIB_TOKENS, show_default=True,
-              help="Calibration tokens.")
-@click.option("--calib-seq-len", type=click.IntRange(min=2), default=CALIB_SEQ_LEN, show_default=True,
-              help="Length of each calibration sequence.")
+@_calib_size_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout instead of the table.")
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")

@@ -54,8 +54,8 @@ class MirrorResult:
     weight_files: list[str] = field(default_factory=list)
     bytes_written: int = 0
     requantized: list[Requantization] = field(default_factory=list)  # changed FP8 weights stored as FP8 again
-    # SHA-256 of the bytes written for each changed tensor (FP8 weights, stored requantized, aside), taken on the
-    # writing thread while the next tensor is transformed.
+    # With ``hash_changed``: SHA-256 of the bytes written for each changed tensor (FP8 weights, stored
+    # requantized, aside), taken on the writing thread while the next tensor is transformed.
     written_sha256: dict[TensorName, str] = field(default_factory=dict)
 
 
@@ -71,9 +71,9 @@ def out_dtype(info: TensorInfo, dtype: torch.dtype | None) -> torch.dtype:
 
 
 def write_mirror(ckpt: Checkpoint, staging_dir: Path, changed: Collection[TensorName], transform: Transform, *,
-                 dtype: torch.dtype | None, progress: bool, desc: str) -> MirrorResult:
+                 dtype: torch.dtype | None, progress: bool, desc: str, hash_changed: bool = False) -> MirrorResult:
     """Write every shard of ``ckpt`` into ``staging_dir``, passing the tensors in ``changed`` through
-    ``transform``.
+    ``transform``; with ``hash_changed`` each one's SHA-256 as written goes into the result.
 
     Without ``dtype`` each shard is a :class:`_MirroredShard`: unchanged tensors never enter this process. With
     ``dtype`` every tensor is read, cast and written by a :class:`SafetensorsWriter`. Three stages overlap: the
@@ -127,7 +127,7 @@ def write_mirror(ckpt: Checkpoint, staging_dir: Path, changed: Collection[Tensor
                             raise NonFiniteError(f"has NaN or Inf once cast to {str(dtype).removeprefix('torch.')}"
                                                  "; choose a wider --dtype", path=ckpt.path, tensor=name)
                     del stored
-                    if is_changed:
+                    if is_changed and hash_changed:
                         writes.submit(_write_hashed, sink, name, value, result.written_sha256)
                     else:
                         writes.submit(sink.write, name, value)

@@ -190,8 +190,8 @@ class DeltaBuffer:
     as the conversion itself; here one buffer grows to the largest module and stays. On the CPU the difference
     is formed in blocks of rows that stay in cache from the conversion through the subtraction to the fp64 sum of
     squares, so ΔW is written once and never read back for its energy. That sum is finite exactly when ΔW is (an
-    fp32 value squared cannot overflow fp64): it is also the finiteness check. The base's own ‖W0‖_F² is summed in the same pass
-    (:attr:`base_energy`), while its converted block is in cache.
+    fp32 value squared cannot overflow fp64): it is also the finiteness check. The base's own ‖W0‖_F² is summed
+    in the same pass (:attr:`base_energy`), while its converted block is in cache.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -225,7 +225,7 @@ class DeltaBuffer:
             if not numel:
                 self.base_energy = 0.0
                 return delta, 0.0
-            self.base_energy = _sum_squares(widened_base.reshape(delta.shape[0], -1).float())
+            self.base_energy = _sum_squares(widened_base.reshape(delta.shape[0], -1))
             return delta, _sum_squares(delta.reshape(delta.shape[0], -1))
         rows_out = delta.reshape(delta.shape[0], -1)
         rows_ft, rows_base = finetuned.reshape(rows_out.shape), base.reshape(rows_out.shape)

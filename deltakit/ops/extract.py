@@ -541,11 +541,9 @@ def _refuse_budget_below_floor(policy: RankPolicy, plan: ExtractPlan, ft: Checkp
     for p in plan.modules:
         if p.weight is None or not p.is_selected:
             continue
-        out, inp = out_in_shape(ft.info(p.weight).shape, p.kind)
-        rank = min(lowest, out, inp)
+        shape = tuple(ft.info(p.weight).shape)
         dtype = codec.dtype if codec is not None else stored_dtype or base.info(p.weight).dtype
-        factors.append(ModuleFactors(p.module, p.kind, torch.empty(rank, inp, dtype=dtype, device="meta"),
-                                     torch.empty(out, rank, dtype=dtype, device="meta"), 1.0, 1.0))
+        factors.append(_meta_factors(p.module, p.kind, shape, min(lowest, *out_in_shape(shape, p.kind)), dtype))
     floor = adapter_file_size(factors, [])
     if floor > limit:
         raise InvalidOptionError(
@@ -565,18 +563,19 @@ def _file_size(run: _Run, results: _Results, ranks: dict[int, int]) -> int:
         f = result.factorized
         if f is None or is_whole:
             continue
-        module_factors = f.fit.factors if rank is None else _meta_factors(run, f, rank)
+        dtype = run.fit.codec.dtype if run.fit.codec is not None else f.dtype
+        module_factors = f.fit.factors if rank is None else _meta_factors(f.module, f.kind, f.shape, rank, dtype)
         factors.append(module_factors)
         if f.tied_head is not None:
             factors.append(_transposed_for_head(module_factors, f.tied_head))
     return adapter_file_size(factors, carried)
 
 
-def _meta_factors(run: _Run, f: _Factorized, rank: int) -> ModuleFactors:
-    """Factors of this rank with the shapes and dtype the fit stores, and no data."""
-    out, inp = out_in_shape(f.shape, f.kind)
-    dtype = run.fit.codec.dtype if run.fit.codec is not None else f.dtype
-    return ModuleFactors(f.module, f.kind, torch.empty(rank, inp, dtype=dtype, device="meta"),
+def _meta_factors(module: ModuleName, kind: WeightKind, shape: tuple[int, ...], rank: int,
+                  dtype: torch.dtype) -> ModuleFactors:
+    """Factors of this rank with the shapes and dtype stored for the module, and no data (for file sizes)."""
+    out, inp = out_in_shape(shape, kind)
+    return ModuleFactors(module, kind, torch.empty(rank, inp, dtype=dtype, device="meta"),
                          torch.empty(out, rank, dtype=dtype, device="meta"), 1.0, 1.0)
 
 

@@ -197,12 +197,12 @@ class _Output:
 
 
 def _write(ckpt: Checkpoint, plan: MergePlan, transform: Transform, staging_dir: Path, *, operation: str,
-           dtype: torch.dtype | None, device: torch.device, progress: bool) -> _Output:
-    """The output checkpoint: ``ckpt`` mirrored with ``transform`` applied to the planned tensors, its index and
-    its other files."""
+           dtype: torch.dtype | None, device: torch.device, progress: bool, hash_changed: bool = False) -> _Output:
+    """The output checkpoint: ``ckpt`` mirrored with ``transform`` applied to the planned tensors (with
+    ``hash_changed``, each one's SHA-256 as written), its index and its other files."""
     with _one_cpu_thread(device):
         mirrored = write_mirror(ckpt, staging_dir, plan.jobs, transform, dtype=dtype, progress=progress,
-                                desc=operation)
+                                desc=operation, hash_changed=hash_changed)
     write_index(ckpt, staging_dir, dtype)
     # A base's own receipt is not copied: it describes the base, not this output.
     return _Output(mirrored, copy_other_files(ckpt, staging_dir, dtype, replaced_dirs=(RECEIPT_DIR,)))
@@ -307,7 +307,8 @@ def merge(
     with staged_output(out_dir, overwrite=overwrite, inputs=inputs) as staging_dir:
         with ReceiptWriter(staging_dir, ckpt, plan, mirror_order(ckpt, out_dtype)) as receipt:
             output = _write(ckpt, plan, _Merge(plan, opened, weights, math_device, receipt), staging_dir,
-                            operation="merge", dtype=out_dtype, device=math_device, progress=progress)
+                            operation="merge", dtype=out_dtype, device=math_device, progress=progress,
+                            hash_changed=True)
             receipt.bind(output.mirrored.written_sha256)
             receipt_line = receipt.finish(str(base), names, opened, weights, dtype)
         seconds = time.perf_counter() - started
