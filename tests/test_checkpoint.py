@@ -579,29 +579,109 @@ def _bytes_read() -> int:
         return next(int(line.split()[1]) for line in io_counters if line.startswith("rchar:"))
 
 
-def test_a_checkpoint_read_once_drops_each_tensors_pages_and_reads_the_same_values(tmp_path, monkeypatch):
-    """Inputs larger than memory are read once: each tensor's byte range is dropped from the page cache right
-    after it is read (so the kernel need not reclaim on every read), and the values are those stored."""
-    import os
-
+def _read_once(monkeypatch, ckpt) -> None:
     from deltakit.io import checkpoint as checkpoint_module
-    from deltakit.io.checkpoint import open_checkpoint, read_once_if_large
+    from deltakit.io.checkpoint import read_once_if_large
 
     if checkpoint_module._DROP_CACHE is None:
         pytest.skip("no posix_fadvise here")
+    monkeypatch.setattr(checkpoint_module, "available_memory", lambda: 2 * sum(f.stat().st_size for f in ckpt.files) - 2)
+    assert read_once_if_large(ckpt) and ckpt.read_once
+
+
+def _recording_opens(monkeypatch, refuse_direct: bool = False) -> list[int]:
+    """Record the flags of every os.open; with ``refuse_direct``, refuse O_DIRECT as tmpfs does (EINVAL)."""
+    import errno
+
+    flags_seen, real_open = [], os.open
+
+    def fake_open(path, flags, *args, **kwargs):
+        flags_seen.append(flags)
+        if refuse_direct and flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    return flags_seen
+
+
+def test_a_large_input_is_read_past_the_page_cache_and_reads_the_same_values(tmp_path, monkeypatch):
+    """Inputs larger than memory are read once with O_DIRECT (no kernel copy, nothing to evict), at any offset in
+    the file, the last tensor's aligned block running past the end of the file included."""
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT here")
+    tensors = {"a.weight": torch.randn(300, 20), "b.weight": torch.randn(7), "c.weight": torch.randn(1500)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    ckpt = open_checkpoint(tmp_path)
+    assert not ckpt.read_once and torch.equal(ckpt.get("a.weight"), tensors["a.weight"])
+    _read_once(monkeypatch, ckpt)
+    dropped = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, start, length, advice: dropped.append(start))
+    flags_seen = _recording_opens(monkeypatch)
+    assert {ckpt.info(n).start % 4096 for n in tensors} != {0}  # unaligned starts are the case being tested
+    for name, value in tensors.items():
+        assert torch.equal(ckpt.get(name), value)
+    assert len(flags_seen) == 3 and all(f & os.O_DIRECT for f in flags_seen) and dropped == []
+
+
+def test_a_large_input_on_a_file_system_without_o_direct_drops_each_tensors_pages(tmp_path, monkeypatch):
     tensors = {"a.weight": torch.randn(30, 20), "b.weight": torch.randn(7)}
     save_file(tensors, tmp_path / "model.safetensors")
     ckpt = open_checkpoint(tmp_path)
+    _read_once(monkeypatch, ckpt)
     dropped = []
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, start, length, advice: dropped.append((start, length, advice)))
-
-    monkeypatch.setattr(checkpoint_module, "available_memory", lambda: 10**12)
-    assert not read_once_if_large(ckpt) and not ckpt.read_once
-    assert torch.equal(ckpt.get("a.weight"), tensors["a.weight"]) and dropped == []
-
-    monkeypatch.setattr(checkpoint_module, "available_memory", lambda: 2 * (tmp_path / "model.safetensors").stat().st_size - 2)
-    assert read_once_if_large(ckpt) and ckpt.read_once
+    _recording_opens(monkeypatch, refuse_direct=True)
     for name, value in tensors.items():
         assert torch.equal(ckpt.get(name), value)
     info = {name: ckpt.info(name) for name in tensors}
     assert dropped == [(info[n].start, info[n].nbytes, os.POSIX_FADV_DONTNEED) for n in tensors]
+
+
+def test_a_large_input_with_a_tensor_off_its_element_alignment_is_read_through_the_cache(tmp_path, monkeypatch):
+    """A float32 tensor starting at an odd byte cannot be a view of an aligned read: it is read as before."""
+    path = tmp_path / "model.safetensors"
+    values = torch.randn(5)
+    header = {"a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+              "b": {"dtype": "F32", "shape": [5], "data_offsets": [3, 23]}}
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + b"xyz" + values.numpy().tobytes())
+    ckpt = open_checkpoint(path)
+    _read_once(monkeypatch, ckpt)
+    dropped = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, start, length, advice: dropped.append(start))
+    assert torch.equal(ckpt.get("b"), values)
+    assert dropped == [ckpt.info("b").start]  # read through the cache, then its pages dropped
+    assert torch.equal(ckpt.get("a"), torch.tensor([120, 121, 122], dtype=torch.uint8))
+
+
+def test_a_large_input_truncated_after_opening_raises_format_error(tmp_path, monkeypatch):
+    path = tmp_path / "model.safetensors"
+    save_file({"a": torch.ones(4), "b": torch.ones(3000)}, path)
+    ckpt = open_checkpoint(path)
+    _read_once(monkeypatch, ckpt)
+    os.truncate(path, os.path.getsize(path) - 10)
+    assert torch.equal(ckpt.get("a"), torch.ones(4))
+    with pytest.raises(CheckpointFormatError, match="truncated") as caught:
+        ckpt.get("b")
+    assert caught.value.path == path and caught.value.tensor == "b"
+
+
+@pytest.mark.parametrize("read_once", [False, True])
+def test_read_memory_is_reused_only_once_no_tensor_refers_to_it(tmp_path, monkeypatch, read_once):
+    """A tensor that is kept keeps its memory, whatever view of it is kept; memory no tensor refers to any more is
+    read into again (no fresh pages to fault in for every tensor)."""
+    tensors = {f"w{i}": torch.randn(64, 64) for i in range(3)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    ckpt = open_checkpoint(tmp_path)
+    if read_once:
+        _read_once(monkeypatch, ckpt)
+    kept = ckpt.get("w0")[1:].view(torch.int32).view(-1)  # a view of a view: the first tensor itself is gone
+    second = ckpt.get("w1")
+    assert second.data_ptr() != kept.data_ptr()
+    pointer = second.data_ptr()
+    del second
+    third = ckpt.get("w2")
+    assert third.data_ptr() == pointer and torch.equal(third, tensors["w2"])
+    assert torch.equal(kept.view(torch.float32).view(63, 64), tensors["w0"][1:])

@@ -6,8 +6,9 @@ where no safetensors exist, legacy ``pytorch_model*.bin`` files.
 
 We parse safetensors headers ourselves instead of using ``safetensors.safe_open``: every malformed input must
 raise a :class:`~deltakit.errors.CheckpointFormatError` naming the file and tensor (never a crash, a hang or a
-huge allocation), and :meth:`Checkpoint.get` reads each tensor into anonymous memory sized exactly like the
-tensor, so resident memory is bounded by what we hold rather than by page cache we happen to have mapped.
+huge allocation), and :meth:`Checkpoint.get` reads each tensor into anonymous memory of its own (reused for a later
+read once no tensor refers to it, io/buffers.py), so resident memory is bounded by what we hold rather than by page
+cache we happen to have mapped.
 Tensor bytes are taken as little-endian, as safetensors stores them; like torch's CPU builds, we assume a
 little-endian host.
 """
@@ -15,6 +16,7 @@ little-endian host.
 from __future__ import annotations
 
 import difflib
+import errno
 import io
 import json
 import os
@@ -38,6 +40,7 @@ from deltakit.errors import (
     UnsupportedWeightsError,
     shorten,
 )
+from deltakit.io.buffers import BufferPool
 from deltakit.io.hub import ResolvedRepo, local_path
 from deltakit.io.dtypes import DTYPE_NAMES, SAFETENSORS_DTYPES
 from deltakit.io.fp8 import FP8_DTYPE, BlockFp8, block_fp8_layout, dequantize, fp8_layout, scale_name
@@ -175,6 +178,7 @@ class Checkpoint:
         self.fp8: BlockFp8 | None = fp8_layout(self.config) if has_fp8 else None  # config.json only if needed
         self._tensors = _dequantized_listing(self._stored, self.fp8) if self.fp8 else self._stored
         self.read_once = False
+        self._buffers = BufferPool()
         # Legacy .bin only: the one state dict currently loaded (memory-mapped), as (file, state dict).
         self._loaded_pickle: tuple[Path, dict[str, torch.Tensor]] | None = None
 
@@ -231,7 +235,7 @@ class Checkpoint:
             raise CheckpointNotFoundError(f"not one of the weight files of {self.path}", path=file) from None
 
     def get(self, name: TensorName) -> torch.Tensor:
-        """Read one tensor from disk into a fresh CPU tensor of its own dtype and shape.
+        """Read one tensor from disk into a CPU tensor of its own dtype and shape, in memory of its own.
 
         Raises:
             TensorMissingError: no tensor of that name.
@@ -241,9 +245,8 @@ class Checkpoint:
         if info.file.suffix == ".bin":
             return self._get_from_pickle(info)
         if info.scale is not None:
-            return dequantize(_read_tensor(self._stored[name], self.read_once),
-                              _read_tensor(self._stored[info.scale], self.read_once), self.fp8)
-        return _read_tensor(info, self.read_once)
+            return dequantize(self._read(self._stored[name]), self._read(self._stored[info.scale]), self.fp8)
+        return self._read(info)
 
     def get_stored(self, name: TensorName) -> torch.Tensor:
         """Read a tensor as stored: for an FP8 weight its float8 codes; a block-scale tensor by its own name.
@@ -253,7 +256,10 @@ class Checkpoint:
         """
         if name not in self._stored:
             raise TensorMissingError("no such tensor in this checkpoint", path=self.path, tensor=name)
-        return _read_tensor(self._stored[name], self.read_once)
+        return self._read(self._stored[name])
+
+    def _read(self, info: TensorInfo) -> torch.Tensor:
+        return _read_tensor(info, self._buffers, self.read_once)
 
     @cached_property
     def config(self) -> dict | None:
@@ -529,9 +535,10 @@ def read_once_if_large(*ckpts: Checkpoint) -> bool:
     available now; returns whether it did.
 
     Such inputs cannot stay cached: every page read evicts an older one, and the kernel's reclaim runs on every
-    read. A 7B-shaped extract (2 × 13.5 GB, 24 GB of RAM, 2 cores) took 67.8 s with the reads spending 52.8 s
-    and 42.2 s when each tensor's pages were dropped once read (14.4 s of reads; benchmarks/README.md). Smaller
-    inputs keep their cache, for the next run or the next job that reads the same base.
+    read. They are read past the page cache (``O_DIRECT``) where the file system allows it, else each tensor's pages
+    are dropped once read. A 7B-shaped extract (2 × 13.5 GB, 24 GB of RAM, 2 cores) took 67.8 s with the reads
+    spending 52.8 s, and 42.2 s when each tensor's pages were dropped once read (14.4 s of reads;
+    benchmarks/README.md). Smaller inputs keep their cache, for the next run or the next job that reads the same base.
     """
     total = sum(f.stat().st_size for ckpt in ckpts for f in ckpt.files)
     large = _DROP_CACHE is not None and total > available_memory() / 2
@@ -554,22 +561,60 @@ def available_memory() -> int:
 
 # posix_fadvise is missing on macOS and Windows: there, nothing is dropped.
 _DROP_CACHE = getattr(os, "POSIX_FADV_DONTNEED", None) if hasattr(os, "posix_fadvise") else None
+_O_DIRECT = getattr(os, "O_DIRECT", None)  # Linux; elsewhere read-once inputs are read through the cache
+# O_DIRECT needs the buffer's address, the file offset and the length to be multiples of the device's logical block
+# (512 B or 4 KiB): 4 KiB covers both.
+_DIRECT_ALIGN = 4096
 
 
-def _read_tensor(info: TensorInfo, read_once: bool = False) -> torch.Tensor:
-    tensor = torch.empty(info.shape, dtype=info.dtype)
+def _read_tensor(info: TensorInfo, pool: BufferPool, read_once: bool = False) -> torch.Tensor:
     if info.nbytes == 0:
-        return tensor
-    buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        return torch.empty(info.shape, dtype=info.dtype)
     try:
+        if read_once and _O_DIRECT is not None and info.start % info.dtype.itemsize == 0:
+            direct = _read_direct(info, pool)
+            if direct is not None:
+                return direct.view(info.dtype).view(info.shape)
+        raw = pool.take(info.nbytes)
         with open(info.file, "rb", buffering=0) as file:
             file.seek(info.start)
-            _readinto_exactly(file, buffer, info.file, info.name)
+            _readinto_exactly(file, memoryview(raw.numpy()), info.file, info.name)
             if read_once and _DROP_CACHE is not None:
                 os.posix_fadvise(file.fileno(), info.start, info.nbytes, _DROP_CACHE)
     except FileNotFoundError as e:
         raise CheckpointNotFoundError("weights file vanished after the checkpoint was opened", path=info.file) from e
-    return tensor
+    return raw.view(info.dtype).view(info.shape)
+
+
+def _read_direct(info: TensorInfo, pool: BufferPool) -> torch.Tensor | None:
+    """The tensor's bytes read with ``O_DIRECT`` (no page cache: no copy by the kernel, nothing to evict); None
+    where the file system refuses it (tmpfs, some network mounts), for the caller to read through the cache."""
+    first = info.start - info.start % _DIRECT_ALIGN
+    end = info.start + info.nbytes
+    raw = pool.take(-(-end // _DIRECT_ALIGN) * _DIRECT_ALIGN - first, align=_DIRECT_ALIGN)
+    try:
+        descriptor = os.open(info.file, os.O_RDONLY | _O_DIRECT)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return None
+        raise
+    with open(descriptor, "rb", buffering=0) as file:
+        file.seek(first)
+        buffer = memoryview(raw.numpy())
+        filled = 0
+        while filled < end - first:  # the last block may run past the end of the file: a short read there is fine
+            try:
+                count = file.readinto(buffer[filled:])
+            except OSError as e:
+                if e.errno == errno.EINVAL:
+                    return None
+                raise
+            if not count:
+                raise CheckpointFormatError(
+                    f"file ends after {max(0, first + filled - info.start)} of {info.nbytes} expected bytes; it was "
+                    "truncated or changed", path=info.file, tensor=info.name)
+            filled += count
+    return raw[info.start - first:end - first]
 
 
 def _readinto_exactly(file: io.FileIO, buffer: memoryview, path: Path, tensor: TensorName | None) -> None:
