@@ -67,8 +67,11 @@ Facts measured with transformers 5.23 / peft 0.21.2 / torch 2.13 (they decide ho
 from __future__ import annotations
 
 import copy
+import errno
+import fcntl
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -703,3 +706,32 @@ def peft_model(pair, adapter_dir: Path) -> "nn.Module":
     assert result.unexpected_keys == []
     assert [k for k in result.missing_keys if "lora_" in k] == []
     return model.eval()
+
+
+def refuse_direct(monkeypatch, how: str) -> None:
+    """Make ``O_DIRECT`` fail as some file systems do: ``"refused at open"`` (EINVAL from ``open``, as tmpfs) or
+    ``"refused at write"`` (EINVAL from each write of an O_DIRECT descriptor, as some FUSE mounts); ``"allowed"``
+    changes nothing."""
+    direct = getattr(os, "O_DIRECT", 0)
+    if how == "allowed" or not direct:
+        return
+    if how == "refused at open":
+        real_open = os.open
+
+        def open_refusing(path, flags, *args, **kwargs):
+            if flags & direct:
+                raise OSError(errno.EINVAL, "Invalid argument", str(path))
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", open_refusing)
+    elif how == "refused at write":
+        real_write = os.write
+
+        def write_refusing(fd, data):
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & direct:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_write(fd, data)
+
+        monkeypatch.setattr(os, "write", write_refusing)
+    else:
+        raise ValueError(how)

@@ -13,6 +13,7 @@ import zipfile
 
 import pytest
 import torch
+from builders import refuse_direct
 from safetensors.torch import save_file
 
 from deltakit.io.dtypes import SAFETENSORS_DTYPES
@@ -589,16 +590,12 @@ def _read_once(monkeypatch, ckpt) -> None:
     assert read_once_if_large(ckpt) and ckpt.read_once
 
 
-def _recording_opens(monkeypatch, refuse_direct: bool = False) -> list[int]:
-    """Record the flags of every os.open; with ``refuse_direct``, refuse O_DIRECT as tmpfs does (EINVAL)."""
-    import errno
-
+def _recording_opens(monkeypatch) -> list[int]:
+    """Record the flags of every os.open."""
     flags_seen, real_open = [], os.open
 
     def fake_open(path, flags, *args, **kwargs):
         flags_seen.append(flags)
-        if refuse_direct and flags & getattr(os, "O_DIRECT", 0):
-            raise OSError(errno.EINVAL, "Invalid argument", str(path))
         return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", fake_open)
@@ -631,7 +628,7 @@ def test_a_large_input_on_a_file_system_without_o_direct_drops_each_tensors_page
     _read_once(monkeypatch, ckpt)
     dropped = []
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, start, length, advice: dropped.append((start, length, advice)))
-    _recording_opens(monkeypatch, refuse_direct=True)
+    refuse_direct(monkeypatch, "refused at open")
     for name, value in tensors.items():
         assert torch.equal(ckpt.get(name), value)
     info = {name: ckpt.info(name) for name in tensors}

@@ -7,7 +7,6 @@ merges an adapter that deltakit's own ``extract`` made.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import ModelPair, load_model, logits, low_rank_delta, write_safetensors_pair
+from builders import ModelPair, load_model, logits, low_rank_delta, refuse_direct, write_safetensors_pair
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
@@ -339,16 +338,14 @@ def _llama_like(layers: int, hidden: int, inter: int, vocab: int, dtype: torch.d
     return tensors | {"model.norm.weight": torch.ones(hidden, dtype=dtype), "lm_head.weight": rand(vocab, hidden)}
 
 
-@pytest.mark.parametrize("kernel_copy", [True, False])
-def test_output_mirrors_a_sharded_bf16_base(kernel_copy: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("o_direct", ["allowed", "refused at open", "refused at write"])
+def test_output_mirrors_a_sharded_bf16_base(o_direct: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """3 bf16 shards with a custom prefix: same file names, index bytes, header bytes, tensor order, dtypes and
     metadata; untouched tensors byte-identical; side files copied, stale weights and subdirectories skipped; every
     file loads with safetensors. The adapter comes from deltakit's own extract of a rank-4 fine-tune. Also where
-    the kernel refuses copy_file_range (as between filesystems on older kernels): the same bytes, through memory."""
-    if not kernel_copy:
-        def refuse(*args: object) -> int:
-            raise OSError(errno.EXDEV, "Invalid cross-device link")
-        monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
+    the file system refuses O_DIRECT, at open (tmpfs) or at the first write (some FUSE mounts): the same bytes,
+    through the page cache."""
+    refuse_direct(monkeypatch, o_direct)
     base = _llama_like(3, 64, 96, 100, torch.bfloat16)
     finetuned = dict(base)
     for i in range(3):

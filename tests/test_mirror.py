@@ -1,5 +1,5 @@
 """The mirrored-shard writer's pipeline: the next tensor is read while this one is transformed and the one before
-is written, in three reused buffers, and the output is the same whatever the timing."""
+is written, in memory reused from tensor to tensor, and the output is the same whatever the timing."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from builders import write_safetensors_pair
 from safetensors.torch import load_file
 
 from deltakit.io import mirror
-from deltakit.io.checkpoint import open_checkpoint
+from deltakit.io.checkpoint import Checkpoint, open_checkpoint
 
 
 def _checkpoint(tmp_path, count: int, shards: int):
@@ -33,17 +33,17 @@ def test_output_is_the_same_whatever_the_timing(tmp_path, monkeypatch, dtype):
     ckpt, tensors = _checkpoint(tmp_path, count=24, shards=3)
     changed = {n for n in tensors if "up_proj" in n}
     jitter = random.Random(0)
-    real_read, real_write = mirror._read_raw, mirror._MirroredShard.write
+    real_read, real_write = Checkpoint.get_stored, mirror._MirroredShard.write
 
-    def slow_read(shard, info, buffer):
+    def slow_read(self, name):
         time.sleep(jitter.random() * 0.003)
-        return real_read(shard, info, buffer)
+        return real_read(self, name)
 
     def slow_write(self, name, tensor):
         time.sleep(jitter.random() * 0.003)  # a write still in flight must keep its buffer
         return real_write(self, name, tensor)
 
-    monkeypatch.setattr(mirror, "_read_raw", slow_read)
+    monkeypatch.setattr(Checkpoint, "get_stored", slow_read)
     monkeypatch.setattr(mirror._MirroredShard, "write", slow_write)
     out = tmp_path / "out"
     out.mkdir()
@@ -61,12 +61,12 @@ def test_next_tensor_is_read_while_this_one_is_transformed(tmp_path, monkeypatch
     ckpt, tensors = _checkpoint(tmp_path, count=3, shards=1)
     changed = [n for n in tensors if "up_proj" in n]
     second_read = threading.Event()
-    real_read = mirror._read_raw
+    real_read = Checkpoint.get_stored
 
-    def read(shard, info, buffer):
-        if info.name == changed[1]:
+    def read(self, name):
+        if name == changed[1]:
             second_read.set()
-        return real_read(shard, info, buffer)
+        return real_read(self, name)
 
     def transform(name, stored, dtype):
         if name == changed[0]:
@@ -74,7 +74,7 @@ def test_next_tensor_is_read_while_this_one_is_transformed(tmp_path, monkeypatch
             assert second_read.wait(timeout=30), "the next tensor was not read ahead"
         return _doubled(name, stored, dtype)
 
-    monkeypatch.setattr(mirror, "_read_raw", read)
+    monkeypatch.setattr(Checkpoint, "get_stored", read)
     out = tmp_path / "out"
     out.mkdir()
     mirror.write_mirror(ckpt, out, set(changed), transform, dtype=None, progress=False, desc="test")

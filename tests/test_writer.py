@@ -341,7 +341,10 @@ def test_writer_past_file_size_limit_raises_output_write_error_and_keeps_previou
     assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
 
 
-def test_writer_discards_its_file_when_a_write_fails_outside_a_with_block(tmp_path):
+def test_writer_discards_its_file_when_a_write_fails_outside_a_with_block(tmp_path, monkeypatch):
+    from deltakit.io import direct_file
+
+    monkeypatch.setattr(direct_file, "_STAGING_BYTES", 4096)  # bytes reach the file during write(), not at close
     path = tmp_path / "out.safetensors"
     writer = SafetensorsWriter(path, [("a", torch.float32, (2048,))])
     with _file_size_limit(), pytest.raises(OutputWriteError):

@@ -2,13 +2,14 @@
 order, dtypes and ``__metadata__``, and the other top-level files (config, tokenizer, ...) copied.
 
 Without a ``dtype`` override each output shard has the source shard's header bytes and layout, so what no one
-changes (the header, unchanged tensors) is copied file to file by the kernel (``copy_file_range``) and never
-enters this process. A changed tensor is read as raw bytes into one of three reused buffers on a background
-thread, one tensor ahead, handed to the caller's transform, and written at its own offset on another background
-thread while the next one is transformed (each shard's closing fsync too). With a ``dtype`` override every
-tensor goes that way (cast) into a header-first :class:`~deltakit.io.writer.SafetensorsWriter`. Peak memory is
-the three buffers (three times the largest tensor read) plus what the transform holds, whatever the shard or
-model size.
+changes (the header, unchanged tensors) is copied from the source as bytes, never decoded. A changed tensor is
+read as raw bytes on a background thread, one tensor ahead (into memory reused from tensor to tensor,
+io/buffers.py), handed to the caller's transform, and written at its own offset on another background thread
+while the next one is transformed (each shard's closing fsync too). With a ``dtype`` override every tensor goes
+that way (cast) into a header-first :class:`~deltakit.io.writer.SafetensorsWriter`. Either way the output is
+written past the page cache where the file system allows it (io/direct_file.py), and a source larger than half
+the available memory is read past it too (:func:`~deltakit.io.checkpoint.read_once_if_large`). Peak memory is
+about three times the largest tensor read, plus what the transform holds, whatever the shard or model size.
 
 An FP8 block-scaled weight (io/fp8.py) is two stored tensors, codes and block scales, and one weight to the
 transform: it is handed over dequantized (fp32) and its result stored as FP8 again with fresh scales, or, with a
@@ -18,12 +19,10 @@ file (safetensors puts the fp32 scales before the float8 codes); the other waits
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
 import shutil
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -33,10 +32,11 @@ import torch
 from tqdm import tqdm
 
 from deltakit.errors import CheckpointFormatError, NonFiniteError
-from deltakit.io.checkpoint import Checkpoint, SafetensorsHeader, TensorInfo, _readinto_exactly
+from deltakit.io.checkpoint import Checkpoint, SafetensorsHeader, TensorInfo, read_once_if_large
+from deltakit.io.direct_file import DirectFile
 from deltakit.io.fp8 import Requantization, dequantize, requantize
 from deltakit.io.prefetch import prefetched
-from deltakit.io.writer import SafetensorsWriter, _write_all, no_room_as_error, write_json
+from deltakit.io.writer import SafetensorsWriter, no_room_as_error, write_json
 from deltakit.names import TensorName
 
 # Files beside the weights that are themselves weights in another format (or their index): copying them would
@@ -78,11 +78,10 @@ def write_mirror(ckpt: Checkpoint, staging_dir: Path, changed: Collection[Tensor
     Without ``dtype`` each shard is a :class:`_MirroredShard`: unchanged tensors never enter this process. With
     ``dtype`` every tensor is read, cast and written by a :class:`SafetensorsWriter`. Three stages overlap: the
     next tensor is read ahead on one background thread while this one is transformed, and the one before is
-    written out on another (as is each shard's closing sync). They use three reused buffers the size of the
-    largest tensor read, in turn (see :func:`_read_ahead`). Fresh memory for each tensor would instead cost a
-    page fault and the kernel's zero-fill per page, about a third of the read time. (FP8 weights are read in
-    line: they are dequantized into memory of their own.)
+    written out on another (as is each shard's closing sync). (FP8 weights are read in line: they are dequantized
+    into memory of their own.)
     """
+    read_once_if_large(ckpt)
     result = MirrorResult()
     fp8 = _Fp8Weights(ckpt, changed, transform, dtype, result)
     infos = [info for file in ckpt.files for info in ckpt.header(file).tensors.values()]
@@ -90,7 +89,7 @@ def write_mirror(ckpt: Checkpoint, staging_dir: Path, changed: Collection[Tensor
     to_read = [info for info in infos
                if not fp8.holds(info.name) and (dtype is not None or info.name in changed)]
     with ThreadPoolExecutor(max_workers=1) as pool, ExitStack() as sinks, \
-            prefetched(_read_ahead(to_read), depth=1) as stored_tensors, \
+            prefetched((ckpt.get_stored(info.name) for info in to_read), depth=1) as stored_tensors, \
             tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, dynamic_ncols=True) as bar:
         writes = _WriteBehind(pool)
         done = 0
@@ -137,26 +136,6 @@ def write_mirror(ckpt: Checkpoint, staging_dir: Path, changed: Collection[Tensor
             writes.wait()  # a sink is discarded (on error) only when nothing is in flight
     result.bytes_written = sum((staging_dir / name).stat().st_size for name in result.weight_files)
     return result
-
-
-def _read_ahead(infos: list[TensorInfo]) -> Iterator[torch.Tensor]:
-    """The stored bytes of each tensor in turn, in three reused buffers taken round-robin; read one tensor ahead
-    (:func:`~deltakit.io.prefetch.prefetched`, depth 1), so that when tensor k + 1 is read, tensor k is being
-    transformed and tensor k − 1 written: submitting the write of k waits for that of k − 1, and the caller asks
-    for k + 1 only after it, so the buffer k + 1 takes (k − 2's) is free."""
-    largest = max((info.nbytes for info in infos), default=0)
-    buffers = [torch.empty(largest, dtype=torch.uint8) for _ in range(3)]
-    shard = None
-    try:
-        for k, info in enumerate(infos):
-            if shard is None or shard.name != str(info.file):
-                if shard is not None:
-                    shard.close()
-                shard = open(info.file, "rb", buffering=0)
-            yield _read_raw(shard, info, buffers[k % 3])
-    finally:
-        if shard is not None:
-            shard.close()
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
@@ -280,14 +259,6 @@ def copy_other_files(ckpt: Checkpoint, staging_dir: Path | None, dtype: torch.dt
     return files
 
 
-def _read_raw(shard, info: TensorInfo, buffer: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes as they are in the file (no decode), in ``buffer``, viewed with its dtype and shape."""
-    data = buffer[: info.nbytes]
-    shard.seek(info.start)
-    _readinto_exactly(shard, memoryview(data.numpy()), info.file, info.name)
-    return data.view(info.dtype).view(info.shape)
-
-
 class _WriteBehind:
     """At most one write in flight on a background thread, so that reading and computing the next tensor overlap
     with writing this one (file I/O and torch release the GIL). Writes run in submission order."""
@@ -310,9 +281,9 @@ class _WriteBehind:
 class _MirroredShard:
     """An output shard laid out exactly as its source shard (the same header bytes, tensor offsets and size), for
     a run that changes no dtype. Written front to back: what stays as it is (the header, unchanged tensors) is
-    copied file to file by the kernel, never through this process's memory; a changed tensor's bytes are written
-    at its own offset. As a context manager, an exception closes without syncing (the staging directory is
-    removed anyway)."""
+    read from the source straight into the output's staging buffer; a changed tensor's bytes are written at its
+    own offset. As a context manager, an exception closes without syncing (the staging directory is removed
+    anyway)."""
 
     def __init__(self, base_path: Path, out_path: Path, header: SafetensorsHeader) -> None:
         self._header = header
@@ -320,7 +291,7 @@ class _MirroredShard:
         self._end = max((info.end for info in header.tensors.values()), default=header.data_start)
         self._base = open(base_path, "rb", buffering=0)
         try:
-            self._out = open(out_path, "xb", buffering=0)
+            self._out = DirectFile(out_path)
         except BaseException:
             self._base.close()
             raise
@@ -341,7 +312,7 @@ class _MirroredShard:
         info = self._header.tensors[name]
         with no_room_as_error(self._out_path):
             self._copy_until(info.start)
-            _write_all(self._out, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            self._out.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
         self._written = info.end
 
     def close(self) -> None:
@@ -350,35 +321,14 @@ class _MirroredShard:
             return
         with no_room_as_error(self._out_path):
             self._copy_until(self._end)
-            os.fsync(self._out.fileno())
+            self._out.sync()
             self._out.close()
         self._base.close()
 
     def _copy_until(self, end: int) -> None:
         while self._written < end:
-            copied = _copy_range(self._base, self._out, self._written, end - self._written)
+            copied = self._out.copy_from(self._base.fileno(), self._written, end - self._written)
             if not copied:
                 raise CheckpointFormatError(f"file ends at byte {self._written}, before {self._end}; it changed "
                                             "since it was opened", path=self._base.name)
             self._written += copied
-
-
-# copy_file_range may be refused between filesystems (older kernels), by a filesystem without support, or by a
-# seccomp filter (EPERM: container runtimes that predate the syscall).
-_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM}
-
-
-def _copy_range(source, target, offset: int, count: int) -> int:
-    """Copy up to ``count`` bytes of ``source`` from ``offset`` to ``target`` at its position; return how many
-    (0: end of file). In the kernel where it can (a reflink on filesystems that share extents), else through a
-    64 MiB buffer."""
-    if hasattr(os, "copy_file_range"):
-        try:
-            return os.copy_file_range(source.fileno(), target.fileno(), count, offset)
-        except OSError as e:
-            if e.errno not in _NO_KERNEL_COPY:
-                raise
-    source.seek(offset)  # the source is this shard's own handle
-    data = source.read(min(count, 1 << 26))
-    _write_all(target, data)
-    return len(data)

@@ -24,13 +24,15 @@ import shutil
 import signal
 import struct
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 import torch
 
+from deltakit.io.direct_file import DirectFile
 from deltakit.io.dtypes import DTYPE_NAMES
 from deltakit.names import TensorName
 from deltakit.errors import (
@@ -42,6 +44,8 @@ from deltakit.errors import (
     TensorMissingError,
     shorten,
 )
+
+F = TypeVar("F")
 
 TensorSpec = tuple[TensorName, torch.dtype, tuple[int, ...]]
 
@@ -101,10 +105,10 @@ class SafetensorsWriter:
         self._specs = [(name, dtype, tuple(shape)) for name, dtype, shape in specs]
         self._next = 0
         header = _encode_header(self.path, self._specs, metadata)
-        self._temp_path, self._file = _create_sibling(self.path, "deltakit-tmp")
+        self._temp_path, self._file = _create_sibling(self.path, "deltakit-tmp", DirectFile)
         try:
             with no_room_as_error(self.path):
-                _write_all(self._file, struct.pack("<Q", len(header)) + header)
+                self._file.write(struct.pack("<Q", len(header)) + header)
         except BaseException:
             self._discard()
             raise
@@ -152,7 +156,7 @@ class SafetensorsWriter:
             data = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
             try:
                 with no_room_as_error(self.path):
-                    _write_all(self._file, memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+                    self._file.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
             except BaseException:
                 # A failed write leaves a file with part of a tensor: no later write could make it valid.
                 self._discard()
@@ -179,7 +183,7 @@ class SafetensorsWriter:
         try:
             # Space may be allocated only now (delayed allocation, network filesystems): fsync and close can fail.
             with no_room_as_error(self.path):
-                os.fsync(self._file.fileno())
+                self._file.sync()
                 self._file.close()
         except BaseException:
             self._discard()
@@ -510,6 +514,10 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _new_unbuffered(path: Path) -> io.FileIO:
+    return open(path, "xb", buffering=0)
+
+
 def _free_sibling_name(path: Path, tag: str) -> Path:
     while True:
         candidate = path.with_name(f".{path.name}.{tag}-{secrets.token_hex(4)}")
@@ -528,14 +536,14 @@ def _make_sibling_dir(path: Path, tag: str) -> Path:
         return candidate
 
 
-def _create_sibling(path: Path, tag: str) -> tuple[Path, io.FileIO]:
-    """Create a fresh hidden file beside ``path``, opened unbuffered (normal permissions, unlike mkstemp's 0600)."""
+def _create_sibling(path: Path, tag: str, create: Callable[[Path], F] = _new_unbuffered) -> tuple[Path, F]:
+    """Create a fresh hidden file beside ``path`` with ``create`` (normal permissions, unlike mkstemp's 0600)."""
     with no_room_as_error(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             candidate = _free_sibling_name(path, tag)
             try:
-                return candidate, open(candidate, "xb", buffering=0)
+                return candidate, create(candidate)
             except FileExistsError:
                 continue
 
