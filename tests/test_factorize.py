@@ -368,6 +368,27 @@ def test_delta_buffer_forms_the_fp32_difference_and_its_fp64_energy(ft_dtype, ba
     assert buffer.base_energy == pytest.approx(float(base.double().square().sum()), rel=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(1, 5000), (3000, 700)])
+def test_delta_buffer_gives_the_same_bits_on_one_thread_or_several(shape):
+    """A Ray task fits on one thread, a local run on several: their energies (in the report) must be equal."""
+    generator = torch.Generator().manual_seed(1)
+    base = torch.randn(shape, generator=generator).to(torch.bfloat16)
+    finetuned = (base.float() + 1e-2 * torch.randn(shape, generator=generator)).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            buffer = DeltaBuffer(torch.device("cpu"))
+            delta, energy = buffer.form(finetuned, base)
+            results.append((delta.clone(), energy, buffer.base_energy))
+            assert torch.get_num_threads() == count  # restored after the single-threaded blocks
+    finally:
+        torch.set_num_threads(threads)
+    (delta1, energy1, base1), (delta2, energy2, base2) = results
+    assert torch.equal(delta1, delta2) and energy1 == energy2 and base1 == base2
+
+
 def test_delta_buffer_reuses_its_memory_across_modules():
     buffer = DeltaBuffer(torch.device("cpu"))
     big, _ = buffer.form(torch.ones(64, 48), torch.zeros(64, 48))

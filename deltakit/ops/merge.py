@@ -40,8 +40,6 @@ replace nothing can be unmerged (DoRA's norms are one unknown per row; replaced 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +63,7 @@ from deltakit.io.mirror import (
 )
 from deltakit.io.writer import refuse_overlap, staged_output
 from deltakit.math.factorize import resolve_device
+from deltakit.math.threads import one_cpu_thread
 from deltakit.names import TensorName
 from deltakit.ops.plan import FactorStep, MergePlan, TensorJob, plan_merge
 from deltakit.ops.receipt import RECEIPT_DIR, Receipt, ReceiptWriter, read_receipt
@@ -172,22 +171,6 @@ def _replaced_value(name: TensorName, base_value: torch.Tensor, new_value: torch
 # --- the shared driver ---------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Run the CPU math on one thread. Each 1 MiB block is too small to split: with torch's default pool, a
-    2 GB merge on 2 busy cores took 41 CPU-seconds of OpenMP threads spinning for each other, against 0.6 on one
-    thread, which already outpaces the disk."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @dataclass
 class _Output:
     """What was (or, in a dry run, would be) written besides the changed tensors."""
@@ -200,7 +183,7 @@ def _write(ckpt: Checkpoint, plan: MergePlan, transform: Transform, staging_dir:
            dtype: torch.dtype | None, device: torch.device, progress: bool, hash_changed: bool = False) -> _Output:
     """The output checkpoint: ``ckpt`` mirrored with ``transform`` applied to the planned tensors (with
     ``hash_changed``, each one's SHA-256 as written), its index and its other files."""
-    with _one_cpu_thread(device):
+    with one_cpu_thread(device):
         mirrored = write_mirror(ckpt, staging_dir, plan.jobs, transform, dtype=dtype, progress=progress,
                                 desc=operation, hash_changed=hash_changed)
     write_index(ckpt, staging_dir, dtype)
