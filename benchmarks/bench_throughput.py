@@ -56,7 +56,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 from benchmarks.bench_merge import _PEFT, layer_shapes, measure  # noqa: E402
 from benchmarks.big_checkpoint import REPO, run_measured  # noqa: E402
-from deltakit.io.checkpoint import available_memory, open_checkpoint  # noqa: E402
+from deltakit.io.checkpoint import available_memory, open_checkpoint, read_once_if_large  # noqa: E402
 from deltakit.io.writer import SafetensorsWriter  # noqa: E402
 from deltakit.math.factorize import DeltaBuffer, truncated_svd  # noqa: E402
 
@@ -213,6 +213,7 @@ def compute_floor(base_dir: Path, ft_dir: Path, rank: int) -> tuple[float, float
     """Seconds of ΔW and of the truncated SVD, summed over every 2-D tensor, with the tensors already in memory;
     and the number of modules."""
     base, finetuned = open_checkpoint(base_dir), open_checkpoint(ft_dir)
+    read_once_if_large(base, finetuned)  # the reads are not timed; this only makes them quicker
     buffer = DeltaBuffer(torch.device("cpu"))
     delta_seconds = svd_seconds = 0.0
     modules = 0
@@ -249,6 +250,25 @@ class _Steps(list):
         print(format_table([step])[-1], file=sys.stderr, flush=True)
 
 
+def medians(steps: list[Step]) -> list[Step]:
+    """One line per step, in the order first run: the median time of its runs (``--repeat``), the highest load
+    and memory, each run's time in the note."""
+    runs_by_name: dict[str, list[Step]] = {}
+    for step in steps:
+        runs_by_name.setdefault(step.name, []).append(step)
+    combined = []
+    for name, runs in runs_by_name.items():
+        if len(runs) == 1:
+            combined.append(runs[0])
+            continue
+        memory = [run.anon_bytes for run in runs if run.anon_bytes is not None]
+        times = " / ".join(f"{run.seconds:.1f}" for run in runs)
+        combined.append(Step(name, statistics.median(run.seconds for run in runs), runs[0].nbytes,
+                             max(run.load for run in runs), max(memory) if memory else None,
+                             f"median of {len(runs)} rounds: {times} s; {runs[0].note}"))
+    return combined
+
+
 def format_table(steps: list[Step]) -> list[str]:
     lines = ["| step | wall s | GB/s | load avg | peak RssAnon above start | note |", "| --- | --- | --- | --- | --- | --- |"]
     for step in steps:
@@ -269,6 +289,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16, help="extract rank (default 16)")
     parser.add_argument("--only", choices=["extract"], help="stop after extract (no copy, merge or PEFT)")
     parser.add_argument("--skip-peft", action="store_true", help="leave out PEFT's merge_and_unload")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of compute floor, extract, copy and merge (medians in the table; default 1)")
     parser.add_argument("--baseline", type=Path, help="also time extract and merge of this checkout's deltakit")
     parser.add_argument("--work", type=Path, help="working directory (default: a new one under the temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints and outputs")
@@ -307,35 +329,41 @@ def main() -> None:
             how = drop_page_cache(files)
             steps.append(Step("I/O floor, cold, O_DIRECT", read_floor(files, direct=True), pair_bytes, _load(),
                               note=f"both checkpoints, past the page cache, 64 MiB reads; {how}"))
-        delta_s, svd_s, modules = compute_floor(base_dir, ft_dir, args.rank)
-        steps.append(Step("compute floor", delta_s + svd_s, load=_load(),
-                          note=f"{modules} modules: ΔW {delta_s:.1f} s + SVD r={args.rank} {svd_s:.1f} s"))
         lora = work / "lora"
-        for output in (lora, work / "lora-baseline"):  # left by an earlier --keep run
-            shutil.rmtree(output, ignore_errors=True)
         extract_args = ["extract", str(ft_dir), str(base_dir), "-r", str(args.rank), "-q"]
-        steps.append(_cli_step("deltakit extract", [*extract_args, "-o", str(lora)], work, files, pair_bytes))
-        in_process = json.loads((lora / "extract_report.json").read_text())["summary"]["seconds"]
-        steps[-1].note += f"; {in_process:.1f} s inside extract()"
-        if args.baseline is not None:
-            steps.append(_cli_step(f"extract ({args.baseline.name})", [*extract_args, "-o", str(work / "lora-baseline")],
-                                   work, files, pair_bytes, args.baseline.resolve()))
-        if args.only != "extract":
-            base_files = weight_files(base_dir)
-            base_bytes = sum(p.stat().st_size for p in base_files)
+        base_files = weight_files(base_dir)
+        base_bytes = sum(p.stat().st_size for p in base_files)
+        merge_args = ["merge", str(base_dir), str(lora), "-q"]
+        for _ in range(args.repeat):  # in rounds, so that a slow spell of the machine hits every step alike
+            delta_s, svd_s, modules = compute_floor(base_dir, ft_dir, args.rank)
+            steps.append(Step("compute floor", delta_s + svd_s, load=_load(),
+                              note=f"{modules} modules: ΔW {delta_s:.1f} s + SVD r={args.rank} {svd_s:.1f} s"))
+            for output in (lora, work / "lora-baseline"):  # left by an earlier round or --keep run
+                shutil.rmtree(output, ignore_errors=True)
+            steps.append(_cli_step("deltakit extract", [*extract_args, "-o", str(lora)], work, files, pair_bytes))
+            in_process = json.loads((lora / "extract_report.json").read_text())["summary"]["seconds"]
+            steps[-1].note += f"; {in_process:.1f} s inside extract()"
+            if args.baseline is not None:
+                steps.append(_cli_step(f"extract ({args.baseline.name})",
+                                       [*extract_args, "-o", str(work / "lora-baseline")], work, files, pair_bytes,
+                                       args.baseline.resolve()))
+            if args.only == "extract":
+                continue
             copy = work / "copy"
             how = drop_page_cache(base_files)
             copied = measure("copy", ["sh", "-c", f'cp -r "{base_dir}" "{copy}" && sync'], work, REPO)
             steps.append(Step("cp -r base + sync", copied.seconds, base_bytes, _load(), note=f"cold ({how})"))
             shutil.rmtree(copy)
-            merge_args = ["merge", str(base_dir), str(lora), "-q"]
             steps.append(_cli_step("deltakit merge", [*merge_args, "-o", str(work / "merged")], work, base_files,
                                    base_bytes))
             shutil.rmtree(work / "merged")
             if args.baseline is not None:
-                steps.append(_cli_step(f"merge ({args.baseline.name})", [*merge_args, "-o", str(work / "merged-baseline")],
-                                       work, base_files, base_bytes, args.baseline.resolve()))
+                steps.append(_cli_step(f"merge ({args.baseline.name})",
+                                       [*merge_args, "-o", str(work / "merged-baseline")], work, base_files,
+                                       base_bytes, args.baseline.resolve()))
                 shutil.rmtree(work / "merged-baseline")
+        steps = _Steps(medians(steps))
+        if args.only != "extract":
             if not args.skip_peft:
                 how = drop_page_cache(base_files)
                 peft = measure("peft", [sys.executable, "-c", _PEFT, str(base_dir), str(lora), str(work / "peft"),
