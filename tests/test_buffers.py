@@ -28,16 +28,16 @@ def test_a_buffer_is_reused_once_every_view_of_it_is_gone():
     assert _address(pool.take(1 << 20)) == where
 
 
-def test_a_big_free_buffer_is_kept_for_a_big_request_not_spent_on_a_small_one():
-    pool = BufferPool()
-    big = pool.take(4 << 20)
-    big_at = _address(big)
-    del big
-    small = pool.take(1 << 20)  # a quarter of the free one: a buffer of its own
-    assert not big_at <= _address(small) < big_at + (4 << 20)
-    half = pool.take(3 << 20)  # three quarters: served by the big one
-    assert _address(half) == big_at
-    del small, half
+def test_a_request_above_the_largest_kept_gets_memory_of_its_own():
+    """An outsized tensor's buffer is freed with it, not kept for the rest of the run: the next request of that
+    size does not find what was written there; one at or below the limit does."""
+    pool = BufferPool(largest_kept=1 << 20)
+    for size, reused in ((4 << 20, False), (1 << 20, True)):
+        first = pool.take(size)
+        first.fill_(0xAB)
+        del first
+        gc.collect()
+        assert bool((pool.take(size) == 0xAB).all()) is reused
 
 
 def test_buffers_are_aligned_as_asked():

@@ -22,26 +22,26 @@ import torch
 
 __all__ = ["BufferPool"]
 
-# A free array serves a request of at least 1/_MOST_WASTE of its size.
-_MOST_WASTE = 2
-
 
 class BufferPool:
     """Byte buffers handed out as uint8 tensors and taken back when their tensors are gone.
 
-    A request takes the smallest free array that holds it, unless that wastes more than half of the array: a
-    buffer the size of the embedding is kept for the head rather than spent on a projection (on a 7B-shaped
-    extract, using any larger array raised peak memory by 0.4 GB when the head came and found it busy). A request
-    no free array serves first drops the free arrays smaller than it, then allocates. So the pool holds the
-    arrays in use at once, plus at most a few free ones, each more than twice the size of a later request.
+    The pool never holds more arrays than were in use at once: a request that no free array can hold first drops the
+    free arrays (all smaller than it), then allocates. So its memory stays at the largest tensors read at once, which
+    the reads needed anyway. Requests above ``largest_kept`` bytes get memory of their own, freed with their tensor,
+    and drop the free arrays: a checkpoint's few outsized tensors (the embedding and the head) would otherwise keep
+    their buffers for the whole run beside the read-ahead of ordinary ones, or find the pool's buffers beside their
+    own (on a 7B-shaped extract, 0.3–0.4 GB more at the peak either way).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, largest_kept: int | None = None) -> None:
+        self.largest_kept = largest_kept  # None: no limit
         self._free: dict[int, np.ndarray] = {}  # id → array; the finalizers add to it from any thread
         self._lock = threading.Lock()  # between threads that take
 
     def __reduce__(self) -> tuple:
-        return BufferPool, ()  # sent to another process (a Ray task), a pool arrives empty: its buffers stay here
+        # Sent to another process (a Ray task), a pool arrives empty: its buffers stay here.
+        return BufferPool, (self.largest_kept,)
 
     def take(self, nbytes: int, align: int = 64) -> torch.Tensor:
         """A uint8 tensor of ``nbytes`` whose first byte is at an address that is a multiple of ``align``.
@@ -49,23 +49,24 @@ class BufferPool:
         Its contents are whatever an earlier read left there. It is the caller's alone until every tensor over its
         memory is gone.
         """
+        kept = self.largest_kept is None or nbytes <= self.largest_kept
         with self._lock:
-            array = self._smallest_free(nbytes + align)
-            if array is None:
+            array = self._smallest_free(nbytes + align)  # for an outsized request, drops every free array
+            if array is None or not kept:
                 array = np.empty(nbytes + align, dtype=np.uint8)
         pad = -array.ctypes.data % align
         view = array[pad:pad + nbytes]
-        weakref.finalize(view, self._release, array)
+        if kept:
+            weakref.finalize(view, self._release, array)
         return torch.from_numpy(view)
 
     def _smallest_free(self, nbytes: int) -> np.ndarray | None:
         free = sorted(self._free.values(), key=lambda a: a.nbytes)
-        fitting = next((array for array in free if array.nbytes >= nbytes), None)
-        if fitting is not None and fitting.nbytes <= _MOST_WASTE * nbytes:
-            return self._free.pop(id(fitting))
-        for array in free:  # too small for this request: dropped rather than kept beside a new one
-            if array.nbytes < nbytes:
-                self._free.pop(id(array), None)
+        for array in free:
+            if array.nbytes >= nbytes:
+                return self._free.pop(id(array))
+        for array in free:  # every free array is too small for this request: drop them rather than keep both
+            self._free.pop(id(array), None)
         return None
 
     def _release(self, array: np.ndarray) -> None:

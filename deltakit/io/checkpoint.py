@@ -25,7 +25,7 @@ import re
 import reprlib
 import struct
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -178,7 +178,7 @@ class Checkpoint:
         self.fp8: BlockFp8 | None = fp8_layout(self.config) if has_fp8 else None  # config.json only if needed
         self._tensors = _dequantized_listing(self._stored, self.fp8) if self.fp8 else self._stored
         self.read_once = False
-        self._buffers = BufferPool()
+        self._buffers = BufferPool(_typical_largest(self._stored.values()))
         # Legacy .bin only: the one state dict currently loaded (memory-mapped), as (file, state dict).
         self._loaded_pickle: tuple[Path, dict[str, torch.Tensor]] | None = None
 
@@ -528,6 +528,13 @@ def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
         if not isinstance(name, str) or not isinstance(value, torch.Tensor):
             raise CheckpointFormatError(f"entry is a {type(value).__name__}, not a tensor", path=file, tensor=str(name))
     return state
+
+
+def _typical_largest(infos: Iterable[TensorInfo]) -> int | None:
+    """The size below which the read buffers of a checkpoint are reused: its tensors at the 90th percentile by size.
+    Above it lie the few outsized ones (embedding, head), better freed once read (see io/buffers.py)."""
+    sizes = sorted(info.nbytes for info in infos)
+    return sizes[int(0.9 * (len(sizes) - 1))] if sizes else None
 
 
 def read_once_if_large(*ckpts: Checkpoint) -> bool:
