@@ -709,21 +709,27 @@ def peft_model(pair, adapter_dir: Path) -> "nn.Module":
 
 
 def refuse_direct(monkeypatch, how: str) -> None:
-    """Make ``O_DIRECT`` fail as some file systems do: ``"refused at open"`` (EINVAL from ``open``, as tmpfs) or
-    ``"refused at write"`` (EINVAL from each write of an O_DIRECT descriptor, as some FUSE mounts); ``"allowed"``
-    changes nothing."""
+    """Make ``O_DIRECT`` fail as some file systems do: ``"refused at open"`` (EINVAL from ``open`` or from setting it
+    with ``fcntl``, as tmpfs before Linux 6.6) or ``"refused at write"`` (EINVAL from each write of an O_DIRECT
+    descriptor, as some FUSE mounts); ``"allowed"`` changes nothing."""
     direct = getattr(os, "O_DIRECT", 0)
     if how == "allowed" or not direct:
         return
     if how == "refused at open":
-        real_open = os.open
+        real_open, real_fcntl = os.open, fcntl.fcntl
 
         def open_refusing(path, flags, *args, **kwargs):
             if flags & direct:
                 raise OSError(errno.EINVAL, "Invalid argument", str(path))
             return real_open(path, flags, *args, **kwargs)
 
+        def fcntl_refusing(fd, command, *args):
+            if command == fcntl.F_SETFL and args and args[0] & direct:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_fcntl(fd, command, *args)
+
         monkeypatch.setattr(os, "open", open_refusing)
+        monkeypatch.setattr(fcntl, "fcntl", fcntl_refusing)
     elif how == "refused at write":
         real_write = os.write
 

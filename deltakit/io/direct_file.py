@@ -8,7 +8,8 @@ full buffer goes to the device as it is. ``O_DIRECT`` needs the buffer's address
 to be multiples of the logical block size: the last, partial block is written padded with zeros and the file is
 then truncated to its size.
 
-Where ``O_DIRECT`` is refused (tmpfs, some network and FUSE file systems: ``EINVAL`` at open or at the first write)
+Where ``O_DIRECT`` is refused (tmpfs before Linux 6.6, some network and FUSE file systems: ``EINVAL`` when it is
+set or at the first write)
 the same bytes are written through the page cache. Either way :meth:`DirectFile.sync` makes them durable.
 """
 
@@ -36,15 +37,18 @@ class DirectFile:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-        try:
-            self._fd = os.open(self.path, flags | _O_DIRECT, 0o644)
-            self._direct = bool(_O_DIRECT)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            self._fd = os.open(self.path, flags, 0o644)
-            self._direct = False
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        # Set after creating, not at open: a file system that refuses O_DIRECT may do so after creating the file,
+        # and opening again with O_EXCL would then fail.
+        self._direct = False
+        if _O_DIRECT:
+            try:
+                fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) | _O_DIRECT)
+                self._direct = True
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    os.close(self._fd)
+                    raise
         # Allocated at the first write; only the pages a small file touches are ever faulted in.
         self._staging: np.ndarray | None = None
         self._synced = False

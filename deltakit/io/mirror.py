@@ -43,8 +43,8 @@ from deltakit.names import TensorName
 # ship stale weights next to the new ones, so they are skipped and reported.
 _OTHER_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 
-# The new value of a changed tensor, from its stored bytes (in a buffer that is reused: the transform must not
-# keep it) and the dtype to write.
+# The new value of a changed tensor, from its stored bytes (in memory of its own, which the transform may write
+# over: merge's does, in place) and the dtype to write.
 Transform = Callable[[TensorName, torch.Tensor, torch.dtype], torch.Tensor]
 
 
@@ -75,11 +75,11 @@ def write_mirror(ckpt: Checkpoint, staging_dir: Path, changed: Collection[Tensor
     """Write every shard of ``ckpt`` into ``staging_dir``, passing the tensors in ``changed`` through
     ``transform``; with ``hash_changed`` each one's SHA-256 as written goes into the result.
 
-    Without ``dtype`` each shard is a :class:`_MirroredShard`: unchanged tensors never enter this process. With
-    ``dtype`` every tensor is read, cast and written by a :class:`SafetensorsWriter`. Three stages overlap: the
-    next tensor is read ahead on one background thread while this one is transformed, and the one before is
-    written out on another (as is each shard's closing sync). (FP8 weights are read in line: they are dequantized
-    into memory of their own.)
+    Without ``dtype`` each shard is a :class:`_MirroredShard`: unchanged tensors are copied as bytes, never
+    decoded. With ``dtype`` every tensor is read, cast and written by a :class:`SafetensorsWriter`. Three stages
+    overlap: the next tensor is read ahead on one background thread while this one is transformed, and the one
+    before is written out on another (as is each shard's closing sync). (FP8 weights are read in line: they are
+    dequantized into memory of their own.)
     """
     read_once_if_large(ckpt)
     result = MirrorResult()
