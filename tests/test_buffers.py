@@ -48,3 +48,33 @@ def test_buffers_are_aligned_as_asked():
     for size in (1, 4095, 4097, 1 << 20):
         for align in (64, 4096):
             assert _address(pool.take(size, align=align)) % align == 0
+
+
+def test_no_buffer_is_held_twice_under_concurrent_use():
+    """Threads taking, filling, checking and dropping buffers at once (as the read-ahead thread and the fitting
+    thread do): no buffer is handed out while another holder still sees it."""
+    import random
+    import threading
+
+    pool = BufferPool()
+    failures = []
+
+    def use(seed: int) -> None:
+        rng = random.Random(seed)
+        held = []
+        for step in range(300):
+            value = (seed * 31 + step) % 251
+            tensor = pool.take(rng.choice([4096, 8192, 20000]))
+            tensor.fill_(value)
+            held.append((tensor, value))
+            if len(held) > 3 or rng.random() < 0.5:
+                old, expected = held.pop(rng.randrange(len(held)))
+                if not bool((old == expected).all()):
+                    failures.append((seed, step))
+
+    threads = [threading.Thread(target=use, args=(seed,)) for seed in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []

@@ -61,7 +61,8 @@ class BufferPool:
         return torch.from_numpy(view)
 
     def _smallest_free(self, nbytes: int) -> np.ndarray | None:
-        free = sorted(self._free.values(), key=lambda a: a.nbytes)
+        # A snapshot first: a finalizer may add to the dict meanwhile (another thread's, or this one's in a collection).
+        free = sorted(list(self._free.values()), key=lambda a: a.nbytes)
         for array in free:
             if array.nbytes >= nbytes:
                 return self._free.pop(id(array))
