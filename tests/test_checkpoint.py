@@ -586,7 +586,8 @@ def _read_once(monkeypatch, ckpt) -> None:
 
     if checkpoint_module._DROP_CACHE is None:
         pytest.skip("no posix_fadvise here")
-    monkeypatch.setattr(checkpoint_module, "available_memory", lambda: 2 * sum(f.stat().st_size for f in ckpt.files) - 2)
+    size = sum(f.stat().st_size for f in ckpt.files)
+    monkeypatch.setattr(checkpoint_module, "available_memory", lambda: 2 * size - 2)
     assert read_once_if_large(ckpt) and ckpt.read_once
 
 

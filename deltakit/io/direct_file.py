@@ -9,8 +9,8 @@ to be multiples of the logical block size: the last, partial block is written pa
 then truncated to its size.
 
 Where ``O_DIRECT`` is refused (tmpfs before Linux 6.6, some network and FUSE file systems: ``EINVAL`` when it is
-set or at the first write)
-the same bytes are written through the page cache. Either way :meth:`DirectFile.sync` makes them durable.
+set or at the first write) the same bytes are written through the page cache. Either way :meth:`DirectFile.sync`
+makes them durable.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -64,39 +65,36 @@ class DirectFile:
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Append every byte of ``data``; returns how many (all)."""
-        if self._synced:
-            raise ValueError(f"{self.path}: written after sync")
-        source = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
-        staging = self._staging_buffer()
-        taken = 0
-        while taken < len(source):
-            count = min(len(source) - taken, len(staging) - self._filled)
-            staging[self._filled:self._filled + count] = source[taken:taken + count]
-            self._filled += count
-            taken += count
-            if self._filled == len(staging):
-                self._write_staged(len(staging))
-        self._size += taken
-        return taken
+        source = memoryview(data).cast("B")
+
+        def copy(room: memoryview, done: int) -> int:
+            room[:] = source[done:done + len(room)]
+            return len(room)
+
+        return self._stage(len(source), copy)
 
     def copy_from(self, source: int, offset: int, count: int) -> int:
         """Append up to ``count`` bytes of the open file ``source`` from ``offset``, read straight into the staging
         buffer; returns how many (fewer only where ``source`` ends)."""
+        return self._stage(count, lambda room, done: os.preadv(source, [room], offset + done))
+
+    def _stage(self, count: int, fill: Callable[[memoryview, int], int]) -> int:
+        """Append ``count`` bytes, ``fill(room, done)`` putting the next ones into ``room`` of the staging buffer
+        and returning how many (0: no more); each full buffer is written out. Returns how many were appended."""
         if self._synced:
             raise ValueError(f"{self.path}: written after sync")
-        staging = self._staging_buffer()
-        copied = 0
-        while copied < count:
-            room = memoryview(staging)[self._filled:self._filled + min(count - copied, len(staging) - self._filled)]
-            read = os.preadv(source, [room], offset + copied)
-            if not read:
+        staging = memoryview(self._staging_buffer())
+        done = 0
+        while done < count:
+            filled = fill(staging[self._filled:self._filled + min(count - done, len(staging) - self._filled)], done)
+            if not filled:
                 break
-            self._filled += read
-            copied += read
+            self._filled += filled
+            done += filled
             if self._filled == len(staging):
                 self._write_staged(len(staging))
-        self._size += copied
-        return copied
+        self._size += done
+        return done
 
     def sync(self) -> None:
         """Write what is staged and make the whole file durable (fsync); nothing may be written after."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import glob
-import io
 import json
 import math
 import os
@@ -24,11 +23,10 @@ import shutil
 import signal
 import struct
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
 
 import torch
 
@@ -44,8 +42,6 @@ from deltakit.errors import (
     TensorMissingError,
     shorten,
 )
-
-F = TypeVar("F")
 
 TensorSpec = tuple[TensorName, torch.dtype, tuple[int, ...]]
 
@@ -105,7 +101,7 @@ class SafetensorsWriter:
         self._specs = [(name, dtype, tuple(shape)) for name, dtype, shape in specs]
         self._next = 0
         header = _encode_header(self.path, self._specs, metadata)
-        self._temp_path, self._file = _create_sibling(self.path, "deltakit-tmp", DirectFile)
+        self._temp_path, self._file = _create_sibling(self.path, "deltakit-tmp")
         try:
             with no_room_as_error(self.path):
                 self._file.write(struct.pack("<Q", len(header)) + header)
@@ -259,9 +255,12 @@ def write_text(path: Path, text: str) -> None:
 def _write_file(path: Path, data: bytes) -> None:
     temp_path, file = _create_sibling(path, "deltakit-tmp")
     try:
-        with no_room_as_error(path), file:
-            _write_all(file, data)
-            os.fsync(file.fileno())
+        with no_room_as_error(path):
+            try:
+                file.write(data)
+                file.sync()
+            finally:
+                file.close()
         os.replace(temp_path, path)
     except BaseException:
         temp_path.unlink(missing_ok=True)
@@ -514,10 +513,6 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _new_unbuffered(path: Path) -> io.FileIO:
-    return open(path, "xb", buffering=0)
-
-
 def _free_sibling_name(path: Path, tag: str) -> Path:
     while True:
         candidate = path.with_name(f".{path.name}.{tag}-{secrets.token_hex(4)}")
@@ -536,24 +531,16 @@ def _make_sibling_dir(path: Path, tag: str) -> Path:
         return candidate
 
 
-def _create_sibling(path: Path, tag: str, create: Callable[[Path], F] = _new_unbuffered) -> tuple[Path, F]:
-    """Create a fresh hidden file beside ``path`` with ``create`` (normal permissions, unlike mkstemp's 0600)."""
+def _create_sibling(path: Path, tag: str) -> tuple[Path, DirectFile]:
+    """Create a fresh hidden file beside ``path`` (normal permissions, unlike mkstemp's 0600)."""
     with no_room_as_error(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             candidate = _free_sibling_name(path, tag)
             try:
-                return candidate, create(candidate)
+                return candidate, DirectFile(candidate)
             except FileExistsError:
                 continue
-
-
-def _write_all(file: io.FileIO, data: bytes | memoryview) -> None:
-    # Unbuffered writes may be partial (Linux moves at most ~2 GiB per call).
-    view = memoryview(data)
-    while view:
-        written = file.write(view)
-        view = view[written:]
 
 
 def _fsync_dir(directory: Path) -> None:

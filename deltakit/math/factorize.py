@@ -198,10 +198,11 @@ class DeltaBuffer:
     in the same pass (:attr:`base_energy`), while its converted block is in cache.
 
     The rows are split in two halves, each summed on its own; where torch has more than one thread the second
-    half of a matrix of at least two blocks runs on a thread of its own, each op on one core (:func:`~deltakit.math.threads.one_cpu_thread`). Torch's
-    own threads would split every 1 MiB op and wake each other for it: ΔW of 30 modules took 0.58 s this way,
-    1.02 s on one thread and 2.08 s on torch's two passive threads. The halves are the same whatever the thread
-    count, so are the sums: a 1-thread run (a Ray task) gives the same bits.
+    half of a matrix of at least two blocks runs on a thread of its own, each op on one core
+    (:func:`~deltakit.math.threads.one_cpu_thread`). Torch's own threads would split every 1 MiB op and wake each
+    other for it: ΔW of 30 modules took 0.58 s this way, 1.02 s on one thread and 2.08 s on torch's two passive
+    threads. The halves are the same whatever the thread count, so are the sums: a 1-thread run (a Ray task) gives
+    the same bits.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -244,7 +245,8 @@ class DeltaBuffer:
         bounds = [rows_out.shape[0] * k // _DELTA_PARTS for k in range(_DELTA_PARTS + 1)]
         parts = [(rows_out[a:b], rows_ft[a:b], rows_base[a:b], rows, *scratch)
                  for (a, b), scratch in zip(zip(bounds, bounds[1:]), self._scratch)]
-        spread = torch.get_num_threads() > 1 and numel >= _DELTA_PARTS * _DELTA_BLOCK_ELEMENTS  # else not worth a thread
+        # A thread for the second half only where there is a core for it and a few blocks of work.
+        spread = torch.get_num_threads() > 1 and numel >= _DELTA_PARTS * _DELTA_BLOCK_ELEMENTS
         with one_cpu_thread(self.device):
             if spread:
                 with ThreadPoolExecutor(_DELTA_PARTS - 1) as pool:
