@@ -56,7 +56,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 from benchmarks.bench_merge import _PEFT, layer_shapes, measure  # noqa: E402
 from benchmarks.big_checkpoint import REPO, run_measured  # noqa: E402
-from deltakit.io.checkpoint import available_memory, open_checkpoint, read_once_if_large  # noqa: E402
+from deltakit.io.checkpoint import available_memory, open_checkpoint, plan_reads  # noqa: E402
 from deltakit.io.writer import SafetensorsWriter  # noqa: E402
 from deltakit.math.factorize import DeltaBuffer, truncated_svd  # noqa: E402
 
@@ -213,7 +213,7 @@ def compute_floor(base_dir: Path, ft_dir: Path, rank: int) -> tuple[float, float
     """Seconds of ΔW and of the truncated SVD, summed over every 2-D tensor, with the tensors already in memory;
     and the number of modules."""
     base, finetuned = open_checkpoint(base_dir), open_checkpoint(ft_dir)
-    read_once_if_large(base, finetuned)  # the reads are not timed; this only makes them quicker
+    plan_reads(base, finetuned)  # the reads are not timed; this only makes them quicker
     buffer = DeltaBuffer(torch.device("cpu"))
     delta_seconds = svd_seconds = 0.0
     modules = 0

@@ -10,6 +10,7 @@ import json
 import os
 import struct
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ from builders import refuse_direct
 from safetensors.torch import save_file
 
 from deltakit.io.dtypes import SAFETENSORS_DTYPES
-from deltakit.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint, read_safetensors_header
+from deltakit.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint, plan_reads, read_safetensors_header
+from deltakit.io.page_cache import cached_fraction
 from deltakit.errors import (
     HubUnavailableError,
     CheckpointFormatError,
@@ -581,14 +583,16 @@ def _bytes_read() -> int:
 
 
 def _read_once(monkeypatch, ckpt) -> None:
+    """Plan the checkpoint's reads as for inputs larger than half the memory."""
     from deltakit.io import checkpoint as checkpoint_module
-    from deltakit.io.checkpoint import read_once_if_large
 
     if checkpoint_module._DROP_CACHE is None:
         pytest.skip("no posix_fadvise here")
     size = sum(f.stat().st_size for f in ckpt.files)
     monkeypatch.setattr(checkpoint_module, "available_memory", lambda: 2 * size - 2)
-    assert read_once_if_large(ckpt) and ckpt.read_once
+    monkeypatch.setattr(checkpoint_module, "cached_fraction", lambda path: 1.0)  # large inputs: cached or not
+    plan_reads(ckpt)
+    assert ckpt.drop_pages and ckpt.read_direct == (set(ckpt.files) if hasattr(os, "O_DIRECT") else set())
 
 
 def _recording_opens(monkeypatch) -> list[int]:
@@ -611,7 +615,7 @@ def test_a_large_input_is_read_past_the_page_cache_and_reads_the_same_values(tmp
     tensors = {"a.weight": torch.randn(300, 20), "b.weight": torch.randn(7), "c.weight": torch.randn(1500)}
     save_file(tensors, tmp_path / "model.safetensors")
     ckpt = open_checkpoint(tmp_path)
-    assert not ckpt.read_once and torch.equal(ckpt.get("a.weight"), tensors["a.weight"])
+    assert not ckpt.read_direct and torch.equal(ckpt.get("a.weight"), tensors["a.weight"])
     _read_once(monkeypatch, ckpt)
     dropped = []
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, start, length, advice: dropped.append(start))
@@ -620,6 +624,77 @@ def test_a_large_input_is_read_past_the_page_cache_and_reads_the_same_values(tmp
     for name, value in tensors.items():
         assert torch.equal(ckpt.get(name), value)
     assert len(flags_seen) == 3 and all(f & os.O_DIRECT for f in flags_seen) and dropped == []
+
+
+def _two_shards(tmp_path) -> tuple[Checkpoint, dict[str, torch.Tensor]]:
+    tensors = {"a.weight": torch.randn(300, 20), "b.weight": torch.randn(7)}
+    save_file({"a.weight": tensors["a.weight"]}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({"b.weight": tensors["b.weight"]}, tmp_path / "model-00002-of-00002.safetensors")
+    index = {"weight_map": {"a.weight": "model-00001-of-00002.safetensors",
+                            "b.weight": "model-00002-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    return open_checkpoint(tmp_path), tensors
+
+
+@pytest.mark.parametrize("direct", ["allowed", "refused at open"])
+def test_an_input_that_fits_in_memory_is_read_past_the_cache_only_where_it_is_not_cached(tmp_path, monkeypatch,
+                                                                                        direct):
+    """Per file: one mostly not in the page cache is read with O_DIRECT (the kernel's copy and the cache's upkeep
+    would take CPU from the math), one mostly cached is read from the cache; no page is ever dropped, and where
+    O_DIRECT is refused the file is read through the cache."""
+    from deltakit.io import checkpoint as checkpoint_module
+
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT here")
+    ckpt, tensors = _two_shards(tmp_path)
+    first, second = ckpt.files
+    monkeypatch.setattr(checkpoint_module, "cached_fraction", {first: 0.49, second: 0.5}.get)
+    plan_reads(ckpt)
+    assert ckpt.read_direct == {first} and not ckpt.drop_pages
+    monkeypatch.setattr(os, "posix_fadvise", lambda *args: pytest.fail("pages dropped from a file that fits"))
+    refuse_direct(monkeypatch, direct)
+    direct_opens, real_open = [], os.open
+
+    def recording_open(path, flags, *args, **kwargs):
+        if flags & os.O_DIRECT:
+            direct_opens.append(Path(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", recording_open)
+    for name, value in tensors.items():
+        assert torch.equal(ckpt.get(name), value)
+    assert direct_opens == [first]  # asked for the first file only, whether or not it was refused
+
+
+def test_where_the_page_cache_cannot_be_asked_every_file_is_read_through_it(tmp_path, monkeypatch):
+    from deltakit.io import checkpoint as checkpoint_module
+
+    ckpt, tensors = _two_shards(tmp_path)
+    monkeypatch.setattr(checkpoint_module, "cached_fraction", lambda path: None)
+    plan_reads(ckpt)
+    assert not ckpt.read_direct and not ckpt.drop_pages
+
+
+def test_cached_fraction_is_what_the_page_cache_holds_of_the_file(tmp_path):
+    """Read whole, a file is all cached; with its second half's pages dropped, half of it is (where the file system
+    drops pages at all: tmpfs keeps them, its pages are the file). 8 MiB, halved at 4 MiB: the kernel caches files in
+    folios of up to 2 MiB, and drops only whole ones."""
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise here")
+    path, size = tmp_path / "blob", 8 << 20
+    path.write_bytes(os.urandom(size))
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())  # dirty pages are not dropped
+        file.read()
+        assert cached_fraction(path) == 1.0
+        os.posix_fadvise(file.fileno(), size // 2, size // 2, os.POSIX_FADV_DONTNEED)
+    after = cached_fraction(path)
+    if after == 1.0:
+        pytest.skip("this file system keeps a file's pages (tmpfs)")
+    assert after == 0.5
+    assert cached_fraction(tmp_path / "missing") is None
+    (tmp_path / "empty").write_bytes(b"")
+    assert cached_fraction(tmp_path / "empty") == 1.0
 
 
 def test_a_large_input_on_a_file_system_without_o_direct_drops_each_tensors_pages(tmp_path, monkeypatch):

@@ -42,6 +42,7 @@ from deltakit.errors import (
 )
 from deltakit.io.buffers import BufferPool
 from deltakit.io.hub import ResolvedRepo, local_path
+from deltakit.io.page_cache import available_memory, cached_fraction
 from deltakit.io.dtypes import DTYPE_NAMES, SAFETENSORS_DTYPES
 from deltakit.io.fp8 import FP8_DTYPE, BlockFp8, block_fp8_layout, dequantize, fp8_layout, scale_name
 from deltakit.names import TensorName
@@ -161,7 +162,9 @@ class Checkpoint:
         index_path: the ``*.index.json`` of a sharded checkpoint, else None.
         source: the Hub repository and commit ``path`` was fetched from, or None for a local path.
         fp8: the FP8 block layout when some weights are stored as FP8 codes with block scales, else None.
-        read_once: drop each tensor's pages from the page cache once it is read (see :func:`read_once_if_large`).
+        read_direct: the files read past the page cache (``O_DIRECT``) where the file system allows it; see
+            :func:`plan_reads`.
+        drop_pages: drop each tensor's pages from the page cache once it is read through it.
     """
 
     def __init__(
@@ -177,7 +180,8 @@ class Checkpoint:
         has_fp8 = any(info.dtype == FP8_DTYPE for info in self._stored.values())
         self.fp8: BlockFp8 | None = fp8_layout(self.config) if has_fp8 else None  # config.json only if needed
         self._tensors = _dequantized_listing(self._stored, self.fp8) if self.fp8 else self._stored
-        self.read_once = False
+        self.read_direct: frozenset[Path] = frozenset()
+        self.drop_pages = False
         self._buffers = BufferPool(_typical_largest(self._stored.values()))
         # Legacy .bin only: the one state dict currently loaded (memory-mapped), as (file, state dict).
         self._loaded_pickle: tuple[Path, dict[str, torch.Tensor]] | None = None
@@ -259,7 +263,7 @@ class Checkpoint:
         return self._read(self._stored[name])
 
     def _read(self, info: TensorInfo) -> torch.Tensor:
-        return _read_tensor(info, self._buffers, self.read_once)
+        return _read_tensor(info, self._buffers, info.file in self.read_direct, self.drop_pages)
 
     @cached_property
     def config(self) -> dict | None:
@@ -537,56 +541,60 @@ def _typical_largest(infos: Iterable[TensorInfo]) -> int | None:
     return sizes[int(0.9 * (len(sizes) - 1))] if sizes else None
 
 
-def read_once_if_large(*ckpts: Checkpoint) -> bool:
-    """Mark checkpoints :attr:`~Checkpoint.read_once` when their weight files together exceed half the memory
-    available now; returns whether it did.
+def plan_reads(*ckpts: Checkpoint) -> None:
+    """Choose how each weight file of these checkpoints is read: past the page cache (``O_DIRECT``) unless most
+    of it is cached already (:attr:`Checkpoint.read_direct`, :attr:`Checkpoint.drop_pages`).
 
-    Such inputs cannot stay cached: every page read evicts an older one, and the kernel's reclaim runs on every
-    read. They are read past the page cache (``O_DIRECT``) where the file system allows it, else each tensor's pages
-    are dropped once read. A 7B-shaped extract (2 × 13.5 GB, 24 GB of RAM, 2 cores) took 67.8 s with the reads
-    spending 52.8 s, and 42.2 s when each tensor's pages were dropped once read (14.4 s of reads;
-    benchmarks/README.md). Smaller inputs keep their cache, for the next run or the next job that reads the same base.
+    A file read through the cache from disk costs the kernel a copy and the cache's upkeep for every page, on the
+    cores the math needs: extract -r 16 of a 2 × 2.1 GB pair, page cache dropped, 2 cores, took 12.4 s through the
+    cache and 7.1 s past it (19.2 against 11.2 CPU-seconds); a merge of it 9.0 s against 5.9 s. A file that is
+    cached already is read from memory (that merge, warm: 5.6 s through the cache, 6.9 s past it). The cost: a file
+    read past the cache is not left in it for the next run.
+
+    Inputs that together exceed half the memory available cannot stay cached anyway (every page read would evict an
+    older one): all their files are read past the cache, and where the file system refuses ``O_DIRECT`` each
+    tensor's pages are dropped once read. A 7B-shaped extract (2 × 13.5 GB, 24 GB of RAM, 2 cores) took 67.8 s with
+    the reads spending 52.8 s, and 42.2 s when each tensor's pages were dropped once read (benchmarks/README.md).
     """
+    if _O_DIRECT is None and _DROP_CACHE is None:
+        return
     total = sum(f.stat().st_size for ckpt in ckpts for f in ckpt.files)
-    large = _DROP_CACHE is not None and total > available_memory() / 2
+    large = total > available_memory() / 2
     for ckpt in ckpts:
-        ckpt.read_once = large
-    return large
+        ckpt.drop_pages = large and _DROP_CACHE is not None
+        if _O_DIRECT is not None:
+            ckpt.read_direct = frozenset(f for f in ckpt.files if large or _is_uncached(f))
 
 
-def available_memory() -> int:
-    """Bytes of memory available to new data now (Linux's MemAvailable; elsewhere the free pages)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+def _is_uncached(file: Path) -> bool:
+    cached = cached_fraction(file)
+    return cached is not None and cached < _MOSTLY_CACHED
 
+
+# A file with at least this fraction of its pages in the page cache is read from it.
+_MOSTLY_CACHED = 0.5
 
 # posix_fadvise is missing on macOS and Windows: there, nothing is dropped.
 _DROP_CACHE = getattr(os, "POSIX_FADV_DONTNEED", None) if hasattr(os, "posix_fadvise") else None
-_O_DIRECT = getattr(os, "O_DIRECT", None)  # Linux; elsewhere read-once inputs are read through the cache
+_O_DIRECT = getattr(os, "O_DIRECT", None)  # Linux; elsewhere every file is read through the cache
 # O_DIRECT needs the buffer's address, the file offset and the length to be multiples of the device's logical block
 # (512 B or 4 KiB): 4 KiB covers both.
 _DIRECT_ALIGN = 4096
 
 
-def _read_tensor(info: TensorInfo, pool: BufferPool, read_once: bool = False) -> torch.Tensor:
+def _read_tensor(info: TensorInfo, pool: BufferPool, direct: bool = False, drop: bool = False) -> torch.Tensor:
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=info.dtype)
     try:
-        if read_once and _O_DIRECT is not None and info.start % info.dtype.itemsize == 0:
-            direct = _read_direct(info, pool)
-            if direct is not None:
-                return direct.view(info.dtype).view(info.shape)
+        if direct and _O_DIRECT is not None and info.start % info.dtype.itemsize == 0:
+            read = _read_direct(info, pool)
+            if read is not None:
+                return read.view(info.dtype).view(info.shape)
         raw = pool.take(info.nbytes)
         with open(info.file, "rb", buffering=0) as file:
             file.seek(info.start)
             _readinto_exactly(file, memoryview(raw.numpy()), info.file, info.name)
-            if read_once and _DROP_CACHE is not None:
+            if drop:
                 os.posix_fadvise(file.fileno(), info.start, info.nbytes, _DROP_CACHE)
     except FileNotFoundError as e:
         raise CheckpointNotFoundError("weights file vanished after the checkpoint was opened", path=info.file) from e

@@ -8,7 +8,7 @@ io/buffers.py), handed to the caller's transform, and written at its own offset 
 while the next one is transformed (each shard's closing fsync too). With a ``dtype`` override every tensor goes
 that way (cast) into a header-first :class:`~deltakit.io.writer.SafetensorsWriter`. Either way the output is
 written past the page cache where the file system allows it (io/direct_file.py), and a source larger than half
-the available memory is read past it too (:func:`~deltakit.io.checkpoint.read_once_if_large`). Peak memory is
+the available memory is read past it too (:func:`~deltakit.io.checkpoint.plan_reads`). Peak memory is
 about three times the largest tensor read, plus what the transform holds, whatever the shard or model size.
 
 An FP8 block-scaled weight (io/fp8.py) is two stored tensors, codes and block scales, and one weight to the
@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from deltakit.errors import CheckpointFormatError, NonFiniteError
-from deltakit.io.checkpoint import Checkpoint, SafetensorsHeader, TensorInfo, read_once_if_large
+from deltakit.io.checkpoint import Checkpoint, SafetensorsHeader, TensorInfo, plan_reads
 from deltakit.io.direct_file import DirectFile
 from deltakit.io.fp8 import Requantization, dequantize, requantize
 from deltakit.io.prefetch import prefetched
@@ -81,7 +81,7 @@ def write_mirror(ckpt: Checkpoint, staging_dir: Path, changed: Collection[Tensor
     before is written out on another (as is each shard's closing sync). (FP8 weights are read in line: they are
     dequantized into memory of their own.)
     """
-    read_once_if_large(ckpt)
+    plan_reads(ckpt)
     result = MirrorResult()
     fp8 = _Fp8Weights(ckpt, changed, transform, dtype, result)
     infos = [info for file in ckpt.files for info in ckpt.header(file).tensors.values()]

@@ -49,7 +49,7 @@ from deltakit.adapters.peft_format import (
 from deltakit.adapters.profiles import ExportProfile, Target, export_profile
 from deltakit.adapters.variants import DORA, LORA, AdapterVariant, Fit, FitSettings
 from deltakit.errors import CheckpointNotFoundError, InvalidOptionError, NothingToExtractError, shorten
-from deltakit.io.checkpoint import Checkpoint, open_checkpoint, read_once_if_large, refuse_unsupported_weights
+from deltakit.io.checkpoint import Checkpoint, open_checkpoint, plan_reads, refuse_unsupported_weights
 from deltakit.io.dtypes import DTYPES, parse_dtype
 from deltakit.io.prefetch import prefetched
 from deltakit.io.writer import save_tensors, staged_output, write_json, write_text
@@ -838,7 +838,7 @@ def extract(
     math_device = resolve_device(device) if executor is None else torch.device("cpu")
     ft_ckpt, base_ckpt = open_checkpoint(finetuned), open_checkpoint(base)
     refuse_unsupported_weights(ft_ckpt), refuse_unsupported_weights(base_ckpt)
-    read_once_if_large(ft_ckpt, base_ckpt)
+    plan_reads(ft_ckpt, base_ckpt)
     plan = plan_extract(ft_ckpt, base_ckpt, include=include, exclude=exclude)
     _check_rank_patterns(rank_pattern, plan)
     profile = export_profile(target, model_type=plan.model_type, variant_config=variant.config())
