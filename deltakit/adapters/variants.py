@@ -16,6 +16,8 @@ All math is in PEFT's (out, in) orientation, fp32, on the math device.
 
 from __future__ import annotations
 
+import copy
+
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -121,6 +123,13 @@ class BlockStep:
     def unmerge(self, work: torch.Tensor, rows: slice) -> torch.Tensor:
         return work.addmm_(self.b[rows], self.a, alpha=-self.scale)
 
+    def transposed(self) -> BlockStep | None:
+        """The same step on the weight's transpose, or None where it has none. LoRA is element-wise:
+        (s·B·A)ᵀ = s·Aᵀ·Bᵀ, a step whose factors are A and B transposed and swapped."""
+        step = copy.copy(self)
+        step.a, step.b = self.b.T.contiguous(), self.a.T.contiguous()
+        return step
+
 
 class _DoraBlockStep(BlockStep):
     reads_base = True  # the norms are those of W0 + ΔW_k, whatever was merged before (PEFT's merge_and_unload)
@@ -140,6 +149,9 @@ class _DoraBlockStep(BlockStep):
 
     def unmerge(self, work: torch.Tensor, rows: slice) -> torch.Tensor:
         return unapply_dora(work, self.delta(rows), self.magnitude[rows], self.state[rows].to(work.device))
+
+    def transposed(self) -> None:
+        return None  # each row's norm needs the whole row
 
 
 class AdapterVariant:

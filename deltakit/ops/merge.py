@@ -6,7 +6,8 @@ tensor's new value; :func:`~deltakit.io.mirror.write_mirror` streams the output 
 base's shards, index, tensor order, dtypes and metadata, copies what no adapter touches file to file, and hands
 each changed tensor's raw bytes to the transform. The transform works in blocks of rows of the (out, in) matrix:
 every variant's step is row-local (:class:`~deltakit.adapters.variants.BlockStep`), so the fp32 working set is
-one block, and the result is written over the tensor's own bytes when the dtype stays the same. Peak memory is
+one block (a weight stored (in, out), embedding or Conv1D, is walked by its stored rows where the steps are
+element-wise, as LoRA's: its (out, in) rows are strided columns), and the result is written over the tensor's own bytes when the dtype stays the same. Peak memory is
 the mirror's three buffers, a block, and the adapters (held whole; they are small), whatever the shard or model
 size. The output is built in a staging sibling and renamed into place only when complete.
 
@@ -86,6 +87,13 @@ def _apply_blocks(job: TensorJob, stored: torch.Tensor, out_dtype: torch.dtype, 
     block of rows."""
     result = stored if out_dtype == stored.dtype else torch.empty(stored.shape, dtype=out_dtype)
     base_oi, result_oi = to_out_in(stored, job.kind), to_out_in(result, job.kind)  # views, (out, in)
+    if not base_oi.is_contiguous():
+        # Stored (in, out) (embeddings, Conv1D): a block of (out, in) rows would be columns strided across all of
+        # memory. Element-wise steps run on the stored rows instead: a 32000×4096 bf16 embedding at rank 16 took
+        # 1.8 s as (out, in) rows and 0.1 s as stored rows, on one core.
+        transposed = [step.transposed() for step in steps]
+        if None not in transposed:
+            base_oi, result_oi, steps = base_oi.T, result_oi.T, transposed
     rows, cols = base_oi.shape
     # A step that reads W0 needs it kept when an earlier step changes the block.
     keep_base = not inverse and any(step.reads_base for step in steps[1:])
