@@ -211,3 +211,31 @@ def test_budget_with_calib_allocates_on_the_whitened_spectra(llama_pair: ModelPa
         ours = weights[b_key].float() @ weights[a_key].float()  # lora_alpha = rank by default: scaling 1
         theirs = (fit.u[:, :rank] * fit.s[:rank]) @ fit.vh[:rank]
         torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-3 * float(theirs.abs().max()))
+
+
+def test_calibration_reads_through_the_page_cache_and_the_fits_past_it(llama_pair: ModelPair, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calibration reads the weights once per pass: they stay readable from the page cache even where the files are
+    not cached yet; the module fits, which read each weight once, then read past the cache the files still not in
+    it."""
+    from deltakit.io import checkpoint as checkpoint_module
+    from deltakit.ops import extract as extract_module
+
+    ft, base = _with_tokenizer(llama_pair, tmp_path)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT)
+    monkeypatch.setattr(checkpoint_module, "cached_fraction", lambda path: 0.0)
+    seen = {}
+
+    def recording(name, function):
+        def wrapper(*args, **kwargs):
+            finetuned, base = args[1:3] if name == "calibrate" else (args[0].finetuned, args[0].base)
+            seen[name] = set(finetuned.read_direct) | set(base.read_direct)
+            return function(*args, **kwargs)
+        monkeypatch.setattr(extract_module, name, wrapper)
+
+    recording("calibrate", extract_module.calibrate)
+    recording("_extract_modules", extract_module._extract_modules)
+    deltakit.extract(ft, base, tmp_path / "out", rank=4, calib=calib, calib_tokens=256, calib_seq_len=32)
+    weight_files = {f for d in (ft, base) for f in d.glob("*.safetensors")}
+    assert seen == {"calibrate": set(), "_extract_modules": weight_files}

@@ -541,9 +541,10 @@ def _typical_largest(infos: Iterable[TensorInfo]) -> int | None:
     return sizes[int(0.9 * (len(sizes) - 1))] if sizes else None
 
 
-def plan_reads(*ckpts: Checkpoint) -> None:
+def plan_reads(*ckpts: Checkpoint, once: bool = True) -> None:
     """Choose how each weight file of these checkpoints is read: past the page cache (``O_DIRECT``) unless most
-    of it is cached already (:attr:`Checkpoint.read_direct`, :attr:`Checkpoint.drop_pages`).
+    of it is cached already (:attr:`Checkpoint.read_direct`, :attr:`Checkpoint.drop_pages`). With ``once=False``
+    (the files are read again and again, as calibration does) only inputs too large to stay cached are.
 
     A file read through the cache from disk costs the kernel a copy and the cache's upkeep for every page, on the
     cores the math needs: extract -r 16 of a 2 × 2.1 GB pair, page cache dropped, 2 cores, took 12.4 s through the
@@ -563,7 +564,7 @@ def plan_reads(*ckpts: Checkpoint) -> None:
     for ckpt in ckpts:
         ckpt.drop_pages = large and _DROP_CACHE is not None
         if _O_DIRECT is not None:
-            ckpt.read_direct = frozenset(f for f in ckpt.files if large or _is_uncached(f))
+            ckpt.read_direct = frozenset(f for f in ckpt.files if large or (once and _is_uncached(f)))
 
 
 def _is_uncached(file: Path) -> bool:

@@ -838,7 +838,6 @@ def extract(
     math_device = resolve_device(device) if executor is None else torch.device("cpu")
     ft_ckpt, base_ckpt = open_checkpoint(finetuned), open_checkpoint(base)
     refuse_unsupported_weights(ft_ckpt), refuse_unsupported_weights(base_ckpt)
-    plan_reads(ft_ckpt, base_ckpt)
     plan = plan_extract(ft_ckpt, base_ckpt, include=include, exclude=exclude)
     _check_rank_patterns(rank_pattern, plan)
     profile = export_profile(target, model_type=plan.model_type, variant_config=variant.config())
@@ -856,6 +855,7 @@ def extract(
     with staged_output(out_dir, overwrite=overwrite, inputs=[ft_ckpt.path, base_ckpt.path]) as staging_dir:
         calibration = None
         if calib is not None:
+            plan_reads(ft_ckpt, base_ckpt, once=False)  # a pass per block, or per position sampled
             (staging_dir / _CALIB_DIR).mkdir()
             found, moments = calibrate(calib, ft_ckpt, base_ckpt, staging_dir / _CALIB_DIR, tokens=calib_tokens,
                                        seq_len=calib_seq_len, device=math_device, seed=seed, progress=progress)
@@ -864,6 +864,7 @@ def extract(
         run = _Run(ft_ckpt, base_ckpt, plan, policy, variant,
                    FitSettings(alpha, use_rslora, SvdOptions(svd, oversample, niter, seed), math_device, codec),
                    stored_dtype, carry, profile, folds)
+        plan_reads(ft_ckpt, base_ckpt)  # after calibration, which may have left the files cached
         results = _extract_modules(run, _Spill(staging_dir / _SPILL_DIR), progress, executor)
         shutil.rmtree(staging_dir / _CALIB_DIR, ignore_errors=True)
         rows, factors, budget_summary = _assemble(run, results, size)

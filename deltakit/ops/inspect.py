@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from deltakit.defaults import DEFAULT_INSPECT_RANKS
 from deltakit.ops import plots
-from deltakit.io.checkpoint import Checkpoint, open_checkpoint, refuse_unsupported_weights
+from deltakit.io.checkpoint import Checkpoint, open_checkpoint, plan_reads, refuse_unsupported_weights
 from deltakit.errors import InvalidOptionError, NothingToExtractError
 from deltakit.math.factorize import DeltaBuffer, SvdMethod, resolve_device, truncated_svd
 from deltakit.names import ModuleName
@@ -316,6 +316,7 @@ def inspect(
             found, moments = calibrate(calib, ft_ckpt, base_ckpt, spill_dir, tokens=calib_tokens,
                                        seq_len=calib_seq_len, device=math_device, progress=progress)
             report.calibration = {**found.describe(), "activations": "finetuned", "damping": DEFAULT_DAMPING}
+        plan_reads(ft_ckpt, base_ckpt)  # after calibration, which may have left the files cached
         _measure(report, plan, ft_ckpt, base_ckpt, moments, math_device, svd, ranks, max_rank, progress)
 
     if not report.modules:
