@@ -38,7 +38,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import os
@@ -61,6 +60,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 from benchmarks.bench_merge import _PEFT, layer_shapes, measure  # noqa: E402
 from benchmarks.big_checkpoint import REPO, run_measured  # noqa: E402
+from deltakit.io.buffers import large_buffer  # noqa: E402
 from deltakit.io.checkpoint import available_memory, open_checkpoint, plan_reads  # noqa: E402
 from deltakit.io.writer import SafetensorsWriter  # noqa: E402
 from deltakit.math.factorize import DeltaBuffer, truncated_svd  # noqa: E402
@@ -68,7 +68,6 @@ from deltakit.math.factorize import DeltaBuffer, truncated_svd  # noqa: E402
 CHANGE_RANK = 8
 _READ_CHUNK = 1 << 24
 _DIRECT_CHUNK = 1 << 26
-_DIRECT_ALIGN = 4096
 _IMPORTS = "import deltakit.cli, deltakit.ops.extract, deltakit.ops.merge"
 
 
@@ -189,9 +188,7 @@ def read_floor(files: list[Path], direct: bool = False, stop: threading.Event | 
     deltakit does where the file system refuses O_DIRECT.
     """
     chunk = _DIRECT_CHUNK if direct else _READ_CHUNK
-    raw = bytearray(chunk + _DIRECT_ALIGN)
-    pad = -ctypes.addressof(ctypes.c_char.from_buffer(raw)) % _DIRECT_ALIGN
-    buffer = memoryview(raw)[pad:pad + chunk]
+    buffer = memoryview(large_buffer(chunk))  # as deltakit reads: huge pages, so large requests past the cache
     drop = sum(p.stat().st_size for p in files) > available_memory() / 2 and hasattr(os, "posix_fadvise")
     started = time.perf_counter()
     for path in files:

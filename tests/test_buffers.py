@@ -4,10 +4,12 @@ small request."""
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 
+import pytest
 import torch
 
-from deltakit.io.buffers import BufferPool
+from deltakit.io.buffers import BufferPool, large_buffer
 
 
 def _address(tensor: torch.Tensor) -> int:
@@ -78,3 +80,30 @@ def test_no_buffer_is_held_twice_under_concurrent_use():
     for thread in threads:
         thread.join()
     assert failures == []
+
+
+def _rollup_kib(field: str) -> int:
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in smaps_rollup")
+
+
+def test_a_large_buffer_is_private_memory_aligned_to_a_huge_page_and_in_huge_pages_where_the_kernel_allows():
+    """Huge pages make an O_DIRECT transfer a few large requests instead of one per 4 KiB page. The memory is
+    private (a shared mapping would be shmem, which takes no huge pages on most systems, and is not RssAnon)."""
+    small = large_buffer(1000)
+    assert small.nbytes == 1000 and small.flags.writeable
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not Path("/proc/self/smaps_rollup").exists():
+        pytest.skip("no /proc/self/smaps_rollup here")
+    anon, huge = _rollup_kib("Anonymous"), _rollup_kib("AnonHugePages")
+    size = 64 << 20
+    buffer = large_buffer(size)
+    buffer[:] = 1  # touch every page
+    assert buffer.nbytes == size and buffer.ctypes.data % (2 << 20) == 0
+    assert _rollup_kib("Anonymous") - anon >= size // 1024
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("transparent huge pages are off here")
+    assert _rollup_kib("AnonHugePages") - huge >= size // 1024 // 2  # most of it: the kernel may be short of them
+    del buffer

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from deltakit.io.buffers import large_buffer
+
 __all__ = ["DirectFile"]
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere the page cache is used
@@ -119,9 +121,7 @@ class DirectFile:
 
     def _staging_buffer(self) -> np.ndarray:
         if self._staging is None:
-            raw = np.empty(_STAGING_BYTES + _ALIGN, dtype=np.uint8)
-            pad = -raw.ctypes.data % _ALIGN
-            self._staging = raw[pad:pad + _STAGING_BYTES]
+            self._staging = large_buffer(_STAGING_BYTES)  # 2 MiB-aligned: O_DIRECT's alignment, and large requests
         return self._staging
 
     def _write_staged(self, length: int) -> None:
