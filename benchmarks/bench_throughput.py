@@ -358,7 +358,15 @@ def main() -> None:
         base_files = weight_files(base_dir)
         base_bytes = sum(p.stat().st_size for p in base_files)
         merge_args = ["merge", str(base_dir), str(lora), "-q"]
-        for _ in range(args.repeat):  # in rounds, so that a slow spell of the machine hits every step alike
+        for round_index in range(args.repeat):  # rounds: a slow spell of the machine hits every step alike
+            # This checkout and the baseline swap places every round: on this VM whatever ran right after the copy's
+            # 13.5 GB were deleted ran 3–7 s slower (the same two merges, run alone one after the other, took equal
+            # times).
+            checkouts = [(None, REPO)]
+            if args.baseline is not None:
+                checkouts.append((args.baseline.name, args.baseline.resolve()))
+            if round_index % 2:
+                checkouts.reverse()
             delta_s, svd_s, modules = compute_floor(base_dir, ft_dir, args.rank)
             steps.append(Step("compute floor", delta_s + svd_s, load=_load(),
                               note=f"{modules} modules: ΔW {delta_s:.1f} s + SVD r={args.rank} {svd_s:.1f} s"))
@@ -370,13 +378,15 @@ def main() -> None:
                                        f"ΔW {delta_s:.1f} s + SVD {svd_s:.1f} s"))
             for output in (lora, work / "lora-baseline"):  # left by an earlier round or --keep run
                 shutil.rmtree(output, ignore_errors=True)
-            steps.append(_cli_step("deltakit extract", [*extract_args, "-o", str(lora)], work, files, pair_bytes))
-            in_process = json.loads((lora / "extract_report.json").read_text())["summary"]["seconds"]
-            steps[-1].note += f"; {in_process:.1f} s inside extract()"
-            if args.baseline is not None:
-                steps.append(_cli_step(f"extract ({args.baseline.name})",
-                                       [*extract_args, "-o", str(work / "lora-baseline")], work, files, pair_bytes,
-                                       args.baseline.resolve()))
+            for baseline, checkout in checkouts:
+                if baseline is None:
+                    steps.append(_cli_step("deltakit extract", [*extract_args, "-o", str(lora)], work, files,
+                                           pair_bytes))
+                    in_process = json.loads((lora / "extract_report.json").read_text())["summary"]["seconds"]
+                    steps[-1].note += f"; {in_process:.1f} s inside extract()"
+                else:
+                    steps.append(_cli_step(f"extract ({baseline})", [*extract_args, "-o", str(work / "lora-baseline")],
+                                           work, files, pair_bytes, checkout))
             if args.only == "extract":
                 continue
             copy = work / "copy"
@@ -384,14 +394,11 @@ def main() -> None:
             copied = measure("copy", ["sh", "-c", f'cp -r "{base_dir}" "{copy}" && sync'], work, REPO)
             steps.append(Step("cp -r base + sync", copied.seconds, base_bytes, _load(), note=f"cold ({how})"))
             shutil.rmtree(copy)
-            steps.append(_cli_step("deltakit merge", [*merge_args, "-o", str(work / "merged")], work, base_files,
-                                   base_bytes))
-            shutil.rmtree(work / "merged")
-            if args.baseline is not None:
-                steps.append(_cli_step(f"merge ({args.baseline.name})",
-                                       [*merge_args, "-o", str(work / "merged-baseline")], work, base_files,
-                                       base_bytes, args.baseline.resolve()))
-                shutil.rmtree(work / "merged-baseline")
+            for baseline, checkout in checkouts:
+                name, merged = ("deltakit merge", work / "merged") if baseline is None else \
+                    (f"merge ({baseline})", work / "merged-baseline")
+                steps.append(_cli_step(name, [*merge_args, "-o", str(merged)], work, base_files, base_bytes, checkout))
+                shutil.rmtree(merged)
         steps = _Steps(medians(steps))
         if args.only != "extract":
             if not args.skip_peft:
