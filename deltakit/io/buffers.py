@@ -34,9 +34,9 @@ def large_buffer(nbytes: int) -> np.ndarray:
     them (its THP mode ``madvise`` gives them only to memory that asks); ordinary memory below 8 MiB.
 
     An ``O_DIRECT`` transfer is split into requests of at most a device's segment count of physically contiguous
-    runs (254 on a virtio disk), so into 4 KiB pages it goes ~1 MiB a request, into huge pages up to the device's
-    largest: 64 MiB reads of a 4.4 GB file past the page cache went at 1.0 GB/s into 4 KiB pages and 1.3 GB/s into
-    huge pages on this VM's disk (benchmarks/README.md). One fault maps 2 MiB, not 4 KiB.
+    runs (254 on a virtio disk): about 1 MiB a request into 4 KiB pages, up to the device's largest into huge pages.
+    Reading a 13.5 GB checkpoint past the page cache went at 0.71 GB/s into 4 KiB pages and 2.27 GB/s into huge pages
+    on this VM's disk (benchmarks/README.md). One fault maps 2 MiB, not 4 KiB.
     """
     if nbytes < _LARGE:
         return np.empty(nbytes, dtype=np.uint8)

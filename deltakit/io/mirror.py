@@ -9,7 +9,8 @@ while the next one is transformed (each shard's closing fsync too). With a ``dty
 that way (cast) into a header-first :class:`~deltakit.io.writer.SafetensorsWriter`. Either way the output is
 written past the page cache where the file system allows it (io/direct_file.py), and the source's changed
 tensors are read past it too unless their file is cached already (:func:`~deltakit.io.checkpoint.plan_reads`).
-Peak memory is about three times the largest tensor read, plus what the transform holds, whatever the shard or model size.
+Peak memory is about three times the largest tensor read, plus what the transform holds, whatever the shard or
+model size.
 
 An FP8 block-scaled weight (io/fp8.py) is two stored tensors, codes and block scales, and one weight to the
 transform: it is handed over dequantized (fp32) and its result stored as FP8 again with fresh scales, or, with a

@@ -45,7 +45,7 @@ def cached_fraction(path: Path) -> float | None:
     """The fraction of the file's pages that are in the page cache now; None where that cannot be told.
 
     ``mincore`` of a read-only mapping of the file: mapping faults nothing in and reads nothing, so asking costs one
-    page-cache lookup per 4 KiB page (about 10 ms per GB).
+    page-cache lookup per 4 KiB page (about 15 ms per GB here).
     """
     if _MINCORE is None:
         return None
