@@ -17,7 +17,6 @@ All math is in PEFT's (out, in) orientation, fp32, on the math device.
 from __future__ import annotations
 
 import copy
-
 import math
 from collections.abc import Callable
 from dataclasses import dataclass

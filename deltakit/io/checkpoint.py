@@ -42,9 +42,9 @@ from deltakit.errors import (
 )
 from deltakit.io.buffers import BufferPool
 from deltakit.io.hub import ResolvedRepo, local_path
-from deltakit.io.page_cache import available_memory, cached_fraction
 from deltakit.io.dtypes import DTYPE_NAMES, SAFETENSORS_DTYPES
 from deltakit.io.fp8 import FP8_DTYPE, BlockFp8, block_fp8_layout, dequantize, fp8_layout, scale_name
+from deltakit.io.page_cache import available_memory, cached_fraction
 from deltakit.names import TensorName
 
 

@@ -7,9 +7,10 @@ base's shards, index, tensor order, dtypes and metadata, copies what no adapter 
 each changed tensor's raw bytes to the transform. The transform works in blocks of rows of the (out, in) matrix:
 every variant's step is row-local (:class:`~deltakit.adapters.variants.BlockStep`), so the fp32 working set is
 one block (a weight stored (in, out), embedding or Conv1D, is walked by its stored rows where the steps are
-element-wise, as LoRA's: its (out, in) rows are strided columns), and the result is written over the tensor's own bytes when the dtype stays the same. Peak memory is
-the mirror's three buffers, a block, and the adapters (held whole; they are small), whatever the shard or model
-size. The output is built in a staging sibling and renamed into place only when complete.
+element-wise, as LoRA's: its (out, in) rows are strided columns), and the result is written over the tensor's own
+bytes when the dtype stays the same. Peak memory is the mirror's (about three of the largest tensor), a block, and
+the adapters (held whole; they are small), whatever the shard or model size. The output is built in a staging
+sibling and renamed into place only when complete.
 
 Semantics, with W0 the base weight, ΔW_k = w_k · s_k · B_k @ A_k (w_k the merge weight, s_k the adapter's
 scaling for that module) in PEFT's (out, in) orientation:
