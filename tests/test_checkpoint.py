@@ -17,8 +17,9 @@ import torch
 from builders import refuse_direct
 from safetensors.torch import save_file
 
-from deltakit.io.dtypes import SAFETENSORS_DTYPES
+from deltakit.io import buffers
 from deltakit.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint, plan_reads, read_safetensors_header
+from deltakit.io.dtypes import SAFETENSORS_DTYPES
 from deltakit.io.page_cache import cached_fraction
 from deltakit.errors import (
     HubUnavailableError,
@@ -750,11 +751,16 @@ def test_read_memory_is_reused_only_once_no_tensor_refers_to_it(tmp_path, monkey
     ckpt = open_checkpoint(tmp_path)
     if read_once:
         _read_once(monkeypatch, ckpt)
+    allocated = []
+    real_large_buffer = buffers.large_buffer
+    monkeypatch.setattr(buffers, "large_buffer", lambda nbytes: allocated.append(nbytes) or real_large_buffer(nbytes))
     kept = ckpt.get("w0")[1:].view(torch.int32).view(-1)  # a view of a view: the first tensor itself is gone
     second = ckpt.get("w1")
     assert second.data_ptr() != kept.data_ptr()
     pointer = second.data_ptr()
     del second
+    assert len(allocated) == 2
     third = ckpt.get("w2")
-    assert third.data_ptr() == pointer and torch.equal(third, tensors["w2"])
+    # The same memory, not merely the same address from the allocator: nothing new was allocated.
+    assert len(allocated) == 2 and third.data_ptr() == pointer and torch.equal(third, tensors["w2"])
     assert torch.equal(kept.view(torch.float32).view(63, 64), tensors["w0"][1:])
