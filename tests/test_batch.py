@@ -515,7 +515,7 @@ class _FakeHubApi:
 def test_push_uploads_each_finished_output_privately_once(workdir: Path, llama_pair: ModelPair, monkeypatch) -> None:
     """The network boundary (HfApi's create_repo and upload_folder) is replaced by a recording fake."""
     monkeypatch.setattr(_FakeHubApi, "calls", [])
-    monkeypatch.setattr(hub, "HfApi", _FakeHubApi)
+    monkeypatch.setattr(huggingface_hub, "HfApi", _FakeHubApi)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     text = _manifest(llama_pair).replace('[defaults]\n', '[defaults]\npush_repo = "me/{name}"\n')
     (workdir / "jobs.toml").write_text(text)

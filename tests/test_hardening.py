@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from builders import low_rank_delta, write_safetensors_pair
 
 Q = "model.layers.0.self_attn.q_proj.weight"
@@ -59,6 +60,18 @@ def test_import_deltakit_is_lazy_and_still_exports_the_api() -> None:
     code = "import sys, deltakit\nprint('torch' in sys.modules)\nprint(deltakit.extract.__module__)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
     assert result.stdout.split() == ["False", "deltakit.ops.extract"], result.stderr
+
+
+def test_local_paths_do_not_import_the_hub_client(tmp_path: Path) -> None:
+    """huggingface_hub's network stack took 0.18 s to import: a command on local paths never needs it."""
+    save_file({"w": torch.zeros(2, 2)}, tmp_path / "model.safetensors")
+    code = ("import sys\nimport deltakit.cli, deltakit.ops.extract, deltakit.ops.merge\n"
+            "from deltakit.io.checkpoint import open_checkpoint\n"
+            f"open_checkpoint({str(tmp_path)!r}).get('w')\n"
+            "network = ('huggingface_hub.hf_api', 'huggingface_hub.file_download', 'httpx')\n"
+            "print(sorted(m for m in sys.modules if m.startswith(network)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
 # --- 12: Ctrl-C during start-up --------------------------------------------------------------------------------

@@ -258,7 +258,7 @@ def test_hub_answers_become_one_line_errors(online: None, monkeypatch: pytest.Mo
     def refuse(*args: object, **kwargs: object) -> str:
         raise raised
 
-    monkeypatch.setattr(hub, "snapshot_download", refuse)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
     with pytest.raises(expected_type) as info:
         hub.resolve("org/name@dev", kind="checkpoint")
     assert type(info.value) is expected_type and str(info.value) == message
@@ -310,7 +310,7 @@ def test_push_creates_a_private_repo_and_uploads_the_folder(online: None, tmp_pa
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """HfApi is replaced by a recording fake: the two calls are the network boundary of push."""
     monkeypatch.setattr(_FakeApi, "calls", [])
-    monkeypatch.setattr(hub, "HfApi", _FakeApi)
+    monkeypatch.setattr(huggingface_hub, "HfApi", _FakeApi)
     url = hub.push(tmp_path, "org/out")
     assert url == f"https://huggingface.co/org/out/commit/{COMMIT}"
     assert _FakeApi.calls == [
@@ -325,19 +325,19 @@ def test_push_creates_a_private_repo_and_uploads_the_folder(online: None, tmp_pa
 def _record_requested_files(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Wrap snapshot_download to record the file names the resolver asks for (patterns are exact names)."""
     requested: list[str] = []
-    real = hub.snapshot_download
+    real = huggingface_hub.snapshot_download
 
     def recording(repo_id: str, **kwargs):
         requested.extend(p.replace("[", "").replace("]", "") for p in kwargs["allow_patterns"])
         return real(repo_id, **kwargs)
 
-    monkeypatch.setattr(hub, "snapshot_download", recording)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", recording)
     return requested
 
 
 def test_push_refuses_offline_before_any_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_FakeApi, "calls", [])
-    monkeypatch.setattr(hub, "HfApi", _FakeApi)
+    monkeypatch.setattr(huggingface_hub, "HfApi", _FakeApi)
     with pytest.raises(HubUnavailableError) as info:
         hub.push(tmp_path, "org/out")
     assert str(info.value) == "org/out: cannot upload while HF_HUB_OFFLINE is set; unset it to push"
